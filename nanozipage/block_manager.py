@@ -1,0 +1,116 @@
+"""KV blocks and the prefix cache: pure bookkeeping over block ids, no tensors.
+
+The scheduler asks for blocks when a request is admitted (`allocate`) and as it grows
+(`append_blocks`), and gives them back when it finishes or is preempted (`deallocate`).
+Prefix caching: every full block whose K/V has been computed gets a hash chained on the hash
+of the block before it (`hash_blocks`); a later request whose prompt starts with the same
+tokens reuses those blocks, after comparing token ids (a hash match alone could collide).
+A freed block keeps its hash and contents until it is handed out again, so a request that
+arrives after its twin finished still hits.
+"""
+
+from collections import deque
+
+import numpy as np
+import xxhash
+
+from nanozipage.sequence import Sequence
+
+
+def chained_hash(token_ids: list[int], prefix_hash: int = -1) -> int:
+    h = xxhash.xxh64()
+    if prefix_hash != -1:
+        h.update(prefix_hash.to_bytes(8, "little"))
+    h.update(np.array(token_ids, dtype=np.int64).tobytes())
+    return h.intdigest()
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash = -1
+        self.token_ids: list[int] = []
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.hash_to_block_id: dict[int, int] = {}
+        self.free_block_ids: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_block_ids)
+
+    def _take_free_block(self) -> int:
+        block = self.blocks[self.free_block_ids.popleft()]
+        if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block.block_id:
+            del self.hash_to_block_id[block.hash]  # its contents are about to be overwritten
+        block.hash, block.token_ids, block.ref_count = -1, [], 1
+        return block.block_id
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks of the prefix cache that hold seq's leading tokens, confirmed by token ids.
+
+        Only blocks that end before seq's last token count: the last token is always fed to
+        the model, since its logits are needed.
+        """
+        hits, prefix_hash = [], -1
+        for i in range((len(seq) - 1) // self.block_size):
+            token_ids = seq.block(i)
+            prefix_hash = chained_hash(token_ids, prefix_hash)
+            block_id = self.hash_to_block_id.get(prefix_hash, -1)
+            if block_id == -1 or self.blocks[block_id].token_ids != token_ids:
+                break
+            hits.append(block_id)
+        return hits
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        hits = self._cached_prefix(seq)
+        num_reused_free = sum(self.blocks[b].ref_count == 0 for b in hits)
+        return seq.num_blocks - len(hits) + num_reused_free <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence):
+        """Give seq blocks for all its tokens, reusing cached prefix blocks."""
+        assert not seq.block_table
+        hits = self._cached_prefix(seq)
+        for block_id in hits:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                self.free_block_ids.remove(block_id)
+            block.ref_count += 1
+        seq.block_table = hits + [self._take_free_block() for _ in range(seq.num_blocks - len(hits))]
+        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_hashed_blocks = len(hits)
+
+    def deallocate(self, seq: Sequence):
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_block_ids.append(block_id)
+        seq.block_table = []
+        seq.num_computed_tokens = seq.num_hashed_blocks = 0
+
+    def num_missing_blocks(self, seq: Sequence) -> int:
+        """Blocks seq still needs to hold all its tokens (the next decode step writes the last)."""
+        return seq.num_blocks - len(seq.block_table)
+
+    def append_blocks(self, seq: Sequence):
+        for _ in range(self.num_missing_blocks(seq)):
+            seq.block_table.append(self._take_free_block())
+
+    def hash_blocks(self, seq: Sequence):
+        """Register the full blocks of seq whose K/V have just been computed."""
+        num_full = seq.num_computed_tokens // self.block_size
+        for i in range(seq.num_hashed_blocks, num_full):
+            block = self.blocks[seq.block_table[i]]
+            prefix_hash = self.blocks[seq.block_table[i - 1]].hash if i > 0 else -1
+            block.token_ids = seq.block(i)
+            block.hash = chained_hash(block.token_ids, prefix_hash)
+            self.hash_to_block_id[block.hash] = block.block_id
+        seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)

@@ -1,0 +1,58 @@
+"""Engine configuration: every knob in one object, validated once.
+
+`LLM(model_dir, **config)` builds a `Config`; unknown keys are an error (a typo must not be
+silently ignored). Names follow nano-vllm so that scripts written against it read naturally.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+
+
+@dataclass(slots=True)
+class Config:
+    model: str
+    max_num_batched_tokens: int = 16384  # tokens per prefill step (longer prompts are chunked)
+    max_num_seqs: int = 512  # requests decoding at once
+    max_model_len: int | None = None  # prompt + output; default: the model's context length
+    gpu_memory_utilization: float = 0.9  # share of GPU memory the engine may fill (KV sizing)
+    num_kvcache_blocks: int | None = None  # cap on KV blocks (None: as many as memory allows)
+    block_size: int = 256  # tokens per KV block
+    enforce_eager: bool = False  # True: no CUDA graphs for decode
+    dtype: str | None = None  # None: the checkpoint's dtype on GPU, float32 on CPU
+    device: str | None = None  # None: cuda if available, else cpu
+    hf_config: dict = field(default_factory=dict)  # the checkpoint's config.json (filled here)
+    eos: int = -1  # filled from the tokenizer
+
+    def __post_init__(self):
+        path = os.path.join(self.model, "config.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"model: {self.model!r} is not a directory with a config.json")
+        with open(path) as f:
+            self.hf_config = json.load(f)
+        archs = self.hf_config.get("architectures") or ["?"]
+        if archs[0] not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"model: architecture {archs[0]} is not supported; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        _check_int("block_size", self.block_size, 1)
+        _check_int("max_num_seqs", self.max_num_seqs, 1)
+        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        if self.num_kvcache_blocks is not None:
+            _check_int("num_kvcache_blocks", self.num_kvcache_blocks, 1)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1], "
+                             f"got {self.gpu_memory_utilization}")
+        model_len = self.hf_config.get("max_position_embeddings", 1 << 20)
+        if self.max_model_len is None:
+            self.max_model_len = model_len
+        _check_int("max_model_len", self.max_model_len, 1, model_len)
+        if self.dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+
+
+def _check_int(name: str, value, low: int, high: int | None = None):
+    if not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")

@@ -1,0 +1,34 @@
+"""The per-step tensors that attention layers need, set once by the model runner per step.
+
+Handing them through one global object keeps every layer's `forward(x)` signature plain.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class Context:
+    is_prefill: bool = False
+    slot_mapping: torch.Tensor | None = None  # [num_tokens] cache slot of each new token
+    context_lens: torch.Tensor | None = None  # [num_seqs] cached tokens incl. the new ones
+    block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks], -1 padded
+    cu_seqlens_q: torch.Tensor | None = None  # [num_seqs + 1] prefill only
+    max_seqlen_q: int = 0  # prefill only
+
+
+_CONTEXT = Context()
+
+
+def get_context() -> Context:
+    return _CONTEXT
+
+
+def set_context(**fields):
+    global _CONTEXT
+    _CONTEXT = Context(**fields)
+
+
+def reset_context():
+    set_context()

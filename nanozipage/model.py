@@ -1,0 +1,197 @@
+"""The decoder: one implementation of Qwen3, Qwen2 and Llama, switched by the checkpoint config.
+
+Qwen3 normalises q and k per head (q/k RMSNorm); Qwen2 has a bias on q, k and v; Llama has
+neither. Attention reads and writes the paged KV cache through the kernels; everything else is
+plain PyTorch. Weights load from the checkpoint's safetensors through a `weight_loader` attached
+to each parameter, which also packs q/k/v into one matrix and gate/up into another.
+"""
+
+import glob
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from nanozipage.context import get_context
+from nanozipage.kernels import decode_attention, prefill_attention, store_kv
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Normalise x, or (x + residual) returning the sum as the new residual."""
+        if residual is not None:
+            x = residual = x + residual
+        dtype, x = x.dtype, x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = self.weight * x.to(dtype)
+        return x if residual is None else (x, residual)
+
+
+def rope_inv_freq(hf: dict, head_dim: int) -> torch.Tensor:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "llama3":  # Llama 3.1 / DeepSeek-R1-Distill-Llama: stretch low frequencies
+        factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+        old_len = params["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen - low) / (high - low)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    elif rope_type != "default":
+        raise ValueError(f"model: rope type {rope_type!r} is not supported (default, llama3)")
+    return inv_freq.float()
+
+
+class Rotary(nn.Module):
+    def __init__(self, hf: dict, head_dim: int, max_positions: int):
+        super().__init__()
+        freqs = torch.outer(torch.arange(max_positions).float(), rope_inv_freq(hf, head_dim))
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
+
+    def forward(self, positions: torch.Tensor, *xs: torch.Tensor):
+        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+        return [self._rotate(x, cos.to(x.dtype), sin.to(x.dtype)) for x in xs]
+
+    @staticmethod
+    def _rotate(x, cos, sin):  # rotate-half layout, as in HF Llama/Qwen
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def packed_linear(in_features: int, shards: list[int], bias: bool) -> nn.Linear:
+    """A Linear whose output rows are several checkpoint matrices stacked (q|k|v, gate|up)."""
+    linear = nn.Linear(in_features, sum(shards), bias=bias)
+    offsets = [sum(shards[:i]) for i in range(len(shards))]
+    for param in linear.parameters():
+        def loader(param, weight, shard, param_offsets=offsets, sizes=shards):
+            param.data[param_offsets[shard]: param_offsets[shard] + sizes[shard]].copy_(weight)
+        param.weight_loader = loader
+    return linear
+
+
+class Attention(nn.Module):
+    def __init__(self, hf: dict, rotary: Rotary):
+        super().__init__()
+        hidden, self.num_heads = hf["hidden_size"], hf["num_attention_heads"]
+        self.num_kv_heads = hf.get("num_key_value_heads", self.num_heads)
+        self.head_dim = hf.get("head_dim") or hidden // self.num_heads
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        qwen2 = hf["architectures"][0] == "Qwen2ForCausalLM"
+        bias = qwen2 or hf.get("attention_bias", False)
+        self.qkv_proj = packed_linear(hidden, [self.q_size, self.kv_size, self.kv_size], bias)
+        self.o_proj = nn.Linear(self.q_size, hidden, bias=hf.get("attention_bias", False) and not qwen2)
+        self.qk_norm = hf["architectures"][0] == "Qwen3ForCausalLM"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, hf["rms_norm_eps"])
+            self.k_norm = RMSNorm(self.head_dim, hf["rms_norm_eps"])
+        self.rotary = rotary
+        self.scale = self.head_dim**-0.5
+        self.k_cache = self.v_cache = torch.empty(0)  # views into the engine's KV pool
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        ctx = get_context()
+        store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        if ctx.is_prefill:
+            o = prefill_attention(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.context_lens,
+                                  ctx.block_tables, ctx.max_seqlen_q, self.scale)
+        else:
+            o = decode_attention(q, self.k_cache, self.v_cache, ctx.context_lens,
+                                 ctx.block_tables, self.scale)
+        return self.o_proj(o.flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hf: dict):
+        super().__init__()
+        inter = hf["intermediate_size"]
+        self.gate_up_proj = packed_linear(hf["hidden_size"], [inter, inter], bias=False)
+        self.down_proj = nn.Linear(inter, hf["hidden_size"], bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hf: dict, rotary: Rotary):
+        super().__init__()
+        self.self_attn = Attention(hf, rotary)
+        self.mlp = MLP(hf)
+        self.input_layernorm = RMSNorm(hf["hidden_size"], hf["rms_norm_eps"])
+        self.post_attention_layernorm = RMSNorm(hf["hidden_size"], hf["rms_norm_eps"])
+
+    def forward(self, positions, x, residual):
+        x, residual = self.input_layernorm(x, residual) if residual is not None else (
+            self.input_layernorm(x), x)
+        x = self.self_attn(positions, x)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class Decoder(nn.Module):
+    def __init__(self, hf: dict):
+        super().__init__()
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        rotary = Rotary(hf, head_dim, hf.get("max_position_embeddings", 32768))
+        self.embed_tokens = nn.Embedding(hf["vocab_size"], hf["hidden_size"])
+        self.layers = nn.ModuleList(DecoderLayer(hf, rotary) for _ in range(hf["num_hidden_layers"]))
+        self.norm = RMSNorm(hf["hidden_size"], hf["rms_norm_eps"])
+
+    def forward(self, input_ids, positions):
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual)
+        return self.norm(x, residual)[0]
+
+
+class CausalLM(nn.Module):
+    packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, hf: dict):
+        super().__init__()
+        self.model = Decoder(hf)
+        self.lm_head = nn.Linear(hf["hidden_size"], hf["vocab_size"], bias=False)
+        if hf.get("tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def load_weights(self, path: str):
+        params = dict(self.named_parameters(remove_duplicate=False))
+        files = glob.glob(os.path.join(path, "*.safetensors"))
+        if not files:
+            raise ValueError(f"model: no *.safetensors files in {path!r}")
+        for file in files:
+            with safe_open(file, "pt", "cpu") as f:
+                for name in f.keys():
+                    if "rotary_emb" in name:
+                        continue
+                    for part, (packed_name, shard) in self.packed.items():
+                        if f".{part}." in name:
+                            param = params[name.replace(part, packed_name)]
+                            param.weight_loader(param, f.get_tensor(name), shard)
+                            break
+                    else:
+                        params[name].copy_(f.get_tensor(name))

@@ -1,0 +1,74 @@
+"""A request as the scheduler and block manager see it: token ids, progress and its blocks."""
+
+from copy import copy
+from enum import Enum, auto
+from itertools import count
+
+from nanozipage.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    block_size = 256  # set by the engine from the config
+    counter = count()
+
+    def __init__(self, token_ids: list[int], sampling_params: SamplingParams):
+        self.seq_id = next(Sequence.counter)
+        self.status = SequenceStatus.WAITING
+        self.token_ids = copy(token_ids)
+        self.last_token = token_ids[-1]
+        self.num_prompt_tokens = len(token_ids)
+        # Tokens whose K/V are in the cache: prefix-cache hits plus prefilled chunks.
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # of those, served by the prefix cache
+        self.num_new_tokens = 0  # tokens fed to the model in the step being run
+        self.num_hashed_blocks = 0  # leading full blocks registered in the prefix cache
+        self.generator = None  # torch.Generator for seeded sampling, made by the model runner
+        self.block_table: list[int] = []
+        self.sampling_params = sampling_params
+        self.logprobs: list[float] = []
+
+    def __len__(self):
+        return len(self.token_ids)
+
+    def __getitem__(self, key):
+        return self.token_ids[key]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def in_prefill(self) -> bool:
+        """A decode step feeds the last token; until all tokens before it are cached, prefill.
+
+        A prefill chunk may run to the end of the sequence (then it samples the next token) or
+        stop one short of it (then the next decode step feeds the last token): both are right.
+        """
+        return self.num_computed_tokens < len(self.token_ids) - 1
+
+    @property
+    def num_blocks(self) -> int:
+        return (len(self.token_ids) + self.block_size - 1) // self.block_size
+
+    def block(self, i: int) -> list[int]:
+        return self.token_ids[i * self.block_size: (i + 1) * self.block_size]
+
+    def append_token(self, token_id: int, logprob: float | None = None):
+        self.token_ids.append(token_id)
+        self.last_token = token_id
+        if logprob is not None:
+            self.logprobs.append(logprob)
