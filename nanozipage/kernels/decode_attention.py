@@ -1,0 +1,165 @@
+"""Attention of one new token per sequence over its paged KV cache (the decode step).
+
+Data flow: in a decode step the attention layer writes the new token's key and value with
+`store_kv`, then calls `decode_attention`; the model runner captures this in a CUDA graph, so
+the launch may depend only on the batch and head counts, never on the context lengths.
+
+Split-KV ("flash decoding"): each program attends one (sequence, kv head, split) share of the
+context for all query heads of that GQA group at once (one read of K/V serves the whole group),
+and writes a partial output with its log-sum-exp; a second kernel merges the splits.
+"""
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from nanozipage.kernels.prefill_attention import paged_kv
+
+
+@triton.jit
+def _decode_split_kernel(
+    q, k_cache, v_cache, o_part, lse_part, context_lens, block_tables,
+    stride_qb, stride_qh, stride_cb, stride_ch, stride_bt, qk_scale, block_size, num_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ctx_len = tl.load(context_lens + seq)
+    # Each split takes an equal share of the context, rounded up to whole tiles; the share is
+    # computed here because the grid must not depend on the lengths.
+    split_len = tl.cdiv(tl.cdiv(ctx_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, ctx_len)
+
+    # The group's query heads are the rows of one tile, padded to BLOCK_H (tl.dot needs >= 16).
+    row = tl.arange(0, BLOCK_H)
+    heads = kv_head * GROUP + row
+    dims = tl.arange(0, HEAD_DIM)
+    q_ptrs = q + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :]
+    q_tile = tl.load(q_ptrs, mask=row[:, None] < GROUP, other=0.0)
+    block_table = block_tables + seq * stride_bt
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    for tile_start in range(start, end, BLOCK_N):
+        k_pos = tile_start + tl.arange(0, BLOCK_N)
+        in_split = k_pos < end
+        block = tl.load(block_table + k_pos // block_size, mask=in_split, other=0).to(tl.int64)
+        rows = block * stride_cb + kv_head * stride_ch + (k_pos % block_size) * HEAD_DIM
+        offsets = rows[:, None] + dims[None, :]
+        k = tl.load(k_cache + offsets, mask=in_split[:, None], other=0.0)
+        s = tl.dot(q_tile, tl.trans(k)) * qk_scale  # log2 units, see qk_scale in the wrapper
+        s = tl.where(in_split[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        v = tl.load(v_cache + offsets, mask=in_split[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+
+    # An empty split (short or zero-length context) has l_i = 0: it stores zeros and lse = -inf,
+    # which the merge weighs by exp2(-inf) = 0.
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    part = (seq * GROUP * tl.num_programs(1) + heads) * num_splits + split
+    tl.store(o_part + part[:, None] * HEAD_DIM + dims[None, :], out, mask=row[:, None] < GROUP)
+    tl.store(lse_part + part, m_i + tl.log2(l_i), mask=row < GROUP)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    o_part, lse_part, o, num_splits, HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # one (sequence, query head)
+    splits = tl.arange(0, SPLITS_POW2)
+    parts = row * num_splits + splits
+    lse = tl.load(lse_part + parts, mask=splits < num_splits, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # every split empty: write zeros
+    weight = tl.exp2(lse - lse_max)
+    dims = tl.arange(0, HEAD_DIM)
+    o_ptrs = o_part + parts[:, None] * HEAD_DIM + dims[None, :]
+    o_split = tl.load(o_ptrs, mask=splits[:, None] < num_splits, other=0.0)
+    total = tl.sum(weight, 0)
+    out = tl.sum(weight[:, None] * o_split, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(o + row * HEAD_DIM + dims, out.to(o.dtype.element_ty))
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
+    """Enough splits for about two programs per SM at any context length (4 off the GPU)."""
+    if device.type != "cuda":
+        return 4
+    return max(1, min(triton.cdiv(2 * _num_sms(device.index or 0), batch * num_kv_heads), 64))
+
+
+def decode_attention_triton(
+    q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None,
+    *, block_n=64, num_warps=4, num_stages=3,
+):  # fmt: skip
+    batch, num_q_heads, head_dim = q.shape
+    _, num_kv_heads, block_size, _ = k_cache.shape
+    assert k_cache.shape[-1] == head_dim and v_cache.shape == k_cache.shape
+    assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert q.dtype == k_cache.dtype == v_cache.dtype
+    assert num_q_heads % num_kv_heads == 0, "query heads must split evenly over kv heads"
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
+    assert context_lens.shape == (batch,) and block_tables.shape[0] == batch
+    assert context_lens.dtype == block_tables.dtype == torch.int32
+    group = num_q_heads // num_kv_heads
+    num_splits = num_splits or default_num_splits(batch, num_kv_heads, q.device)
+    o_part = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32,
+                         device=q.device)  # fmt: skip
+    lse_part = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
+    o = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return o
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, o_part, lse_part, context_lens, block_tables,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
+        scale * 1.4426950408889634, block_size, num_splits,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    _merge_splits_kernel[(batch * num_q_heads,)](
+        o_part, lse_part, o, num_splits,
+        HEAD_DIM=head_dim, SPLITS_POW2=triton.next_power_of_2(num_splits),
+    )  # fmt: skip
+    return o
+
+
+def decode_attention_ref(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None):
+    o = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    group = q.shape[1] // k_cache.shape[1]
+    for b, ctx_len in enumerate(context_lens.tolist()):
+        if ctx_len == 0:
+            continue  # a padding row of a captured batch
+        k = paged_kv(k_cache, block_tables[b], ctx_len).repeat_interleave(group, 0).float()
+        v = paged_kv(v_cache, block_tables[b], ctx_len).repeat_interleave(group, 0).float()
+        scores = (k @ q[b, :, :, None].float()).squeeze(-1) * scale  # [heads, ctx_len]
+        o[b] = (scores.softmax(-1)[:, None, :] @ v).squeeze(1).to(q.dtype)
+    return o
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention of `q` `[B, num_q_heads, head_dim]`, the token at cache index
+    `context_lens[b] - 1`, over all `context_lens[b]` cached tokens; rows of length 0 give zeros.
+    Returns a new `[B, num_q_heads, head_dim]` tensor."""
+    args = (q, k_cache, v_cache, context_lens, block_tables, scale, num_splits)
+    if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return decode_attention_triton(*args)
+    return decode_attention_ref(*args)

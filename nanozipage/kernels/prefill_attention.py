@@ -1,0 +1,155 @@
+"""Causal attention for the new tokens of a prefill step, over the paged KV cache.
+
+Data flow: the attention layer first writes the new keys and values with `store_kv`, then calls
+`prefill_attention`. Each sequence's new queries are the last `q_len` tokens of its context, so
+a prefix already in the cache (prefix caching, earlier prefill chunks) is read through the block
+table exactly like the new tokens. The kernel is flash attention (one pass, online softmax)
+whose key/value tiles are gathered token by token from the cache blocks.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, kv_head_offset, start,
+    ctx_len, block_size, stride_cb, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+):  # fmt: skip
+    k_pos = start + tl.arange(0, BLOCK_N)
+    in_ctx = k_pos < ctx_len
+    block = tl.load(block_table + k_pos // block_size, mask=in_ctx, other=0).to(tl.int64)
+    rows = block * stride_cb + kv_head_offset + (k_pos % block_size) * HEAD_DIM
+    offsets = rows[:, None] + tl.arange(0, HEAD_DIM)[None, :]
+    k = tl.load(k_cache + offsets, mask=in_ctx[:, None], other=0.0)
+    # Scores in log2 units: qk_scale folds in log2(e), so exp2 below is the softmax's exp.
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    if CAUSAL:
+        s = tl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    v = tl.load(v_cache + offsets, mask=in_ctx[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _prefill_kernel(
+    q, k_cache, v_cache, o, cu_seqlens_q, context_lens, block_tables,
+    stride_qn, stride_qh, stride_on, stride_oh, stride_cb, stride_ch, stride_bt,
+    qk_scale, block_size,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # Later query tiles see more keys: launch them first so the grid does not end on a long tail.
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    head, seq = tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q + seq)
+    q_len = tl.load(cu_seqlens_q + seq + 1) - q_start
+    if tile * BLOCK_M >= q_len:
+        return
+    ctx_len = tl.load(context_lens + seq)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    q_ptrs = q + (q_start + rows)[:, None] * stride_qn + head * stride_qh + dims[None, :]
+    q_tile = tl.load(q_ptrs, mask=rows[:, None] < q_len, other=0.0)
+    q_pos = ctx_len - q_len + rows  # cache index of each query
+    first_pos = ctx_len - q_len + tile * BLOCK_M
+
+    block_table = block_tables + seq * stride_bt
+    kv_head_offset = (head // GROUP) * stride_ch
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # Keys before the tile's first query are visible to all its rows: skip the causal mask there.
+    unmasked_end = first_pos // BLOCK_N * BLOCK_N
+    for start in range(0, unmasked_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q_tile, q_pos, k_cache, v_cache, block_table, kv_head_offset, start,
+            ctx_len, block_size, stride_cb, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL=False,
+        )  # fmt: skip
+    for start in range(unmasked_end, tl.minimum(first_pos + BLOCK_M, ctx_len), BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q_tile, q_pos, k_cache, v_cache, block_table, kv_head_offset, start,
+            ctx_len, block_size, stride_cb, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL=True,
+        )  # fmt: skip
+    out = acc / l_i[:, None]
+    o_ptrs = o + (q_start + rows)[:, None] * stride_on + head * stride_oh + dims[None, :]
+    tl.store(o_ptrs, out.to(o.dtype.element_ty), mask=rows[:, None] < q_len)
+
+
+def prefill_attention_triton(
+    q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, scale,
+    *, block_m=128, block_n=64, num_warps=8, num_stages=3,
+):  # fmt: skip
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, num_kv_heads, block_size, _ = k_cache.shape
+    assert k_cache.shape[-1] == head_dim and v_cache.shape == k_cache.shape
+    assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert q.dtype == k_cache.dtype == v_cache.dtype
+    assert num_q_heads % num_kv_heads == 0, "query heads must split evenly over kv heads"
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
+    assert cu_seqlens_q.dtype == context_lens.dtype == block_tables.dtype == torch.int32
+    num_seqs = context_lens.shape[0]
+    assert cu_seqlens_q.shape == (num_seqs + 1,) and block_tables.shape[0] == num_seqs
+    o = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return o
+    grid = (triton.cdiv(max_seqlen_q, block_m), num_q_heads, num_seqs)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, o, cu_seqlens_q, context_lens, block_tables,
+        q.stride(0), q.stride(1), o.stride(0), o.stride(1),
+        k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
+        scale * 1.4426950408889634, block_size,
+        GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return o
+
+
+def paged_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens of one sequence, gathered: `[num_kv_heads, length, head_dim]`."""
+    num_blocks = -(-length // cache.shape[2])
+    blocks = cache[block_table[:num_blocks].long()]  # [num_blocks, heads, block_size, dim]
+    return blocks.transpose(0, 1).flatten(1, 2)[:, :length]
+
+
+def prefill_attention_ref(
+    q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, scale
+):
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    group = q.shape[1] // k_cache.shape[1]
+    bounds = cu_seqlens_q.tolist()
+    for i, ctx_len in enumerate(context_lens.tolist()):
+        start, end = bounds[i], bounds[i + 1]
+        k = paged_kv(k_cache, block_tables[i], ctx_len).repeat_interleave(group, 0).float()
+        v = paged_kv(v_cache, block_tables[i], ctx_len).repeat_interleave(group, 0).float()
+        scores = q[start:end].transpose(0, 1).float() @ k.transpose(1, 2) * scale
+        q_pos = torch.arange(ctx_len - (end - start), ctx_len, device=q.device)
+        causal = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
+        scores = scores.masked_fill(~causal, float("-inf"))
+        o[start:end] = (scores.softmax(-1) @ v).transpose(0, 1).to(q.dtype)
+    return o
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of `q` `[N, num_q_heads, head_dim]` (sequence i owns rows
+    `cu_seqlens_q[i]:cu_seqlens_q[i+1]`, the last of its `context_lens[i]` cached tokens) over the
+    paged cache. Returns a new `[N, num_q_heads, head_dim]` tensor."""
+    args = (q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, scale)
+    if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return prefill_attention_triton(*args)
+    return prefill_attention_ref(*args)
