@@ -25,7 +25,10 @@ USER_CONFIG_KEYS = {f.name for f in dataclasses.fields(Config)} - {"model", "hf_
 
 def _eos_token_id(model: str, hf_config: dict, tokenizer) -> int:
     path = os.path.join(model, "generation_config.json")
-    generation = json.load(open(path)) if os.path.isfile(path) else {}
+    generation = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            generation = json.load(f)
     eos = generation.get("eos_token_id", hf_config.get("eos_token_id"))
     if isinstance(eos, list):
         eos = eos[0]
@@ -91,7 +94,8 @@ class LLMEngine:
         token_ids = seq.completion_token_ids
         output = {"seq_id": seq.seq_id, "token_ids": token_ids,
                   "num_cached_tokens": seq.num_cached_tokens,
-                  "text": self.tokenizer.decode(token_ids) if self.tokenizer else None}
+                  "text": self.tokenizer.decode(token_ids, skip_special_tokens=True)
+                  if self.tokenizer else None}
         if seq.sampling_params.logprobs:
             output["logprobs"] = seq.logprobs
         return output

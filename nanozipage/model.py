@@ -9,6 +9,7 @@ to each parameter, which also packs q/k/v into one matrix and gate/up into anoth
 import glob
 import math
 import os
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -161,7 +162,7 @@ class Decoder(nn.Module):
 
 
 class CausalLM(nn.Module):
-    packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    packed: ClassVar = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
     def __init__(self, hf: dict):
@@ -185,7 +186,7 @@ class CausalLM(nn.Module):
             raise ValueError(f"model: no *.safetensors files in {path!r}")
         for file in files:
             with safe_open(file, "pt", "cpu") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 (a safetensors file is not iterable)
                     if "rotary_emb" in name:
                         continue
                     for part, (packed_name, shard) in self.packed.items():

@@ -3,9 +3,9 @@
 import torch
 import transformers
 
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            rms_norm_eps=1e-6, tie_word_embeddings=False)
+TINY = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
 ARCHS = {
     "qwen3": lambda: transformers.Qwen3Config(**TINY, head_dim=32, rope_theta=1e6),
     "qwen2": lambda: transformers.Qwen2Config(**TINY, rope_theta=1e6),
