@@ -1,0 +1,93 @@
+"""The public API: bad input is refused before any work starts, incremental use, seeds."""
+
+import pytest
+from helpers import make_tiny_model
+
+from nanozipage import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    return LLM(make_tiny_model("qwen3", tmp_path_factory.mktemp("qwen3")), block_size=16,
+               num_kvcache_blocks=40, max_model_len=256)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"), ({"max_tokens": 0}, "max_tokens"), ({"seed": "x"}, "seed")])
+def test_bad_sampling_params_raise(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([], SamplingParams(), "empty prompt"),
+    ([1, 256], SamplingParams(), r"\[0, 256\)"),
+    ([-1], SamplingParams(), r"\[0, 256\)"),
+    ([1] * 250, SamplingParams(max_tokens=10), "max_model_len=256"),
+    ("text", SamplingParams(), "tokenizer"),
+])
+def test_bad_prompts_raise_and_leave_other_requests_alone(llm, prompt, params, message):
+    good = llm.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=5))
+    with pytest.raises(ValueError, match=message):
+        llm.add_request(prompt, params)
+    with pytest.raises(ValueError, match=message):  # generate checks all before queuing any
+        llm.generate([[4, 5], prompt], params, use_tqdm=False)
+    finished = []
+    while not llm.is_finished():
+        finished += llm.step()[0]
+    assert [(o["seq_id"], len(o["token_ids"])) for o in finished] == [(good, 5)]
+
+
+def test_request_larger_than_the_kv_pool_raises(tmp_path):
+    small = LLM(make_tiny_model("llama", tmp_path), block_size=16, num_kvcache_blocks=2)
+    with pytest.raises(ValueError, match="KV blocks"):
+        small.generate([[1] * 20], SamplingParams(max_tokens=20), use_tqdm=False)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"no_such_knob": 1}, "unknown config keys"), ({"block_size": 0}, "block_size"),
+    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
+    ({"max_model_len": 10**9}, "max_model_len"), ({"dtype": "int8"}, "dtype")])
+def test_bad_config_raises(tmp_path, config, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(make_tiny_model("qwen2", tmp_path), **config)
+
+
+def test_missing_or_unsupported_model_dir_raises(tmp_path):
+    with pytest.raises(ValueError, match="config.json"):
+        LLM(str(tmp_path / "nowhere"))
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    with pytest.raises(ValueError, match="GPT2LMHeadModel is not supported"):
+        LLM(str(tmp_path))
+
+
+def test_outputs_in_input_order_with_per_prompt_params(llm):
+    prompts = [[1] * 40, [2], [3] * 7]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 9, 5)]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(o["token_ids"]) for o in outputs] == [3, 9, 5]
+    assert "logprobs" not in outputs[0]
+
+
+def test_seed_makes_sampling_reproducible(llm):
+    params = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=123)
+    alone = llm.generate([[5, 6, 7]], params, use_tqdm=False)[0]["token_ids"]
+    others = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    batched = llm.generate([[9] * 30, [5, 6, 7], [8] * 3], [others, params, others], use_tqdm=False)
+    assert batched[1]["token_ids"] == alone
+    unseeded = [llm.generate([[5, 6, 7]], others, use_tqdm=False)[0]["token_ids"] for _ in range(3)]
+    assert any(u != alone for u in unseeded)
+
+
+def test_generation_stops_at_eos_unless_ignored(llm):
+    free = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)[0]["token_ids"]
+    eos, saved = free[4], llm.scheduler.eos
+    llm.scheduler.eos = eos
+    try:
+        stopped = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=12),
+                               use_tqdm=False)[0]["token_ids"]
+    finally:
+        llm.scheduler.eos = saved
+    assert stopped == free[: free.index(eos) + 1]
