@@ -60,12 +60,13 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
-    # An empty split (short or zero-length context) has l_i = 0: it stores zeros and lse = -inf,
-    # which the merge weighs by exp2(-inf) = 0.
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    # An empty split (short or zero-length context) has acc = 0, l_i = 0 and m_i = -inf: it
+    # stores zeros and lse = -inf, which the merge weighs by exp2(-inf) = 0.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
     part = (seq * GROUP * tl.num_programs(1) + heads) * num_splits + split
-    tl.store(o_part + part[:, None] * HEAD_DIM + dims[None, :], out, mask=row[:, None] < GROUP)
-    tl.store(lse_part + part, m_i + tl.log2(l_i), mask=row < GROUP)
+    o_ptrs = o_part + part[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(o_ptrs, acc / l_safe[:, None], mask=row[:, None] < GROUP)
+    tl.store(lse_part + part, m_i + tl.log2(l_safe), mask=row < GROUP)
 
 
 @triton.jit

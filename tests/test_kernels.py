@@ -1,0 +1,194 @@
+"""Each Triton kernel against its PyTorch reference, on fresh random inputs.
+
+On a GPU the kernels run compiled, in bfloat16 too and on larger shapes. On CPU they run under
+Triton's interpreter, which is slow: shapes are small and the tiles shrink to 16 tokens so the
+lengths still cross tile boundaries. Every buffer a wrapper allocates starts as NaN, and every
+cache slot outside a sequence's context holds NaN, so an unwritten output or a stray read fails.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanozipage.kernels import (
+    decode_attention,
+    decode_attention_ref,
+    decode_attention_triton,
+    prefill_attention_ref,
+    prefill_attention_triton,
+    store_kv_ref,
+    store_kv_triton,
+)
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+HEAD_DIMS = [64, 128] if ON_GPU else [32]
+# Tiles of 16 tokens on CPU so the short lengths there still span several; the defaults on GPU.
+PREFILL_TILES = {} if ON_GPU else {"block_m": 16, "block_n": 16}
+DECODE_TILES = {} if ON_GPU else {"block_n": 16}
+# float32 runs exactly in the interpreter; on GPU tl.dot takes float32 as tf32.
+TOL = {torch.float32: 5e-3 if ON_GPU else 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+# Off the GPU the kernels run under Triton's interpreter, which Triton only turns on if
+# TRITON_INTERPRET=1 is set when it is first imported; the engine's tests in the same process need
+# it off. So on CPU, unless the variable is set, this file runs itself in a child process with it.
+NEEDS_CHILD = not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1"
+runs_kernels = pytest.mark.skipif(NEEDS_CHILD, reason="runs in a child with TRITON_INTERPRET=1")
+
+
+@pytest.mark.skipif(not NEEDS_CHILD, reason="the kernels run in this process")
+def test_kernels_under_the_triton_interpreter():
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    child = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    assert child.returncode == 0, child.stdout[-5000:] + child.stderr[-2000:]
+
+
+@pytest.fixture(autouse=True)
+def nan_poisoned_empty(monkeypatch):
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+
+
+def fused_qkv(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype):
+    """q, k, v as the strided views of one projection output that the engine hands over."""
+    heads = num_q_heads + 2 * num_kv_heads
+    qkv = torch.randn(num_tokens, heads * head_dim, device=DEVICE).to(dtype)
+    qkv = qkv.view(num_tokens, heads, head_dim)
+    return qkv.split([num_q_heads, num_kv_heads, num_kv_heads], dim=1)
+
+
+def paged_cache(ctx_lens, num_kv_heads, block_size, head_dim, dtype):
+    """Caches holding random K/V for each context and NaN everywhere else, with block tables
+    over shuffled block ids, padded with -1."""
+    counts = [-(-n // block_size) for n in ctx_lens]
+    num_blocks = sum(counts) + 2
+    ids = torch.randperm(num_blocks).tolist()
+    tables = torch.full((len(ctx_lens), max(counts) + 1), -1, dtype=torch.int32)
+    shape = (num_blocks, num_kv_heads, block_size, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    for i, (n, count) in enumerate(zip(ctx_lens, counts)):
+        tables[i, :count] = torch.tensor(ids[:count])
+        for t in range(0, n, block_size):
+            block, size = ids[t // block_size], min(block_size, n - t)
+            k_cache[block, :, :size] = torch.randn(num_kv_heads, size, head_dim).to(dtype)
+            v_cache[block, :, :size] = torch.randn(num_kv_heads, size, head_dim).to(dtype)
+        ids = ids[count:]
+    return k_cache, v_cache, tables.to(DEVICE)
+
+
+def assert_close(out, ref, dtype):
+    assert out.dtype == dtype and not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def upcast(*tensors):
+    return [t.float() if t.is_floating_point() else t for t in tensors]
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [8, 16, 12])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_store_kv_writes_each_token_to_its_slot_and_skips_padding(dtype, block_size, slot_dtype):
+    num_tokens, num_kv_heads, head_dim, num_blocks = 20, 3, HEAD_DIMS[-1], 5
+    _, key, value = fused_qkv(num_tokens, 4, num_kv_heads, head_dim, dtype)
+    shape = (num_blocks, num_kv_heads, block_size, head_dim)
+    k_cache = torch.randn(shape, device=DEVICE).to(dtype)
+    v_cache = torch.randn(shape, device=DEVICE).to(dtype)
+    slots = torch.randperm(num_blocks * block_size)[:num_tokens]
+    slots[[1, 7, 19]] = -1
+    slots = slots.to(slot_dtype).to(DEVICE)
+    old_k, old_v = k_cache.clone(), v_cache.clone()
+
+    store_kv_triton(key, value, k_cache, v_cache, slots)
+
+    expected_k, expected_v = old_k.clone(), old_v.clone()
+    store_kv_ref(key, value, expected_k, expected_v, slots)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
+    untouched[slots[slots >= 0].long()] = False
+    for cache, old in ((k_cache, old_k), (v_cache, old_v)):
+        by_slot, old_by_slot = (
+            cache.transpose(1, 2).flatten(0, 1),
+            old.transpose(1, 2).flatten(0, 1),
+        )
+        assert torch.equal(by_slot[untouched], old_by_slot[untouched])
+
+
+PREFILL_SEQS = (  # (new query tokens, context length): fresh prompts, cached prefixes, 1 token
+    [(300, 300), (77, 1000), (1, 129), (513, 700)]
+    if ON_GPU
+    else [(37, 37), (5, 40), (1, 19), (20, 53)]
+)
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("block_size", [16, 8, 32, 12])
+@pytest.mark.parametrize("group", [1, 2, 3])
+def test_prefill_matches_reference(dtype, head_dim, block_size, group):
+    num_kv_heads = 2
+    q_lens, ctx_lens = zip(*PREFILL_SEQS)
+    q, _, _ = fused_qkv(sum(q_lens), group * num_kv_heads, num_kv_heads, head_dim, dtype)
+    k_cache, v_cache, tables = paged_cache(ctx_lens, num_kv_heads, block_size, head_dim, dtype)
+    cu_seqlens = torch.tensor([0, *q_lens], device=DEVICE).cumsum(0).to(torch.int32)
+    context_lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
+    args = (cu_seqlens, context_lens, tables, max(q_lens), head_dim**-0.5)
+
+    out = prefill_attention_triton(q, k_cache, v_cache, *args, **PREFILL_TILES)
+
+    assert_close(out, prefill_attention_ref(*upcast(q, k_cache, v_cache), *args), dtype)
+
+
+DECODE_LENS = [0, 1, 17, 1000, 4097, 256] if ON_GPU else [0, 1, 17, 100, 64]
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("block_size", [16, 8, 32, 12])
+@pytest.mark.parametrize("group", [1, 2, 3])
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+def test_decode_matches_reference_and_zeroes_empty_rows(
+    dtype, head_dim, block_size, group, num_splits
+):
+    num_kv_heads = 2
+    q, _, _ = fused_qkv(len(DECODE_LENS), group * num_kv_heads, num_kv_heads, head_dim, dtype)
+    k_cache, v_cache, tables = paged_cache(DECODE_LENS, num_kv_heads, block_size, head_dim, dtype)
+    context_lens = torch.tensor(DECODE_LENS, dtype=torch.int32, device=DEVICE)
+    args = (context_lens, tables, head_dim**-0.5, num_splits)
+
+    out = decode_attention_triton(q, k_cache, v_cache, *args, **DECODE_TILES)
+
+    assert_close(out, decode_attention_ref(*upcast(q, k_cache, v_cache), *args), dtype)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))  # the length-0 padding row
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_decode_replayed_from_a_cuda_graph_follows_new_lengths():
+    dtype, num_kv_heads, head_dim, block_size = torch.bfloat16, 2, 128, 16
+    lens_at_capture, lens_at_replay = [5, 300, 0, 1000], [1000, 0, 77, 5]
+    q, _, _ = fused_qkv(4, 2 * num_kv_heads, num_kv_heads, head_dim, dtype)
+    k_cache, v_cache, tables = paged_cache(
+        lens_at_capture + lens_at_replay, num_kv_heads, block_size, head_dim, dtype
+    )
+    context_lens = torch.tensor(lens_at_capture, dtype=torch.int32, device=DEVICE)
+    static_tables = tables[:4].clone()
+    decode_attention(q, k_cache, v_cache, context_lens, static_tables, 0.1)  # compile first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k_cache, v_cache, context_lens, static_tables, 0.1)
+
+    context_lens.copy_(torch.tensor(lens_at_replay, dtype=torch.int32))
+    static_tables.copy_(tables[4:])
+    graph.replay()
+
+    ref = decode_attention_ref(*upcast(q, k_cache, v_cache), context_lens, static_tables, 0.1)
+    assert_close(out, ref, dtype)
