@@ -1,0 +1,151 @@
+"""Time the attention kernels on a GPU; the figures go to BENCHMARKS.md.
+
+Decode is memory-bound: its figure is the K/V bytes read per second, against the device's copy
+bandwidth (bytes read + written by a large device-to-device copy). Prefill is compute-bound: its
+figure is its time against PyTorch's flash attention on the same data, and TFLOP/s.
+
+    PYTHONPATH=. python benchmarks/kernels.py           # the wrappers' default tiles
+    PYTHONPATH=. python benchmarks/kernels.py --sweep   # also try other tiles, print the best
+"""
+
+import argparse
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.functional import scaled_dot_product_attention
+
+from nanozipage.kernels import decode_attention_triton, prefill_attention_triton
+
+DTYPE, HEAD_DIM, NUM_Q_HEADS, NUM_KV_HEADS, BLOCK_SIZE = torch.bfloat16, 128, 16, 8, 256
+DECODE_TILES = [  # block_n, num_warps, num_stages
+    (32, 4, 3), (32, 4, 5), (64, 4, 2), (64, 4, 3), (64, 4, 5), (64, 4, 6), (64, 8, 3), (64, 8, 5),
+    (128, 4, 2), (128, 4, 3), (128, 4, 5), (128, 8, 3), (128, 8, 5), (64, 2, 3), (256, 8, 2),
+    (256, 8, 3),
+]  # fmt: skip
+PREFILL_TILES = [  # block_m, block_n, num_warps, num_stages
+    (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 4, 3),
+    (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 3),
+]  # fmt: skip
+
+
+def bench(fn) -> float:
+    """Median milliseconds of `fn`, L2 flushed between runs."""
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    src = torch.randn(2**29, device="cuda", dtype=DTYPE)  # 1 GiB
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / bench(lambda: dst.copy_(src)) * 1e3
+
+
+def paged_kv(batch, ctx_len):
+    """Random caches holding `batch` sequences of `ctx_len` tokens in shuffled blocks."""
+    blocks_per_seq = triton.cdiv(ctx_len, BLOCK_SIZE)
+    shape = (batch * blocks_per_seq, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM)
+    k_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+    v_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+    tables = torch.randperm(shape[0], device="cuda", dtype=torch.int32)
+    return k_cache, v_cache, tables.view(batch, blocks_per_seq)
+
+
+def time_decode(batch, ctx_len, **tiles) -> tuple[float, float]:
+    """(ms, K/V bytes read per second)."""
+    k_cache, v_cache, tables = paged_kv(batch, ctx_len)
+    q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    lens = torch.full((batch,), ctx_len, device="cuda", dtype=torch.int32)
+    ms = bench(lambda: decode_attention_triton(q, k_cache, v_cache, lens, tables, 0.1, **tiles))
+    kv_bytes = 2 * batch * ctx_len * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()
+    return ms, kv_bytes / ms * 1e3
+
+
+def time_prefill(num_seqs=8, seq_len=2048, **tiles) -> tuple[float, float, float]:
+    """(our ms, SDPA flash ms, max |difference|) on the same causal prompts."""
+    k_cache, v_cache, tables = paged_kv(num_seqs, seq_len)
+    q = torch.randn(num_seqs * seq_len, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    cu_seqlens = torch.arange(0, num_seqs + 1, device="cuda", dtype=torch.int32) * seq_len
+    lens = torch.full((num_seqs,), seq_len, device="cuda", dtype=torch.int32)
+    scale = HEAD_DIM**-0.5
+
+    def ours():
+        return prefill_attention_triton(
+            q, k_cache, v_cache, cu_seqlens, lens, tables, seq_len, scale, **tiles
+        )
+
+    def as_bhsd(cache):  # [seqs, heads, seq_len, dim], contiguous, as SDPA wants it
+        return cache[tables.long()].transpose(1, 2).flatten(2, 3)[:, :, :seq_len].contiguous()
+
+    q4 = q.view(num_seqs, seq_len, NUM_Q_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+    k4, v4 = as_bhsd(k_cache), as_bhsd(v_cache)
+
+    def flash():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return scaled_dot_product_attention(q4, k4, v4, is_causal=True, enable_gqa=True)
+
+    diff = (ours().view_as(q) - flash().transpose(1, 2).reshape_as(q)).abs().max().item()
+    return bench(ours), bench(flash), diff
+
+
+def prefill_tflops(ms, num_seqs=8, seq_len=2048) -> float:
+    return 2 * num_seqs * NUM_Q_HEADS * seq_len**2 * HEAD_DIM / ms / 1e9  # causal: half of 4*S^2*D
+
+
+def sweep() -> tuple[dict, dict]:
+    """The fastest tiles for decode at batch 64 and for prefill; a tile that fails is reported."""
+    best_decode, best_prefill = (float("inf"), {}), (float("inf"), {})
+    for block_n, num_warps, num_stages in DECODE_TILES:
+        tiles = {"block_n": block_n, "num_warps": num_warps, "num_stages": num_stages}
+        for num_splits in (None, 1, 2, 4):
+            try:
+                ms, rate = time_decode(64, 4096, num_splits=num_splits, **tiles)
+            except Exception as error:  # noqa: BLE001 - one bad tile must not end the sweep
+                print(f"decode {tiles}: {error!r:.200}")
+                break
+            print(f"decode {tiles} splits={num_splits}: {ms:.3f} ms, {rate / 1e12:.2f} TB/s")
+            best_decode = min(best_decode, (ms, tiles), key=lambda pair: pair[0])
+    for batch, ctx_len in ((1, 4096), (256, 1024), (64, 4096), (16, 4096)):
+        for num_splits in (None, 1, 2, 4, 8, 16, 32):
+            ms, rate = time_decode(batch, ctx_len, num_splits=num_splits, **best_decode[1])
+            print(f"decode B={batch} ctx={ctx_len} splits={num_splits}: {rate / 1e12:.2f} TB/s")
+    for block_m, block_n, num_warps, num_stages in PREFILL_TILES:
+        tiles = {"block_m": block_m, "block_n": block_n, "num_warps": num_warps}
+        tiles["num_stages"] = num_stages
+        try:
+            ms, flash_ms, _ = time_prefill(**tiles)
+        except Exception as error:  # noqa: BLE001
+            print(f"prefill {tiles}: {error!r:.200}")
+            continue
+        print(f"prefill {tiles}: {ms:.3f} ms ({flash_ms / ms:.2f}x SDPA flash)")
+        best_prefill = min(best_prefill, (ms, tiles), key=lambda pair: pair[0])
+    return best_decode[1], best_prefill[1]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true", help="try other tiles first")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    decode_tiles, prefill_tiles = sweep() if args.sweep else ({}, {})
+    print(
+        f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
+    )
+    print(
+        f"bf16, {NUM_Q_HEADS} q / {NUM_KV_HEADS} kv heads, head_dim {HEAD_DIM}, block {BLOCK_SIZE}"
+    )
+    print(f"tiles: decode {decode_tiles or 'defaults'}, prefill {prefill_tiles or 'defaults'}")
+    copy = copy_bandwidth()
+    print("| what | time | figure |\n| --- | --- | --- |")
+    print(f"| device-to-device copy, 1 GiB | | {copy / 1e12:.2f} TB/s (read + write) |")
+    for batch, ctx_len in ((64, 4096), (1, 4096), (256, 1024)):
+        ms, rate = time_decode(batch, ctx_len, **decode_tiles)
+        figure = f"{rate / 1e12:.2f} TB/s of K/V = {rate / copy:.0%} of copy"
+        print(f"| decode, batch {batch}, context {ctx_len} | {ms:.3f} ms | {figure} |")
+    ms, flash_ms, diff = time_prefill(**prefill_tiles)
+    print(f"| prefill, 8 x 2048 causal | {ms:.3f} ms | {prefill_tflops(ms):.0f} TFLOP/s |")
+    print(f"| SDPA flash, same data | {flash_ms:.3f} ms | {prefill_tflops(flash_ms):.0f} TFLOP/s |")
+    print(f"| prefill speed / SDPA flash | | {flash_ms / ms:.2f} (max abs diff {diff:.2g}) |")
+
+
+if __name__ == "__main__":
+    main()
