@@ -6,6 +6,7 @@ plain PyTorch. Weights load from the checkpoint's safetensors through a `weight_
 to each parameter, which also packs q/k/v into one matrix and gate/up into another.
 """
 
+import functools
 import glob
 import math
 import os
@@ -20,6 +21,44 @@ from nanozipage.context import get_context
 from nanozipage.kernels import decode_attention, prefill_attention, store_kv
 
 
+def fused_on_gpu(fn):
+    """On the GPU, torch.compile fuses a chain of elementwise ops into one kernel (unfused, a
+    decode step launches about 60 tiny kernels per layer); the CPU runs the chain as written."""
+    compiled = torch.compile(fn, dynamic=True)
+
+    @functools.wraps(fn)
+    def dispatch(x: torch.Tensor, *args):
+        return compiled(x, *args) if x.is_cuda else fn(x, *args)
+
+    return dispatch
+
+
+@fused_on_gpu
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype, x = x.dtype, x.float()
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+
+
+@fused_on_gpu
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    x = x + residual
+    return rms_norm.__wrapped__(x, weight, eps), x
+
+
+@fused_on_gpu
+def rotate(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the rotate-half layout of HF Llama/Qwen; cos_sin [tokens, head_dim] float32."""
+    cos, sin = cos_sin.unsqueeze(1).to(x.dtype).chunk(2, dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+@fused_on_gpu
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -28,12 +67,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Normalise x, or (x + residual) returning the sum as the new residual."""
-        if residual is not None:
-            x = residual = x + residual
-        dtype, x = x.dtype, x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        x = self.weight * x.to(dtype)
-        return x if residual is None else (x, residual)
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(hf: dict, head_dim: int) -> torch.Tensor:
@@ -59,13 +95,8 @@ class Rotary(nn.Module):
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
 
     def forward(self, positions: torch.Tensor, *xs: torch.Tensor):
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        return [self._rotate(x, cos.to(x.dtype), sin.to(x.dtype)) for x in xs]
-
-    @staticmethod
-    def _rotate(x, cos, sin):  # rotate-half layout, as in HF Llama/Qwen
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        cos_sin = self.cos_sin[positions]
+        return [rotate(x, cos_sin) for x in xs]
 
 
 def packed_linear(in_features: int, shards: list[int], bias: bool) -> nn.Linear:
@@ -125,8 +156,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hf["hidden_size"], bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -164,11 +164,12 @@ class ModelRunner:
         for seq in seqs:
             if seq.sampling_params.seed is not None and seq.generator is None:
                 seq.generator = torch.Generator(self.device).manual_seed(seq.sampling_params.seed)
+        filtered = any(p.top_k > 0 or p.top_p < 1 for p in params)
         tokens, logprobs = sample(
             logits,
             temperatures=self._tensor([p.temperature for p in params], torch.float32),
-            top_ks=self._tensor([p.top_k for p in params]),
-            top_ps=self._tensor([p.top_p for p in params], torch.float32),
+            top_ks=self._tensor([p.top_k for p in params]) if filtered else None,
+            top_ps=self._tensor([p.top_p for p in params], torch.float32) if filtered else None,
             generators=[seq.generator for seq in seqs],
             greedy=all(p.temperature == 0 for p in params),
             want_logprobs=any(p.logprobs for p in params))

@@ -10,15 +10,18 @@ temperature, top-k and top-p), which is what evaluation and fidelity checks comp
 import torch
 
 
-def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor,
-           top_ps: torch.Tensor, generators: list[torch.Generator | None], greedy: bool,
+def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor | None,
+           top_ps: torch.Tensor | None, generators: list[torch.Generator | None], greedy: bool,
            want_logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logits [B, V]; temperatures, top_ps float [B]; top_ks int [B] (0: off). -> tokens, logprobs."""
+    """logits [B, V]; temperatures, top_ps float [B]; top_ks int [B] (0: off). -> tokens, logprobs.
+
+    top_ks / top_ps are None when no row uses them; the caller knows that on the host, so the
+    common case costs no sort and no device sync."""
     logits = logits.float()
     tokens = logits.argmax(-1)
     if not greedy:
         scaled = logits / temperatures.clamp(min=1e-5).unsqueeze(1)
-        if (top_ks > 0).any() or (top_ps < 1).any():
+        if top_ks is not None:
             scaled = _top_k_top_p(scaled, top_ks, top_ps)
         probs = scaled.softmax(-1)
         noise = torch.empty_like(probs).exponential_()
