@@ -88,16 +88,13 @@ def _merge_splits_kernel(
     tl.store(o + row * HEAD_DIM + dims, out.to(o.dtype.element_ty))
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
+@functools.cache  # called every decode step: look the device up once per batch shape
 def default_num_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
     """Enough splits for about two programs per SM at any context length (4 off the GPU)."""
     if device.type != "cuda":
         return 4
-    return max(1, min(triton.cdiv(2 * _num_sms(device.index or 0), batch * num_kv_heads), 64))
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * num_sms, batch * num_kv_heads), 64))
 
 
 def decode_attention_triton(
@@ -125,7 +122,8 @@ def decode_attention_triton(
         q, k_cache, v_cache, o_part, lse_part, context_lens, block_tables,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
         scale * 1.4426950408889634, block_size, num_splits,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_N=block_n,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     _merge_splits_kernel[(batch * num_q_heads,)](

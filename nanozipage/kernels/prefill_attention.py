@@ -84,7 +84,7 @@ def _prefill_kernel(
 
 def prefill_attention_triton(
     q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, scale,
-    *, block_m=128, block_n=64, num_warps=8, num_stages=3,
+    *, block_m=128, block_n=None, num_warps=8, num_stages=2,
 ):  # fmt: skip
     num_tokens, num_q_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
@@ -99,6 +99,9 @@ def prefill_attention_triton(
     o = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return o
+    # 128 x 128 tiles were the fastest on an H100 (bf16, head_dim 128: benchmarks/kernels.py);
+    # float32 tiles need twice the shared memory, so they take fewer keys at a time.
+    block_n = block_n or (128 if q.element_size() <= 2 else 32)
     grid = (triton.cdiv(max_seqlen_q, block_m), num_q_heads, num_seqs)
     _prefill_kernel[grid](
         q, k_cache, v_cache, o, cu_seqlens_q, context_lens, block_tables,
