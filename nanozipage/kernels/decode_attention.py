@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanozipage.kernels.prefill_attention import paged_kv
+from nanozipage.kernels.prefill_attention import dot_precision, paged_kv
 
 
 @triton.jit
@@ -24,6 +24,7 @@ def _decode_split_kernel(
     q, k_cache, v_cache, o_part, lse_part, context_lens, block_tables,
     stride_qb, stride_qh, stride_cb, stride_ch, stride_bt, qk_scale, block_size, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx_len = tl.load(context_lens + seq)
@@ -50,13 +51,13 @@ def _decode_split_kernel(
         rows = block * stride_cb + kv_head * stride_ch + (k_pos % block_size) * HEAD_DIM
         offsets = rows[:, None] + dims[None, :]
         k = tl.load(k_cache + offsets, mask=in_split[:, None], other=0.0)
-        s = tl.dot(q_tile, tl.trans(k)) * qk_scale  # log2 units, see qk_scale in the wrapper
+        s = tl.dot(q_tile, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units, see qk_scale in the wrapper
         s = tl.where(in_split[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         v = tl.load(v_cache + offsets, mask=in_split[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
@@ -122,7 +123,7 @@ def decode_attention_triton(
         q, k_cache, v_cache, o_part, lse_part, context_lens, block_tables,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
         scale * 1.4426950408889634, block_size, num_splits,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_N=block_n,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip

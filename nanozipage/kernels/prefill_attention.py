@@ -18,7 +18,7 @@ import triton.language as tl
 def _attend_tile(
     acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, kv_head_offset, start,
     ctx_len, block_size, stride_cb, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     k_pos = start + tl.arange(0, BLOCK_N)
     in_ctx = k_pos < ctx_len
@@ -27,14 +27,14 @@ def _attend_tile(
     offsets = rows[:, None] + tl.arange(0, HEAD_DIM)[None, :]
     k = tl.load(k_cache + offsets, mask=in_ctx[:, None], other=0.0)
     # Scores in log2 units: qk_scale folds in log2(e), so exp2 below is the softmax's exp.
-    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if CAUSAL:
         s = tl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     v = tl.load(v_cache + offsets, mask=in_ctx[:, None], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i * alpha + tl.sum(p, 1)
 
 
@@ -44,6 +44,7 @@ def _prefill_kernel(
     stride_qn, stride_qh, stride_on, stride_oh, stride_cb, stride_ch, stride_bt,
     qk_scale, block_size,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     # Later query tiles see more keys: launch them first so the grid does not end on a long tail.
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -70,12 +71,12 @@ def _prefill_kernel(
     for start in range(0, unmasked_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q_tile, q_pos, k_cache, v_cache, block_table, kv_head_offset, start,
-            ctx_len, block_size, stride_cb, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL=False,
+            ctx_len, block_size, stride_cb, qk_scale, HEAD_DIM, BLOCK_N, False, PRECISION,
         )  # fmt: skip
     for start in range(unmasked_end, tl.minimum(first_pos + BLOCK_M, ctx_len), BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q_tile, q_pos, k_cache, v_cache, block_table, kv_head_offset, start,
-            ctx_len, block_size, stride_cb, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL=True,
+            ctx_len, block_size, stride_cb, qk_scale, HEAD_DIM, BLOCK_N, True, PRECISION,
         )  # fmt: skip
     out = acc / l_i[:, None]
     o_ptrs = o + (q_start + rows)[:, None] * stride_on + head * stride_oh + dims[None, :]
@@ -109,9 +110,15 @@ def prefill_attention_triton(
         k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
         scale * 1.4426950408889634, block_size,
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return o
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """A float32 model gets float32 attention; tl.dot would otherwise round inputs to tf32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def paged_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
