@@ -1,8 +1,9 @@
 """Next-token choice for a batch, each row with its own sampling settings.
 
 Greedy rows take the argmax. Sampled rows divide the logits by their temperature, drop tokens
-outside top-k / top-p, and draw with the exponential-race trick (argmax of p / E, E ~ Exp(1)),
-which equals drawing from p and lets seeded rows use their own generator for E. The returned
+outside top-k / top-p, and draw with the exponential-race trick: argmax of p / E with
+E ~ Exp(1), i.e. argmax of (logits / T - log E), which equals drawing from p, needs no softmax,
+and lets seeded rows use their own generator for E. The returned
 log-probability is that of the chosen token under the model's own distribution (before
 temperature, top-k and top-p), which is what evaluation and fidelity checks compare.
 """
@@ -23,12 +24,11 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tenso
         scaled = logits / temperatures.clamp(min=1e-5).unsqueeze(1)
         if top_ks is not None:
             scaled = _top_k_top_p(scaled, top_ks, top_ps)
-        probs = scaled.softmax(-1)
-        noise = torch.empty_like(probs).exponential_()
+        noise = torch.empty_like(scaled).exponential_()
         for i, gen in enumerate(generators):
             if gen is not None:
                 noise[i].exponential_(generator=gen)
-        sampled = (probs / noise).argmax(-1)
+        sampled = (scaled - noise.log()).argmax(-1)
         tokens = torch.where(temperatures == 0, tokens, sampled)
     logprobs = None
     if want_logprobs:
