@@ -22,12 +22,23 @@ from safetensors.torch import save_file
 from nanozipage import LLM, SamplingParams
 
 QWEN3_0_6B = {
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
-    "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
-    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
-    "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-    "tie_word_embeddings": True, "attention_bias": False, "torch_dtype": "bfloat16",
-    "eos_token_id": 151645}
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "vocab_size": 151936,
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "torch_dtype": "bfloat16",
+    "eos_token_id": 151645,
+}
 
 
 def random_qwen3(hf: dict, name: str) -> str:
@@ -39,16 +50,31 @@ def random_qwen3(hf: dict, name: str) -> str:
     q, kv = hf["num_attention_heads"] * d, hf["num_key_value_heads"] * d
     shapes = {"model.embed_tokens.weight": (hf["vocab_size"], h), "model.norm.weight": (h,)}
     for i in range(hf["num_hidden_layers"]):
-        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in {
-            "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-            "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
-            "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
-            "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h),
-            "mlp.down_proj.weight": (h, inter), "input_layernorm.weight": (h,),
-            "post_attention_layernorm.weight": (h,)}.items()})
+        shapes.update(
+            {
+                f"model.layers.{i}.{name}": shape
+                for name, shape in {
+                    "self_attn.q_proj.weight": (q, h),
+                    "self_attn.k_proj.weight": (kv, h),
+                    "self_attn.v_proj.weight": (kv, h),
+                    "self_attn.o_proj.weight": (h, q),
+                    "self_attn.q_norm.weight": (d,),
+                    "self_attn.k_norm.weight": (d,),
+                    "mlp.gate_proj.weight": (inter, h),
+                    "mlp.up_proj.weight": (inter, h),
+                    "mlp.down_proj.weight": (h, inter),
+                    "input_layernorm.weight": (h,),
+                    "post_attention_layernorm.weight": (h,),
+                }.items()
+            }
+        )
     gen = torch.Generator().manual_seed(0)
-    weights = {name: (torch.randn(shape, generator=gen) * 0.02 if len(shape) == 2
-                      else torch.ones(shape)).bfloat16() for name, shape in shapes.items()}
+    weights = {
+        name: (
+            torch.randn(shape, generator=gen) * 0.02 if len(shape) == 2 else torch.ones(shape)
+        ).bfloat16()
+        for name, shape in shapes.items()
+    }
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=1)
@@ -58,26 +84,36 @@ def random_qwen3(hf: dict, name: str) -> str:
 
 def workload(num_seqs: int, min_len: int, max_len: int, seed: int, vocab: int):
     rng = random.Random(seed)
-    prompts = [[rng.randrange(min(vocab, 10000)) for _ in range(rng.randint(min_len, max_len))]
-               for _ in range(num_seqs)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True,
-                             max_tokens=rng.randint(min_len, max_len)) for _ in range(num_seqs)]
+    prompts = [
+        [rng.randrange(min(vocab, 10000)) for _ in range(rng.randint(min_len, max_len))]
+        for _ in range(num_seqs)
+    ]
+    params = [
+        SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(min_len, max_len))
+        for _ in range(num_seqs)
+    ]
     return prompts, params
 
 
 def throughput(model: str, args) -> dict:
     llm = LLM(model, enforce_eager=args.enforce_eager)
-    prompts, params = workload(args.num_seqs, args.min_len, args.max_len, args.seed,
-                               llm.config.hf_config["vocab_size"])
+    prompts, params = workload(
+        args.num_seqs, args.min_len, args.max_len, args.seed, llm.config.hf_config["vocab_size"]
+    )
     llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm-up: compile kernels
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     output_tokens = sum(p.max_tokens for p in params)
-    return {"requests": len(prompts), "output_tokens": output_tokens, "seconds": elapsed,
-            "tok_per_s": output_tokens / elapsed, "kv_blocks": llm.model_runner.num_blocks,
-            "preemptions": llm.scheduler.num_preemptions}
+    return {
+        "requests": len(prompts),
+        "output_tokens": output_tokens,
+        "seconds": elapsed,
+        "tok_per_s": output_tokens / elapsed,
+        "kv_blocks": llm.model_runner.num_blocks,
+        "preemptions": llm.scheduler.num_preemptions,
+    }
 
 
 def decode_step(model: str, args) -> dict:
@@ -86,11 +122,13 @@ def decode_step(model: str, args) -> dict:
         for batch in (1, 256):
             blocks = batch * -(-(prompt_len + 2 * steps) // 256)
             llm = LLM(model, enforce_eager=eager, max_num_seqs=256, num_kvcache_blocks=blocks)
-            prompts, _ = workload(batch, prompt_len, prompt_len, args.seed,
-                                  llm.config.hf_config["vocab_size"])
+            prompts, _ = workload(
+                batch, prompt_len, prompt_len, args.seed, llm.config.hf_config["vocab_size"]
+            )
             for p in prompts:
-                llm.add_request(p, SamplingParams(temperature=0.6, max_tokens=2 * steps,
-                                                  ignore_eos=True))
+                llm.add_request(
+                    p, SamplingParams(temperature=0.6, max_tokens=2 * steps, ignore_eos=True)
+                )
             while llm.scheduler.waiting or any(s.in_prefill for s in llm.scheduler.running):
                 llm.step()
             times = []
@@ -117,9 +155,14 @@ def main():
     parser.add_argument("--enforce-eager", action="store_true")
     args = parser.parse_args()
     model = args.model or random_qwen3(QWEN3_0_6B, "qwen3-0.6b-random")
-    result = {"task": args.task, "model": args.model or "Qwen3-0.6B (random weights)",
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-    result.update(throughput(model, args) if args.task == "throughput" else decode_step(model, args))
+    result = {
+        "task": args.task,
+        "model": args.model or "Qwen3-0.6B (random weights)",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    result.update(
+        throughput(model, args) if args.task == "throughput" else decode_step(model, args)
+    )
     for key, value in result.items():
         print(f"{key:>16} | {value:.2f}" if isinstance(value, float) else f"{key:>16} | {value}")
     print(json.dumps(result))

@@ -83,7 +83,9 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_block_ids.remove(block_id)
             block.ref_count += 1
-        seq.block_table = hits + [self._take_free_block() for _ in range(seq.num_blocks - len(hits))]
+        seq.block_table = hits + [
+            self._take_free_block() for _ in range(seq.num_blocks - len(hits))
+        ]
         seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
         seq.num_hashed_blocks = len(hits)
 

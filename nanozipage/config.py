@@ -34,16 +34,19 @@ class Config:
             self.hf_config = json.load(f)
         archs = self.hf_config.get("architectures") or ["?"]
         if archs[0] not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"model: architecture {archs[0]} is not supported; "
-                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            raise ValueError(
+                f"model: architecture {archs[0]} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
         _check_int("block_size", self.block_size, 1)
         _check_int("max_num_seqs", self.max_num_seqs, 1)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         if self.num_kvcache_blocks is not None:
             _check_int("num_kvcache_blocks", self.num_kvcache_blocks, 1)
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError("gpu_memory_utilization must be in (0, 1], "
-                             f"got {self.gpu_memory_utilization}")
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
         model_len = self.hf_config.get("max_position_embeddings", 1 << 20)
         if self.max_model_len is None:
             self.max_model_len = model_len

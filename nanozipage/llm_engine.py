@@ -41,11 +41,14 @@ class LLMEngine:
     def __init__(self, model: str, **config):
         unknown = set(config) - USER_CONFIG_KEYS
         if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}; allowed: "
-                             f"{sorted(USER_CONFIG_KEYS)}")
+            raise ValueError(
+                f"unknown config keys {sorted(unknown)}; allowed: {sorted(USER_CONFIG_KEYS)}"
+            )
         self.config = Config(model, **config)
-        has_tokenizer = any(os.path.isfile(os.path.join(model, name))
-                            for name in ("tokenizer.json", "tokenizer_config.json"))
+        has_tokenizer = any(
+            os.path.isfile(os.path.join(model, name))
+            for name in ("tokenizer.json", "tokenizer_config.json")
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(model) if has_tokenizer else None
         self.config.eos = _eos_token_id(model, self.config.hf_config, self.tokenizer)
         Sequence.block_size = self.config.block_size
@@ -56,8 +59,10 @@ class LLMEngine:
         """Check one request against the engine's limits; nothing is queued here."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("prompt: text prompts need a tokenizer in the model directory; "
-                                 "pass token ids instead")
+                raise ValueError(
+                    "prompt: text prompts need a tokenizer in the model directory; "
+                    "pass token ids instead"
+                )
             prompt = self.tokenizer.encode(prompt)
         if len(prompt) == 0:
             raise ValueError("prompt: must hold at least one token, got an empty prompt")
@@ -67,13 +72,17 @@ class LLMEngine:
             raise ValueError(f"prompt: token ids must be integers in [0, {vocab}), got {bad[:5]}")
         max_len = self.config.max_model_len
         if len(prompt) + params.max_tokens > max_len:
-            raise ValueError(f"prompt: {len(prompt)} tokens plus max_tokens={params.max_tokens} "
-                             f"exceed max_model_len={max_len}")
+            raise ValueError(
+                f"prompt: {len(prompt)} tokens plus max_tokens={params.max_tokens} "
+                f"exceed max_model_len={max_len}"
+            )
         num_blocks = -(-(len(prompt) + params.max_tokens) // self.config.block_size)
         if num_blocks > self.model_runner.num_blocks:
-            raise ValueError(f"prompt: {len(prompt)} tokens plus max_tokens={params.max_tokens} "
-                             f"need {num_blocks} KV blocks, the pool has "
-                             f"{self.model_runner.num_blocks}")
+            raise ValueError(
+                f"prompt: {len(prompt)} tokens plus max_tokens={params.max_tokens} "
+                f"need {num_blocks} KV blocks, the pool has "
+                f"{self.model_runner.num_blocks}"
+            )
         return Sequence(prompt, params)
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> int:
@@ -92,10 +101,14 @@ class LLMEngine:
 
     def _output(self, seq: Sequence) -> dict:
         token_ids = seq.completion_token_ids
-        output = {"seq_id": seq.seq_id, "token_ids": token_ids,
-                  "num_cached_tokens": seq.num_cached_tokens,
-                  "text": self.tokenizer.decode(token_ids, skip_special_tokens=True)
-                  if self.tokenizer else None}
+        output = {
+            "seq_id": seq.seq_id,
+            "token_ids": token_ids,
+            "num_cached_tokens": seq.num_cached_tokens,
+            "text": self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            if self.tokenizer
+            else None,
+        }
         if seq.sampling_params.logprobs:
             output["logprobs"] = seq.logprobs
         return output
@@ -103,14 +116,19 @@ class LLMEngine:
     def is_finished(self) -> bool:
         return self.scheduler.is_finished()
 
-    def generate(self, prompts: list[str] | list[list[int]],
-                 sampling_params: SamplingParams | list[SamplingParams],
-                 use_tqdm: bool = True) -> list[dict]:
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        sampling_params: SamplingParams | list[SamplingParams],
+        use_tqdm: bool = True,
+    ) -> list[dict]:
         if not isinstance(sampling_params, list):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
-            raise ValueError(f"sampling_params: got {len(sampling_params)} for "
-                             f"{len(prompts)} prompts; pass one, or one per prompt")
+            raise ValueError(
+                f"sampling_params: got {len(sampling_params)} for "
+                f"{len(prompts)} prompts; pass one, or one per prompt"
+            )
         seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, sampling_params)]
         for seq in seqs:
             self.scheduler.add(seq)
@@ -123,8 +141,12 @@ class LLMEngine:
             outputs, num_tokens = self.step()
             rate = abs(num_tokens) / (time.perf_counter() - start)
             prefill_tps, decode_tps = (rate, decode_tps) if num_tokens > 0 else (prefill_tps, rate)
-            bar.set_postfix(running=len(self.scheduler.running), prefill=f"{prefill_tps:.0f}tok/s",
-                            decode=f"{decode_tps:.0f}tok/s", refresh=False)
+            bar.set_postfix(
+                running=len(self.scheduler.running),
+                prefill=f"{prefill_tps:.0f}tok/s",
+                decode=f"{decode_tps:.0f}tok/s",
+                refresh=False,
+            )
             for output in outputs:
                 if output["seq_id"] in order:
                     results[order[output.pop("seq_id")]] = output

@@ -104,8 +104,10 @@ def packed_linear(in_features: int, shards: list[int], bias: bool) -> nn.Linear:
     linear = nn.Linear(in_features, sum(shards), bias=bias)
     offsets = [sum(shards[:i]) for i in range(len(shards))]
     for param in linear.parameters():
+
         def loader(param, weight, shard, param_offsets=offsets, sizes=shards):
-            param.data[param_offsets[shard]: param_offsets[shard] + sizes[shard]].copy_(weight)
+            param.data[param_offsets[shard] : param_offsets[shard] + sizes[shard]].copy_(weight)
+
         param.weight_loader = loader
     return linear
 
@@ -116,11 +118,16 @@ class Attention(nn.Module):
         hidden, self.num_heads = hf["hidden_size"], hf["num_attention_heads"]
         self.num_kv_heads = hf.get("num_key_value_heads", self.num_heads)
         self.head_dim = hf.get("head_dim") or hidden // self.num_heads
-        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_size, self.kv_size = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        )
         qwen2 = hf["architectures"][0] == "Qwen2ForCausalLM"
         bias = qwen2 or hf.get("attention_bias", False)
         self.qkv_proj = packed_linear(hidden, [self.q_size, self.kv_size, self.kv_size], bias)
-        self.o_proj = nn.Linear(self.q_size, hidden, bias=hf.get("attention_bias", False) and not qwen2)
+        self.o_proj = nn.Linear(
+            self.q_size, hidden, bias=hf.get("attention_bias", False) and not qwen2
+        )
         self.qk_norm = hf["architectures"][0] == "Qwen3ForCausalLM"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, hf["rms_norm_eps"])
@@ -140,11 +147,20 @@ class Attention(nn.Module):
         ctx = get_context()
         store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         if ctx.is_prefill:
-            o = prefill_attention(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.context_lens,
-                                  ctx.block_tables, ctx.max_seqlen_q, self.scale)
+            o = prefill_attention(
+                q,
+                self.k_cache,
+                self.v_cache,
+                ctx.cu_seqlens_q,
+                ctx.context_lens,
+                ctx.block_tables,
+                ctx.max_seqlen_q,
+                self.scale,
+            )
         else:
-            o = decode_attention(q, self.k_cache, self.v_cache, ctx.context_lens,
-                                 ctx.block_tables, self.scale)
+            o = decode_attention(
+                q, self.k_cache, self.v_cache, ctx.context_lens, ctx.block_tables, self.scale
+            )
         return self.o_proj(o.flatten(1))
 
 
@@ -168,8 +184,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hf["hidden_size"], hf["rms_norm_eps"])
 
     def forward(self, positions, x, residual):
-        x, residual = self.input_layernorm(x, residual) if residual is not None else (
-            self.input_layernorm(x), x)
+        x, residual = (
+            self.input_layernorm(x, residual)
+            if residual is not None
+            else (self.input_layernorm(x), x)
+        )
         x = self.self_attn(positions, x)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
@@ -181,7 +200,9 @@ class Decoder(nn.Module):
         head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
         rotary = Rotary(hf, head_dim, hf.get("max_position_embeddings", 32768))
         self.embed_tokens = nn.Embedding(hf["vocab_size"], hf["hidden_size"])
-        self.layers = nn.ModuleList(DecoderLayer(hf, rotary) for _ in range(hf["num_hidden_layers"]))
+        self.layers = nn.ModuleList(
+            DecoderLayer(hf, rotary) for _ in range(hf["num_hidden_layers"])
+        )
         self.norm = RMSNorm(hf["hidden_size"], hf["rms_norm_eps"])
 
     def forward(self, input_ids, positions):
@@ -192,8 +213,13 @@ class Decoder(nn.Module):
 
 
 class CausalLM(nn.Module):
-    packed: ClassVar = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    packed: ClassVar = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
 
     def __init__(self, hf: dict):
         super().__init__()

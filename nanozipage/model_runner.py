@@ -25,10 +25,13 @@ class ModelRunner:
         self.config = config
         self.block_size = config.block_size
         hf = config.hf_config
-        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(
+            config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
         self.use_cuda = self.device.type == "cuda"
-        dtype_name = config.dtype or (hf.get("dtype") or hf.get("torch_dtype") or "bfloat16"
-                                      if self.use_cuda else "float32")
+        dtype_name = config.dtype or (
+            hf.get("dtype") or hf.get("torch_dtype") or "bfloat16" if self.use_cuda else "float32"
+        )
         self.dtype = getattr(torch, dtype_name)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
@@ -49,7 +52,8 @@ class ModelRunner:
 
     def _tensor(self, data, dtype=torch.int32) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, pin_memory=self.use_cuda).to(
-            self.device, non_blocking=True)
+            self.device, non_blocking=True
+        )
 
     def _set_kv_cache(self, kv_cache: torch.Tensor):
         for i, layer in enumerate(self.model.model.layers):
@@ -57,8 +61,16 @@ class ModelRunner:
 
     def _empty_kv_cache(self, num_blocks: int) -> torch.Tensor:
         num_layers = len(self.model.model.layers)
-        return torch.empty(2, num_layers, num_blocks, self.num_kv_heads, self.block_size,
-                           self.head_dim, dtype=self.dtype, device=self.device)
+        return torch.empty(
+            2,
+            num_layers,
+            num_blocks,
+            self.num_kv_heads,
+            self.block_size,
+            self.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
 
     @torch.inference_mode()
     def warmup(self):
@@ -83,29 +95,44 @@ class ModelRunner:
             stats = torch.cuda.memory_stats()
             # Memory the engine may still take: its share of the card, minus what is in use, minus
             # the activations of the largest step (peak seen in warmup, beyond what is resident).
-            spare = total * config.gpu_memory_utilization - (total - free) \
-                - stats["allocated_bytes.all.peak"] + stats["allocated_bytes.all.current"]
+            spare = (
+                total * config.gpu_memory_utilization
+                - (total - free)
+                - stats["allocated_bytes.all.peak"]
+                + stats["allocated_bytes.all.current"]
+            )
             num_blocks = int(spare // block_bytes)
         else:
             num_blocks = CPU_KV_CACHE_BYTES // block_bytes
         if config.num_kvcache_blocks is not None:
             num_blocks = min(num_blocks, config.num_kvcache_blocks)
         if num_blocks < 1:
-            raise ValueError("gpu_memory_utilization leaves no memory for the KV cache; raise it "
-                             "or lower max_num_batched_tokens")
+            raise ValueError(
+                "gpu_memory_utilization leaves no memory for the KV cache; raise it "
+                "or lower max_num_batched_tokens"
+            )
         self.num_blocks = num_blocks
         self.kv_cache = self._empty_kv_cache(num_blocks)
         self._set_kv_cache(self.kv_cache)
 
     def _block_tables(self, seqs: list[Sequence], width: int | None = None) -> torch.Tensor:
         width = width or max(len(seq.block_table) for seq in seqs)
-        return self._tensor([seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs])
+        return self._tensor(
+            [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
+        )
 
     def _slot(self, seq: Sequence, index: int) -> int:
         return seq.block_table[index // self.block_size] * self.block_size + index % self.block_size
 
     def prepare_prefill(self, seqs: list[Sequence]):
-        input_ids, positions, slots, cu_seqlens_q, context_lens, sample_rows = [], [], [], [0], [], []
+        input_ids, positions, slots, cu_seqlens_q, context_lens, sample_rows = (
+            [],
+            [],
+            [],
+            [0],
+            [],
+            [],
+        )
         for seq in seqs:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_new_tokens
             input_ids += seq[start:end]
@@ -115,18 +142,26 @@ class ModelRunner:
             context_lens.append(end)
             if end == len(seq):
                 sample_rows.append(cu_seqlens_q[-1] - 1)
-        set_context(is_prefill=True, slot_mapping=self._tensor(slots),
-                    context_lens=self._tensor(context_lens), block_tables=self._block_tables(seqs),
-                    cu_seqlens_q=self._tensor(cu_seqlens_q),
-                    max_seqlen_q=max(seq.num_new_tokens for seq in seqs))
+        set_context(
+            is_prefill=True,
+            slot_mapping=self._tensor(slots),
+            context_lens=self._tensor(context_lens),
+            block_tables=self._block_tables(seqs),
+            cu_seqlens_q=self._tensor(cu_seqlens_q),
+            max_seqlen_q=max(seq.num_new_tokens for seq in seqs),
+        )
         return self._tensor(input_ids, torch.long), self._tensor(positions, torch.long), sample_rows
 
     def prepare_decode(self, seqs: list[Sequence]):
-        set_context(slot_mapping=self._tensor([self._slot(seq, len(seq) - 1) for seq in seqs]),
-                    context_lens=self._tensor([len(seq) for seq in seqs]),
-                    block_tables=self._block_tables(seqs))
-        return (self._tensor([seq.last_token for seq in seqs], torch.long),
-                self._tensor([len(seq) - 1 for seq in seqs], torch.long))
+        set_context(
+            slot_mapping=self._tensor([self._slot(seq, len(seq) - 1) for seq in seqs]),
+            context_lens=self._tensor([len(seq) for seq in seqs]),
+            block_tables=self._block_tables(seqs),
+        )
+        return (
+            self._tensor([seq.last_token for seq in seqs], torch.long),
+            self._tensor([len(seq) - 1 for seq in seqs], torch.long),
+        )
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool):
@@ -172,29 +207,35 @@ class ModelRunner:
             top_ps=self._tensor([p.top_p for p in params], torch.float32) if filtered else None,
             generators=[seq.generator for seq in seqs],
             greedy=all(p.temperature == 0 for p in params),
-            want_logprobs=any(p.logprobs for p in params))
+            want_logprobs=any(p.logprobs for p in params),
+        )
         return tokens.tolist(), None if logprobs is None else logprobs.tolist()
 
     @torch.inference_mode()
     def capture_cudagraphs(self):
         """Capture the decode forward pass for a ladder of batch sizes over static buffers."""
         max_bs = self.config.max_num_seqs
-        self.graph_sizes = sorted({b for b in [1, 2, 4, 8, *range(16, max_bs, 16)] if b < max_bs}
-                                  | {max_bs})
+        self.graph_sizes = sorted(
+            {b for b in [1, 2, 4, 8, *range(16, max_bs, 16)] if b < max_bs} | {max_bs}
+        )
         hidden_size = self.config.hf_config["hidden_size"]
         buf = self.graph_buffers = {
             "input_ids": torch.zeros(max_bs, dtype=torch.long, device=self.device),
             "positions": torch.zeros(max_bs, dtype=torch.long, device=self.device),
             "slot_mapping": torch.full((max_bs,), -1, dtype=torch.int32, device=self.device),
             "context_lens": torch.zeros(max_bs, dtype=torch.int32, device=self.device),
-            "block_tables": torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32,
-                                        device=self.device),
+            "block_tables": torch.zeros(
+                max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device
+            ),
             "hidden": torch.zeros(max_bs, hidden_size, dtype=self.dtype, device=self.device),
         }
         pool = None
         for bs in reversed(self.graph_sizes):
-            set_context(slot_mapping=buf["slot_mapping"][:bs], context_lens=buf["context_lens"][:bs],
-                        block_tables=buf["block_tables"][:bs])
+            set_context(
+                slot_mapping=buf["slot_mapping"][:bs],
+                context_lens=buf["context_lens"][:bs],
+                block_tables=buf["block_tables"][:bs],
+            )
             buf["hidden"][:bs] = self.model(buf["input_ids"][:bs], buf["positions"][:bs])  # warm up
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):

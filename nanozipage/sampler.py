@@ -11,9 +11,15 @@ temperature, top-k and top-p), which is what evaluation and fidelity checks comp
 import torch
 
 
-def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor | None,
-           top_ps: torch.Tensor | None, generators: list[torch.Generator | None], greedy: bool,
-           want_logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sample(
+    logits: torch.Tensor,
+    temperatures: torch.Tensor,
+    top_ks: torch.Tensor | None,
+    top_ps: torch.Tensor | None,
+    generators: list[torch.Generator | None],
+    greedy: bool,
+    want_logprobs: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [B, V]; temperatures, top_ps float [B]; top_ks int [B] (0: off). -> tokens, logprobs.
 
     top_ks / top_ps are None when no row uses them; the caller knows that on the host, so the

@@ -105,8 +105,9 @@ class Scheduler:
             token_id, logprob = next(sampled)
             seq.append_token(token_id, logprob if seq.sampling_params.logprobs else None)
             params = seq.sampling_params
-            if (not params.ignore_eos and token_id == self.eos) or \
-                    seq.num_completion_tokens == params.max_tokens:
+            if (
+                not params.ignore_eos and token_id == self.eos
+            ) or seq.num_completion_tokens == params.max_tokens:
                 seq.status = SequenceStatus.FINISHED
                 self.block_manager.deallocate(seq)
                 self.running.remove(seq)

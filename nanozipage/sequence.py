@@ -49,7 +49,7 @@ class Sequence:
 
     @property
     def completion_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def in_prefill(self) -> bool:
@@ -65,7 +65,7 @@ class Sequence:
         return (len(self.token_ids) + self.block_size - 1) // self.block_size
 
     def block(self, i: int) -> list[int]:
-        return self.token_ids[i * self.block_size: (i + 1) * self.block_size]
+        return self.token_ids[i * self.block_size : (i + 1) * self.block_size]
 
     def append_token(self, token_id: int, logprob: float | None = None):
         self.token_ids.append(token_id)

@@ -3,14 +3,23 @@
 import torch
 import transformers
 
-TINY = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
-        "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+TINY = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
 ARCHS = {
     "qwen3": lambda: transformers.Qwen3Config(**TINY, head_dim=32, rope_theta=1e6),
     "qwen2": lambda: transformers.Qwen2Config(**TINY, rope_theta=1e6),
-    "llama": lambda: transformers.LlamaConfig(**{**TINY, "tie_word_embeddings": True},
-                                              rope_theta=1e5),
+    "llama": lambda: transformers.LlamaConfig(
+        **{**TINY, "tie_word_embeddings": True}, rope_theta=1e5
+    ),
 }
 
 
@@ -32,11 +41,13 @@ def check_against_hf(model_dir: str, prompts: list[list[int]], outputs: list[dic
     for prompt, out in zip(prompts, outputs):
         ids = torch.tensor([prompt + out["token_ids"]])
         with torch.no_grad():
-            logprobs = hf(ids).logits[0, len(prompt) - 1: -1].float().log_softmax(-1)
+            logprobs = hf(ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
         tokens = torch.tensor(out["token_ids"])
         top2 = logprobs.topk(2, dim=-1).values
         near_tie = (top2[:, 0] - top2[:, 1]) < 1e-4
         agree = (logprobs.argmax(-1) == tokens) | near_tie
-        assert agree.all(), f"greedy tokens differ from HF at {(~agree).nonzero().flatten().tolist()}"
+        assert agree.all(), (
+            f"greedy tokens differ from HF at {(~agree).nonzero().flatten().tolist()}"
+        )
         chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
         torch.testing.assert_close(torch.tensor(out["logprobs"]), chosen, atol=2e-4, rtol=0)

@@ -8,25 +8,40 @@ from nanozipage import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    return LLM(make_tiny_model("qwen3", tmp_path_factory.mktemp("qwen3")), block_size=16,
-               num_kvcache_blocks=40, max_model_len=256)
+    return LLM(
+        make_tiny_model("qwen3", tmp_path_factory.mktemp("qwen3")),
+        block_size=16,
+        num_kvcache_blocks=40,
+        max_model_len=256,
+    )
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-    ({"top_k": -1}, "top_k"), ({"max_tokens": 0}, "max_tokens"), ({"seed": "x"}, "seed")])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"seed": "x"}, "seed"),
+    ],
+)
 def test_bad_sampling_params_raise(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
 
 
-@pytest.mark.parametrize("prompt, params, message", [
-    ([], SamplingParams(), "empty prompt"),
-    ([1, 256], SamplingParams(), r"\[0, 256\)"),
-    ([-1], SamplingParams(), r"\[0, 256\)"),
-    ([1] * 250, SamplingParams(max_tokens=10), "max_model_len=256"),
-    ("text", SamplingParams(), "tokenizer"),
-])
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ([], SamplingParams(), "empty prompt"),
+        ([1, 256], SamplingParams(), r"\[0, 256\)"),
+        ([-1], SamplingParams(), r"\[0, 256\)"),
+        ([1] * 250, SamplingParams(max_tokens=10), "max_model_len=256"),
+        ("text", SamplingParams(), "tokenizer"),
+    ],
+)
 def test_bad_prompts_raise_and_leave_other_requests_alone(llm, prompt, params, message):
     good = llm.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=5))
     with pytest.raises(ValueError, match=message):
@@ -45,10 +60,16 @@ def test_request_larger_than_the_kv_pool_raises(tmp_path):
         small.generate([[1] * 20], SamplingParams(max_tokens=20), use_tqdm=False)
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"no_such_knob": 1}, "unknown config keys"), ({"block_size": 0}, "block_size"),
-    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
-    ({"max_model_len": 10**9}, "max_model_len"), ({"dtype": "int8"}, "dtype")])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"no_such_knob": 1}, "unknown config keys"),
+        ({"block_size": 0}, "block_size"),
+        ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
+        ({"max_model_len": 10**9}, "max_model_len"),
+        ({"dtype": "int8"}, "dtype"),
+    ],
+)
 def test_bad_config_raises(tmp_path, config, message):
     with pytest.raises(ValueError, match=message):
         LLM(make_tiny_model("qwen2", tmp_path), **config)
@@ -81,13 +102,15 @@ def test_seed_makes_sampling_reproducible(llm):
 
 
 def test_generation_stops_at_eos_unless_ignored(llm):
-    free = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
-                        use_tqdm=False)[0]["token_ids"]
+    free = llm.generate(
+        [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False
+    )[0]["token_ids"]
     eos, saved = free[4], llm.scheduler.eos
     llm.scheduler.eos = eos
     try:
-        stopped = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=12),
-                               use_tqdm=False)[0]["token_ids"]
+        stopped = llm.generate(
+            [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False
+        )[0]["token_ids"]
     finally:
         llm.scheduler.eos = saved
     assert stopped == free[: free.index(eos) + 1]

@@ -7,8 +7,15 @@ from nanozipage.sampler import sample
 
 def run(logits, temperature=1.0, top_k=0, top_p=1.0, generators=None, greedy=False):
     b = logits.shape[0]
-    return sample(logits, torch.full((b,), temperature), torch.full((b,), top_k, dtype=torch.int32),
-                  torch.full((b,), top_p), generators or [None] * b, greedy, want_logprobs=True)
+    return sample(
+        logits,
+        torch.full((b,), temperature),
+        torch.full((b,), top_k, dtype=torch.int32),
+        torch.full((b,), top_p),
+        generators or [None] * b,
+        greedy,
+        want_logprobs=True,
+    )
 
 
 def test_greedy_takes_argmax_and_reports_its_logprob():
@@ -21,8 +28,15 @@ def test_greedy_takes_argmax_and_reports_its_logprob():
 def test_zero_temperature_rows_are_greedy_in_a_sampled_batch():
     logits = torch.randn(4, 50)
     temps = torch.tensor([0.0, 1.0, 0.0, 1.0])
-    tokens, _ = sample(logits, temps, torch.zeros(4, dtype=torch.int32), torch.ones(4),
-                       [None] * 4, greedy=False, want_logprobs=False)
+    tokens, _ = sample(
+        logits,
+        temps,
+        torch.zeros(4, dtype=torch.int32),
+        torch.ones(4),
+        [None] * 4,
+        greedy=False,
+        want_logprobs=False,
+    )
     assert tokens[0] == logits[0].argmax() and tokens[2] == logits[2].argmax()
 
 

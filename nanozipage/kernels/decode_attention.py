@@ -51,7 +51,9 @@ def _decode_split_kernel(
         rows = block * stride_cb + kv_head * stride_ch + (k_pos % block_size) * HEAD_DIM
         offsets = rows[:, None] + dims[None, :]
         k = tl.load(k_cache + offsets, mask=in_split[:, None], other=0.0)
-        s = tl.dot(q_tile, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units, see qk_scale in the wrapper
+        s = (
+            tl.dot(q_tile, tl.trans(k), input_precision=PRECISION) * qk_scale
+        )  # log2 units, see qk_scale in the wrapper
         s = tl.where(in_split[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
