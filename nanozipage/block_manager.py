@@ -89,12 +89,15 @@ class BlockManager:
         seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
         seq.num_hashed_blocks = len(hits)
 
+    def _release(self, block_id: int):
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_block_ids.append(block_id)
+
     def deallocate(self, seq: Sequence):
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_block_ids.append(block_id)
+            self._release(block_id)
         seq.block_table = []
         seq.num_computed_tokens = seq.num_hashed_blocks = 0
 
@@ -106,8 +109,46 @@ class BlockManager:
         for _ in range(self.num_missing_blocks(seq)):
             seq.block_table.append(self._take_free_block())
 
+    def compress(self, seq: Sequence) -> list[int]:
+        """Plan a compression: seq gets its target block table and the old one is returned.
+
+        Kept tokens go, in position order, into the first N_max - 1 targets; the last target is
+        empty, for the next tokens. A block shared with another request is never written: its
+        target is a fresh block (the caller checks `num_compress_fresh_blocks` beforehand). The
+        blocks left over are released; their contents stay valid until the compaction that
+        reads them has run, which the caller orders before any reuse.
+        """
+        old = seq.block_table
+        targets = [b if b != -1 else self._take_free_block() for b in self._targets(seq)]
+        for block_id in targets:  # overwritten by the compaction: no longer a cached prefix
+            block = self.blocks[block_id]
+            if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block_id:
+                del self.hash_to_block_id[block.hash]
+            block.hash = -1
+        for block_id in old:
+            if block_id not in targets:
+                self._release(block_id)
+        seq.block_table = targets
+        seq.num_evicted += seq.cache_len - 1 - seq.kv_budget
+        seq.num_compressions += 1
+        return old
+
+    def _targets(self, seq: Sequence) -> list[int]:
+        """seq's own private blocks where it can keep them, -1 where a fresh block is needed."""
+        private = [b for b in seq.block_table if self.blocks[b].ref_count == 1]
+        kept = seq.block_table[: seq.max_blocks - 1]
+        targets = [b if b in private else -1 for b in kept]
+        spare = [b for b in private if b not in kept]
+        return targets + spare[:1] if spare else targets + [-1]
+
+    def num_compress_fresh_blocks(self, seq: Sequence) -> int:
+        return self._targets(seq).count(-1)
+
     def hash_blocks(self, seq: Sequence):
-        """Register the full blocks of seq whose K/V have just been computed."""
+        """Register the full blocks of seq whose K/V have just been computed (only requests
+        never compressed: a compressed request's blocks no longer hold a plain prefix)."""
+        if seq.num_compressions:
+            return
         num_full = seq.num_computed_tokens // self.block_size
         for i in range(seq.num_hashed_blocks, num_full):
             block = self.blocks[seq.block_table[i]]

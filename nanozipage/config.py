@@ -23,6 +23,16 @@ class Config:
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     dtype: str | None = None  # None: the checkpoint's dtype on GPU, float32 on CPU
     device: str | None = None  # None: cuda if available, else cpu
+    # Compressed PagedAttention (DESIGN.md section 2). kv_budget=None: the plain full-KV engine.
+    kv_budget: int | None = 2048  # tokens kept per (layer, KV head) after a compression
+    window: int = 16  # observation window: the last queries before a block boundary
+    decay: float = 0.8  # global score: max(score now, decay * score at the last compression)
+    pool_kernel: int = 5  # max-pooling of scores along tokens (first compression only)
+    score_weight: float = 0.2  # final score = w * attention - (1 - w) * redundancy
+    redundancy_tau: float = 0.4  # redundancy softmax temperature, in units of block_size
+    num_sinks: int = 0  # first tokens always kept
+    compress_layers: int = 8  # layers scored and compacted at once (bounds temporary memory)
+    policy: str = "zipage"  # eviction policy, a key of nanozipage.policy.POLICIES
     hf_config: dict = field(default_factory=dict)  # the checkpoint's config.json (filled here)
     eos: int = -1  # filled from the tokenizer
 
@@ -51,8 +61,34 @@ class Config:
         if self.max_model_len is None:
             self.max_model_len = model_len
         _check_int("max_model_len", self.max_model_len, 1, model_len)
+        if self.kv_budget is not None:
+            check_kv_budget("kv_budget", self.kv_budget, self.block_size, self.window)
+            _check_int("compress_layers", self.compress_layers, 1)
+            from nanozipage.policy import POLICIES
+
+            if self.policy not in POLICIES:
+                raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+            _check_int("num_sinks", self.num_sinks, 0)
+            if not (
+                0 <= self.score_weight <= 1 and 0 < self.decay <= 1 and self.redundancy_tau > 0
+            ):
+                raise ValueError(
+                    "score_weight must be in [0, 1], decay in (0, 1], redundancy_tau > 0"
+                )
+            if not (isinstance(self.pool_kernel, int) and self.pool_kernel % 2 == 1):
+                raise ValueError(f"pool_kernel must be an odd integer, got {self.pool_kernel!r}")
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+
+
+def check_kv_budget(name: str, budget, block_size: int, window: int):
+    """A budget is whole blocks, leaves room for the window, and the window fits in a block."""
+    _check_int("window", window, 1, block_size)
+    if not isinstance(budget, int) or budget % block_size or budget < window + block_size:
+        raise ValueError(
+            f"{name} must be a multiple of block_size={block_size} and at least window + "
+            f"block_size = {window + block_size}, got {budget!r}"
+        )
 
 
 def _check_int(name: str, value, low: int, high: int | None = None):

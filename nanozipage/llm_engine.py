@@ -14,7 +14,7 @@ import time
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from nanozipage.config import Config
+from nanozipage.config import Config, check_kv_budget
 from nanozipage.model_runner import ModelRunner
 from nanozipage.sampling_params import SamplingParams
 from nanozipage.scheduler import Scheduler
@@ -53,7 +53,9 @@ class LLMEngine:
         self.config.eos = _eos_token_id(model, self.config.hf_config, self.tokenizer)
         Sequence.block_size = self.config.block_size
         self.model_runner = ModelRunner(self.config)
-        self.scheduler = Scheduler(self.config, self.model_runner.num_blocks)
+        self.scheduler = Scheduler(
+            self.config, self.model_runner.num_blocks, self.model_runner.num_query_slots
+        )
 
     def make_sequence(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
         """Check one request against the engine's limits; nothing is queued here."""
@@ -76,14 +78,26 @@ class LLMEngine:
                 f"prompt: {len(prompt)} tokens plus max_tokens={params.max_tokens} "
                 f"exceed max_model_len={max_len}"
             )
-        num_blocks = -(-(len(prompt) + params.max_tokens) // self.config.block_size)
+        seq = Sequence(prompt, params)
+        seq.kv_budget = self.config.kv_budget
+        if params.kv_budget is not None:
+            if self.config.kv_budget is None or params.kv_budget > self.config.kv_budget:
+                raise ValueError(
+                    f"kv_budget: a request may only lower the engine's kv_budget="
+                    f"{self.config.kv_budget}, got {params.kv_budget}"
+                )
+            b = self.config.block_size
+            check_kv_budget("kv_budget", params.kv_budget, b, self.config.window)
+            seq.kv_budget = params.kv_budget
+        b, total = self.config.block_size, len(prompt) + params.max_tokens
+        # Blocks at the request's peak: all its tokens, or N_max once it compresses.
+        num_blocks = min(-(-total // b), max(seq.max_blocks, -(-len(prompt) // b) + 1))
         if num_blocks > self.model_runner.num_blocks:
             raise ValueError(
                 f"prompt: {len(prompt)} tokens plus max_tokens={params.max_tokens} "
-                f"need {num_blocks} KV blocks, the pool has "
-                f"{self.model_runner.num_blocks}"
+                f"need {num_blocks} KV blocks, the pool has {self.model_runner.num_blocks}"
             )
-        return Sequence(prompt, params)
+        return seq
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> int:
         seq = self.make_sequence(prompt, sampling_params)
@@ -93,7 +107,9 @@ class LLMEngine:
     def step(self) -> tuple[list[dict], int]:
         """Run one step; returns the requests that finished, and the tokens fed (negative for
         a decode step, so that callers can tell prefill and decode throughput apart)."""
-        seqs, is_prefill = self.scheduler.schedule()
+        seqs, is_prefill, compressions = self.scheduler.schedule()
+        if compressions:
+            self.model_runner.compress(compressions)
         token_ids, logprobs = self.model_runner.run(seqs, is_prefill)
         self.scheduler.postprocess(seqs, token_ids, logprobs)
         outputs = [self._output(seq) for seq in seqs if seq.is_finished]

@@ -135,6 +135,7 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = self.head_dim**-0.5
         self.k_cache = self.v_cache = torch.empty(0)  # views into the engine's KV pool
+        self.q_cache = torch.empty(0)  # window queries, for compression scores
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -146,6 +147,8 @@ class Attention(nn.Module):
         q, k = self.rotary(positions, q, k)
         ctx = get_context()
         store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        if ctx.query_rows is not None:
+            self.q_cache.index_copy_(0, ctx.query_rows, q)
         if ctx.is_prefill:
             o = prefill_attention(
                 q,

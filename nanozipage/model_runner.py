@@ -12,6 +12,7 @@ import torch
 from nanozipage.config import Config
 from nanozipage.context import get_context, reset_context, set_context
 from nanozipage.model import CausalLM
+from nanozipage.policy import POLICIES, CacheState, select
 from nanozipage.sampler import sample
 from nanozipage.sampling_params import SamplingParams
 from nanozipage.sequence import Sequence
@@ -43,6 +44,7 @@ class ModelRunner:
         attn = self.model.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
+        self.q_cache = self.score_cache = None
         if self.use_cuda:
             self.warmup()
         self.allocate_kv_cache()
@@ -88,7 +90,11 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     def allocate_kv_cache(self):
-        config = self.config
+        """Size the KV pool, and with compression the query cache (DESIGN.md section 3): with
+        spare memory m, block bytes m_kv (K, V and stored scores) and query bytes per slot m_q,
+        M = m / (m_kv * N_max + m_q) query slots and m / (m_kv + m_q / N_max) blocks, so that
+        the M slot holders can always reach their N_max blocks."""
+        config, num_layers = self.config, len(self.model.model.layers)
         block_bytes = self._empty_kv_cache(1).nbytes
         if self.use_cuda:
             free, total = torch.cuda.mem_get_info()
@@ -101,9 +107,17 @@ class ModelRunner:
                 - stats["allocated_bytes.all.peak"]
                 + stats["allocated_bytes.all.current"]
             )
-            num_blocks = int(spare // block_bytes)
         else:
-            num_blocks = CPU_KV_CACHE_BYTES // block_bytes
+            spare = CPU_KV_CACHE_BYTES
+        num_slots, num_q_heads = 0, self.config.hf_config["num_attention_heads"]
+        if config.kv_budget:
+            block_bytes += num_layers * self.num_kv_heads * self.block_size * 4
+            n_max = config.kv_budget // self.block_size + 1
+            slot_bytes = num_layers * config.window * num_q_heads * self.head_dim * self.dtype.itemsize
+            num_slots = int(spare // (block_bytes * n_max + slot_bytes))
+            num_blocks = int(spare // (block_bytes + slot_bytes / n_max))
+        else:
+            num_blocks = int(spare // block_bytes)
         if config.num_kvcache_blocks is not None:
             num_blocks = min(num_blocks, config.num_kvcache_blocks)
         if num_blocks < 1:
@@ -111,7 +125,25 @@ class ModelRunner:
                 "gpu_memory_utilization leaves no memory for the KV cache; raise it "
                 "or lower max_num_batched_tokens"
             )
-        self.num_blocks = num_blocks
+        if config.kv_budget:
+            num_slots = min(num_slots, num_blocks // n_max, config.max_num_seqs)
+            if num_slots < 1:
+                raise ValueError(
+                    f"kv_budget={config.kv_budget} needs {n_max} KV blocks per request, the pool "
+                    f"has {num_blocks}; lower kv_budget or give the pool more memory"
+                )
+            self.score_cache = torch.zeros(
+                num_layers, num_blocks, self.num_kv_heads, self.block_size, device=self.device
+            )
+            # One row per (slot, window position), plus a last row that absorbs the queries of
+            # every token that is not a window query, so that the store needs no mask.
+            self.q_cache = torch.zeros(
+                num_layers, num_slots * config.window + 1, num_q_heads, self.head_dim,
+                dtype=self.dtype, device=self.device,
+            )  # fmt: skip
+            for i, layer in enumerate(self.model.model.layers):
+                layer.self_attn.q_cache = self.q_cache[i]
+        self.num_blocks, self.num_query_slots = num_blocks, num_slots
         self.kv_cache = self._empty_kv_cache(num_blocks)
         self._set_kv_cache(self.kv_cache)
 
@@ -124,20 +156,25 @@ class ModelRunner:
     def _slot(self, seq: Sequence, index: int) -> int:
         return seq.block_table[index // self.block_size] * self.block_size + index % self.block_size
 
+    def _query_row(self, seq: Sequence, index: int, last_block: int) -> int:
+        """Row of the query cache for the token at cache index `index`: window queries are the
+        last `window` tokens of a block, and only those of seq's newest block are kept."""
+        b, w = self.block_size, self.config.window
+        if seq.query_slot < 0 or index % b < b - w or index // b != last_block:
+            return self.q_cache.shape[1] - 1
+        return seq.query_slot * w + index % b - (b - w)
+
     def prepare_prefill(self, seqs: list[Sequence]):
-        input_ids, positions, slots, cu_seqlens_q, context_lens, sample_rows = (
-            [],
-            [],
-            [],
-            [0],
-            [],
-            [],
-        )
+        input_ids, positions, slots, cu_seqlens_q, context_lens, sample_rows = [], [], [], [0], [], []
+        query_rows = []
         for seq in seqs:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_new_tokens
             input_ids += seq[start:end]
             positions += range(start, end)
             slots += [self._slot(seq, i) for i in range(start, end)]
+            if self.q_cache is not None:
+                query_rows += [self._query_row(seq, i, (end - 1) // self.block_size)
+                               for i in range(start, end)]
             cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
             context_lens.append(end)
             if end == len(seq):
@@ -149,14 +186,23 @@ class ModelRunner:
             block_tables=self._block_tables(seqs),
             cu_seqlens_q=self._tensor(cu_seqlens_q),
             max_seqlen_q=max(seq.num_new_tokens for seq in seqs),
+            query_rows=self._tensor(query_rows, torch.long) if query_rows else None,
         )
         return self._tensor(input_ids, torch.long), self._tensor(positions, torch.long), sample_rows
 
     def prepare_decode(self, seqs: list[Sequence]):
+        """The last token of each request: at position len - 1, but at cache index
+        cache_len - 1 (they differ once the request has been compressed)."""
+        index = [seq.cache_len - 1 for seq in seqs]
+        query_rows = None
+        if self.q_cache is not None:
+            rows = [self._query_row(s, i, i // self.block_size) for s, i in zip(seqs, index)]
+            query_rows = self._tensor(rows, torch.long)
         set_context(
-            slot_mapping=self._tensor([self._slot(seq, len(seq) - 1) for seq in seqs]),
-            context_lens=self._tensor([len(seq) for seq in seqs]),
+            slot_mapping=self._tensor([self._slot(seq, i) for seq, i in zip(seqs, index)]),
+            context_lens=self._tensor([i + 1 for i in index]),
             block_tables=self._block_tables(seqs),
+            query_rows=query_rows,
         )
         return (
             self._tensor([seq.last_token for seq in seqs], torch.long),
@@ -191,8 +237,40 @@ class ModelRunner:
         buf["context_lens"].zero_()
         buf["context_lens"][:bs] = ctx.context_lens
         buf["block_tables"][:bs, : ctx.block_tables.shape[1]] = ctx.block_tables
+        if ctx.query_rows is not None:
+            buf["query_rows"].fill_(self.q_cache.shape[1] - 1)
+            buf["query_rows"][:bs] = ctx.query_rows
         self.graphs[graph_bs].replay()
         return buf["hidden"][:bs]
+
+    @torch.inference_mode()
+    def compress(self, jobs: list[tuple[Sequence, list[int]]]):
+        """Compress each request from its old block table into its new one (already planned by
+        the block manager): score every cached token with the policy, keep `kv_budget` per
+        (layer, KV head) in position order, and compact K, V and the stored scores into the
+        first blocks of the new table. A group of layers is gathered densely at a time, so
+        overlapping source and target blocks are safe."""
+        config, b = self.config, self.block_size
+        policy, num_layers = POLICIES[config.policy], len(self.model.model.layers)
+        for seq, old_table in jobs:
+            keep = seq.kv_budget
+            old = self._tensor(old_table, torch.long)
+            new = self._tensor(seq.block_table[: keep // b], torch.long)
+            first = seq.num_compressions == 1  # counted when it was planned
+            window_rows = slice(seq.query_slot * config.window, (seq.query_slot + 1) * config.window)
+            for start in range(0, num_layers, config.compress_layers):
+                layers = slice(start, min(start + config.compress_layers, num_layers))
+                dense = [cache[layers][:, old].transpose(1, 2).flatten(2, 3)  # [L, kvh, T, ...]
+                         for cache in (self.kv_cache[0], self.kv_cache[1], self.score_cache)]
+                prev = dense[2].clone()
+                prev[..., 0 if first else keep :] = 0  # newer tokens were never scored
+                state = CacheState(dense[0], self.q_cache[layers, window_rows], prev, first, b)
+                score, dense[2] = policy(state, config)
+                kept = select(score, keep, config.window, config.num_sinks)  # [L, kvh, keep]
+                for cache, values in zip((self.kv_cache[0], self.kv_cache[1], self.score_cache), dense):
+                    index = kept.view(*kept.shape, *[1] * (values.dim() - 3))
+                    kept_values = values.gather(2, index.expand(*kept.shape, *values.shape[3:]))
+                    cache[layers][:, new] = kept_values.unflatten(2, (-1, b)).transpose(1, 2)
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor):
         params = [seq.sampling_params for seq in seqs]
@@ -229,12 +307,15 @@ class ModelRunner:
             ),
             "hidden": torch.zeros(max_bs, hidden_size, dtype=self.dtype, device=self.device),
         }
+        if self.q_cache is not None:
+            buf["query_rows"] = torch.zeros(max_bs, dtype=torch.long, device=self.device)
         pool = None
         for bs in reversed(self.graph_sizes):
             set_context(
                 slot_mapping=buf["slot_mapping"][:bs],
                 context_lens=buf["context_lens"][:bs],
                 block_tables=buf["block_tables"][:bs],
+                query_rows=buf["query_rows"][:bs] if self.q_cache is not None else None,
             )
             buf["hidden"][:bs] = self.model(buf["input_ids"][:bs], buf["positions"][:bs])  # warm up
             graph = torch.cuda.CUDAGraph()

@@ -12,6 +12,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False  # return the log-probability of each chosen token
     seed: int | None = None  # per-request generator: same seed, same prompt -> same output
+    kv_budget: int | None = None  # lower this request's KV budget below the engine's
 
     def __post_init__(self):
         if not self.temperature >= 0:

@@ -21,8 +21,10 @@ from nanozipage.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
-    def __init__(self, config: Config, num_blocks: int):
+    def __init__(self, config: Config, num_blocks: int, num_query_slots: int = 0):
         self.max_num_seqs = config.max_num_seqs
+        self.block_size, self.window = config.block_size, config.window
+        self.free_query_slots = list(range(num_query_slots - 1, -1, -1))
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.eos = config.eos
         self.block_manager = BlockManager(num_blocks, config.block_size)
@@ -37,17 +39,39 @@ class Scheduler:
     def add(self, seq: Sequence):
         self.waiting.append(seq)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        decodable = [seq for seq in self.running if not seq.in_prefill]
-        if not (decodable and self.last_step_was_prefill):
-            seqs = self._schedule_prefill()
+    def schedule(self) -> tuple[list[Sequence], bool, list[tuple[Sequence, list[int]]]]:
+        """The requests of the next step, whether it is a prefill step, and the compressions to
+        run before it (each request with its block table before the compression)."""
+        self._assign_query_slots()
+        decodable = any(not seq.in_prefill for seq in self.running)
+        prefer_decode = decodable and self.last_step_was_prefill
+        for is_prefill in (False, True) if prefer_decode else (True, False):
+            seqs, compressions = self._schedule_prefill() if is_prefill else self._schedule_decode()
             if seqs:
-                self.last_step_was_prefill = True
-                return seqs, True
-        self.last_step_was_prefill = False
-        return self._schedule_decode(), False
+                self.last_step_was_prefill = is_prefill
+                return seqs, is_prefill, compressions
+        raise RuntimeError("no request can make progress")
 
-    def _schedule_prefill(self) -> list[Sequence]:
+    def _assign_query_slots(self):
+        """Hybrid scheduling: query slots go to the first requests of the running queue."""
+        for seq in self.running:
+            if not self.free_query_slots:
+                return
+            if seq.query_slot < 0:
+                seq.query_slot = self.free_query_slots.pop()
+
+    def _release_query_slot(self, seq: Sequence):
+        if seq.query_slot >= 0:
+            self.free_query_slots.append(seq.query_slot)
+            seq.query_slot = -1
+
+    def _needs_query_slot(self, seq: Sequence) -> bool:
+        """A request must hold a slot once its queries may be window queries: from the window of
+        its N_max-th block on (a prompt that long needs one to be admitted)."""
+        window_start = seq.max_blocks * self.block_size - self.window
+        return seq.query_slot < 0 and seq.num_computed_tokens + seq.num_new_tokens > window_start
+
+    def _schedule_prefill(self) -> tuple[list[Sequence], list]:
         """Chunks of prompts already admitted first, then newly admitted prompts."""
         seqs, budget = [], self.max_num_batched_tokens
         for seq in self.running:
@@ -57,7 +81,13 @@ class Scheduler:
                 seqs.append(seq)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            seq.num_new_tokens = len(seq)  # a prompt reaching its window needs a slot at once
+            if self._needs_query_slot(seq):
+                if not self.free_query_slots:
+                    break
+                seq.query_slot = self.free_query_slots.pop()
             if not self.block_manager.can_allocate(seq):
+                self._release_query_slot(seq)
                 break
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
@@ -65,28 +95,48 @@ class Scheduler:
             seq.num_new_tokens = min(len(seq) - seq.num_computed_tokens, budget)
             budget -= seq.num_new_tokens
             seqs.append(seq)
-        return seqs
+        return seqs, []
 
-    def _schedule_decode(self) -> list[Sequence]:
-        seqs = []
+    def _schedule_decode(self) -> tuple[list[Sequence], list]:
+        seqs, compressions = [], []
         for seq in list(self.running):
             if seq.status != SequenceStatus.RUNNING or seq.in_prefill:
                 continue  # preempted by an earlier request of this loop, or still prefilling
-            while self.block_manager.num_missing_blocks(seq) > self.block_manager.num_free_blocks:
-                self._preempt(self.running[-1])
-                if seq.status != SequenceStatus.RUNNING:
-                    break
-            else:
+            seq.num_new_tokens = 1
+            if self._needs_query_slot(seq):
+                continue  # waits in the running queue until a query slot frees up
+            if seq.needs_compression:
+                if self._free_blocks(self.block_manager.num_compress_fresh_blocks(seq), seq, seqs):
+                    compressions.append((seq, self.block_manager.compress(seq)))
+                    seqs.append(seq)
+            elif self._free_blocks(self.block_manager.num_missing_blocks(seq), seq, seqs):
                 self.block_manager.append_blocks(seq)
-                seq.num_new_tokens = 1
                 seqs.append(seq)
-        assert seqs, "no request can make progress"
-        return seqs
+        return seqs, compressions
+
+    def _free_blocks(self, needed: int, seq: Sequence, scheduled: list[Sequence]) -> bool:
+        """Preempt until `needed` blocks are free; False if seq must wait (or was preempted).
+
+        Victims come from the tail of the running queue, requests without a query slot first;
+        a compressed request is never preempted (its memory is bounded and accounted for), nor
+        one already scheduled in this step.
+        """
+        while self.block_manager.num_free_blocks < needed:
+            candidates = [s for s in reversed(self.running)
+                          if not s.num_compressions and s not in scheduled]
+            if not candidates:
+                return False
+            victim = next((s for s in candidates if s.query_slot < 0), candidates[0])
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
 
     def _preempt(self, seq: Sequence):
         self.num_preemptions += 1
         self.running.remove(seq)
         self.block_manager.deallocate(seq)
+        self._release_query_slot(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
@@ -110,4 +160,5 @@ class Scheduler:
             ) or seq.num_completion_tokens == params.max_tokens:
                 seq.status = SequenceStatus.FINISHED
                 self.block_manager.deallocate(seq)
+                self._release_query_slot(seq)
                 self.running.remove(seq)

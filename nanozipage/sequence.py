@@ -29,6 +29,12 @@ class Sequence:
         self.num_new_tokens = 0  # tokens fed to the model in the step being run
         self.num_hashed_blocks = 0  # leading full blocks registered in the prefix cache
         self.generator = None  # torch.Generator for seeded sampling, made by the model runner
+        # Compression. A token's position is its index in token_ids; its cache index is that
+        # minus the tokens evicted so far. The two differ once a request is compressed.
+        self.kv_budget: int | None = None  # tokens kept per (layer, KV head); None: full KV
+        self.num_evicted = 0
+        self.num_compressions = 0
+        self.query_slot = -1  # row of the query cache holding this request's window queries
         self.block_table: list[int] = []
         self.sampling_params = sampling_params
         self.logprobs: list[float] = []
@@ -61,8 +67,24 @@ class Sequence:
         return self.num_computed_tokens < len(self.token_ids) - 1
 
     @property
+    def cache_len(self) -> int:
+        """Cache entries once every token's K/V is stored (the next decode step stores the last)."""
+        return len(self.token_ids) - self.num_evicted
+
+    @property
     def num_blocks(self) -> int:
-        return (len(self.token_ids) + self.block_size - 1) // self.block_size
+        return (self.cache_len + self.block_size - 1) // self.block_size
+
+    @property
+    def max_blocks(self) -> int:
+        """N_max: a request holding this many full blocks is compressed at its next token."""
+        return self.kv_budget // self.block_size + 1 if self.kv_budget else 1 << 62
+
+    @property
+    def needs_compression(self) -> bool:
+        """The next decode step's token starts a new block while N_max blocks are full."""
+        filled = self.cache_len - 1
+        return filled % self.block_size == 0 and filled >= self.max_blocks * self.block_size
 
     def block(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size : (i + 1) * self.block_size]

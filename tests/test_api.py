@@ -11,6 +11,7 @@ def llm(tmp_path_factory):
     return LLM(
         make_tiny_model("qwen3", tmp_path_factory.mktemp("qwen3")),
         block_size=16,
+        kv_budget=None,
         num_kvcache_blocks=40,
         max_model_len=256,
     )
@@ -55,7 +56,9 @@ def test_bad_prompts_raise_and_leave_other_requests_alone(llm, prompt, params, m
 
 
 def test_request_larger_than_the_kv_pool_raises(tmp_path):
-    small = LLM(make_tiny_model("llama", tmp_path), block_size=16, num_kvcache_blocks=2)
+    small = LLM(
+        make_tiny_model("llama", tmp_path), kv_budget=None, block_size=16, num_kvcache_blocks=2
+    )
     with pytest.raises(ValueError, match="KV blocks"):
         small.generate([[1] * 20], SamplingParams(max_tokens=20), use_tqdm=False)
 

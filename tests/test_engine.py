@@ -26,7 +26,7 @@ def assert_no_leak(llm: LLM):
 
 @pytest.mark.parametrize("batch", [1, 5])
 def test_greedy_matches_hf(model_dir, batch):
-    llm = LLM(model_dir, block_size=16, num_kvcache_blocks=64)
+    llm = LLM(model_dir, kv_budget=None, block_size=16, num_kvcache_blocks=64)
     prompts = random_prompts(batch, 1, 40)
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [len(o["token_ids"]) for o in outputs] == [GREEDY.max_tokens] * batch
@@ -35,7 +35,7 @@ def test_greedy_matches_hf(model_dir, batch):
 
 
 def test_prefix_cache_hits_match_hf(model_dir):
-    llm = LLM(model_dir, block_size=16, num_kvcache_blocks=64)
+    llm = LLM(model_dir, kv_budget=None, block_size=16, num_kvcache_blocks=64)
     shared = random_prompts(1, 50, 50, seed=1)[0]
     prompts = [shared + tail for tail in random_prompts(4, 1, 20, seed=2)]
     first = llm.generate(prompts[:1], GREEDY, use_tqdm=False)
@@ -48,7 +48,9 @@ def test_prefix_cache_hits_match_hf(model_dir):
 
 
 def test_chunked_prefill_matches_hf(model_dir):
-    llm = LLM(model_dir, block_size=16, num_kvcache_blocks=64, max_num_batched_tokens=24)
+    llm = LLM(
+        model_dir, kv_budget=None, block_size=16, num_kvcache_blocks=64, max_num_batched_tokens=24
+    )
     prompts = random_prompts(3, 30, 90, seed=3)
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     check_against_hf(model_dir, prompts, outputs)
@@ -56,7 +58,7 @@ def test_chunked_prefill_matches_hf(model_dir):
 
 
 def test_preemption_matches_hf(model_dir):
-    llm = LLM(model_dir, block_size=8, num_kvcache_blocks=12)
+    llm = LLM(model_dir, kv_budget=None, block_size=8, num_kvcache_blocks=12)
     prompts = random_prompts(6, 10, 30, seed=4)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=True)
     outputs = llm.generate(prompts, params, use_tqdm=False)

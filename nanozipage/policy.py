@@ -1,0 +1,79 @@
+"""Eviction policies: which cached tokens a request keeps when it is compressed.
+
+A policy scores every cached token of one request, per layer and KV head, from that cache's
+state (`CacheState`); the engine then keeps the `kv_budget` best of each (layer, KV head) and
+the window, in position order (`select`). Every tensor here is dense (one request, its cache
+gathered out of the pages) and may carry leading dimensions (a group of layers). The engine
+and the dense reference in the tests call the same functions, so a new policy is one function
+added to `POLICIES`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class CacheState:
+    keys: torch.Tensor  # [..., kv_heads, T, head_dim], post-RoPE (T = cached tokens)
+    queries: torch.Tensor  # [..., window, q_heads, head_dim], the last `window` tokens' queries
+    prev_scores: torch.Tensor  # [..., kv_heads, T] float32; 0 where not scored before
+    first: bool  # the request's first compression
+    block_size: int
+
+
+def window_attention(state: CacheState) -> torch.Tensor:
+    """Softmax attention of each window query over all cached keys (causal inside the window),
+    max over the query heads of a GQA group, mean over the window: [..., kv_heads, T]."""
+    keys, queries = state.keys.float(), state.queries.float()
+    kv_heads, num_tokens, head_dim = keys.shape[-3:]
+    window, q_heads = queries.shape[-3:-1]
+    group = q_heads // kv_heads
+    q = queries.transpose(-3, -2).unflatten(-3, (kv_heads, group))  # [..., kvh, g, w, d]
+    logits = q @ keys.unsqueeze(-3).transpose(-1, -2) * head_dim**-0.5  # [..., kvh, g, w, T]
+    query_pos = torch.arange(num_tokens - window, num_tokens, device=keys.device)
+    future = torch.arange(num_tokens, device=keys.device) > query_pos[:, None]
+    probs = logits.masked_fill(future, float("-inf")).softmax(-1)
+    return probs.amax(-3).mean(-2)
+
+
+def redundancy(state: CacheState, tau: float) -> torch.Tensor:
+    """R-KV "lightning" redundancy: cosine similarity between keys of the same block only; for
+    every token n, its most recent near-duplicate m (sim > 0.5) does not count sim(m, n), so the
+    newest of a group survives; sum per token, softmax over the request: [..., kv_heads, T]."""
+    b = state.block_size
+    keys = F.normalize(state.keys.float(), dim=-1).unflatten(-2, (-1, b))  # [..., N, b, d]
+    sim = keys @ keys.transpose(-1, -2)  # [..., N, b(m), b(n)]
+    sim = sim * (1 - torch.eye(b, device=sim.device))
+    slot = torch.arange(b, device=sim.device)
+    newest = torch.where(sim > 0.5, slot[:, None], -1).amax(-2)  # per n: largest such m
+    spared = (slot[:, None] == newest.unsqueeze(-2)) & (newest.unsqueeze(-2) >= 0)
+    total = sim.masked_fill(spared, 0).sum(-1).flatten(-2)
+    return (total / (tau * b)).softmax(-1)
+
+
+def zipage(state: CacheState, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's recipe (DESIGN.md section 2). Returns (score, score to store for next time)."""
+    score = window_attention(state)
+    if not state.first:
+        score = torch.maximum(score, config.decay * state.prev_scores)
+    stored = score
+    if state.first:
+        pad = config.pool_kernel // 2
+        score = F.max_pool1d(score.flatten(0, -2).unsqueeze(1), config.pool_kernel, 1, pad)
+        score = score.view_as(stored)
+    w = config.score_weight
+    return w * score - (1 - w) * redundancy(state, config.redundancy_tau), stored
+
+
+POLICIES = {"zipage": zipage}
+
+
+def select(score: torch.Tensor, keep: int, window: int, num_sinks: int) -> torch.Tensor:
+    """Indices of the `keep` tokens to keep per row, window and sinks always among them,
+    in position order: [..., kv_heads, keep]."""
+    score = score.clone()
+    score[..., score.shape[-1] - window :] = float("inf")
+    score[..., :num_sinks] = float("inf")
+    return score.topk(keep, dim=-1, sorted=False).indices.sort(-1).values
