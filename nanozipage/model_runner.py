@@ -113,7 +113,9 @@ class ModelRunner:
         if config.kv_budget:
             block_bytes += num_layers * self.num_kv_heads * self.block_size * 4
             n_max = config.kv_budget // self.block_size + 1
-            slot_bytes = num_layers * config.window * num_q_heads * self.head_dim * self.dtype.itemsize
+            slot_bytes = (
+                num_layers * config.window * num_q_heads * self.head_dim * self.dtype.itemsize
+            )
             num_slots = int(spare // (block_bytes * n_max + slot_bytes))
             num_blocks = int(spare // (block_bytes + slot_bytes / n_max))
         else:
@@ -165,7 +167,14 @@ class ModelRunner:
         return seq.query_slot * w + index % b - (b - w)
 
     def prepare_prefill(self, seqs: list[Sequence]):
-        input_ids, positions, slots, cu_seqlens_q, context_lens, sample_rows = [], [], [], [0], [], []
+        input_ids, positions, slots, cu_seqlens_q, context_lens, sample_rows = (
+            [],
+            [],
+            [],
+            [0],
+            [],
+            [],
+        )
         query_rows = []
         for seq in seqs:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_new_tokens
@@ -173,8 +182,9 @@ class ModelRunner:
             positions += range(start, end)
             slots += [self._slot(seq, i) for i in range(start, end)]
             if self.q_cache is not None:
-                query_rows += [self._query_row(seq, i, (end - 1) // self.block_size)
-                               for i in range(start, end)]
+                query_rows += [
+                    self._query_row(seq, i, (end - 1) // self.block_size) for i in range(start, end)
+                ]
             cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
             context_lens.append(end)
             if end == len(seq):
@@ -257,17 +267,23 @@ class ModelRunner:
             old = self._tensor(old_table, torch.long)
             new = self._tensor(seq.block_table[: keep // b], torch.long)
             first = seq.num_compressions == 1  # counted when it was planned
-            window_rows = slice(seq.query_slot * config.window, (seq.query_slot + 1) * config.window)
+            window_rows = slice(
+                seq.query_slot * config.window, (seq.query_slot + 1) * config.window
+            )
             for start in range(0, num_layers, config.compress_layers):
                 layers = slice(start, min(start + config.compress_layers, num_layers))
-                dense = [cache[layers][:, old].transpose(1, 2).flatten(2, 3)  # [L, kvh, T, ...]
-                         for cache in (self.kv_cache[0], self.kv_cache[1], self.score_cache)]
+                dense = [
+                    cache[layers][:, old].transpose(1, 2).flatten(2, 3)  # [L, kvh, T, ...]
+                    for cache in (self.kv_cache[0], self.kv_cache[1], self.score_cache)
+                ]
                 prev = dense[2].clone()
                 prev[..., 0 if first else keep :] = 0  # newer tokens were never scored
                 state = CacheState(dense[0], self.q_cache[layers, window_rows], prev, first, b)
                 score, dense[2] = policy(state, config)
                 kept = select(score, keep, config.window, config.num_sinks)  # [L, kvh, keep]
-                for cache, values in zip((self.kv_cache[0], self.kv_cache[1], self.score_cache), dense):
+                for cache, values in zip(
+                    (self.kv_cache[0], self.kv_cache[1], self.score_cache), dense
+                ):
                     index = kept.view(*kept.shape, *[1] * (values.dim() - 3))
                     kept_values = values.gather(2, index.expand(*kept.shape, *values.shape[3:]))
                     cache[layers][:, new] = kept_values.unflatten(2, (-1, b)).transpose(1, 2)

@@ -122,8 +122,9 @@ class Scheduler:
         one already scheduled in this step.
         """
         while self.block_manager.num_free_blocks < needed:
-            candidates = [s for s in reversed(self.running)
-                          if not s.num_compressions and s not in scheduled]
+            candidates = [
+                s for s in reversed(self.running) if not s.num_compressions and s not in scheduled
+            ]
             if not candidates:
                 return False
             victim = next((s for s in candidates if s.query_slot < 0), candidates[0])

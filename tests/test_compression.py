@@ -1,0 +1,107 @@
+"""Compressed PagedAttention against a dense reference of the same policy (CPU, float32)."""
+
+import random
+
+import pytest
+import torch
+import transformers
+from dense_reference import dense_generate
+from helpers import ARCHS, make_tiny_model
+
+from nanozipage import LLM, SamplingParams, model_runner
+
+BUDGET = 32  # block size 16: N_max = 3, so a request compresses at 48 cached tokens, then every 16
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def model_dir(request, tmp_path_factory):
+    return make_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def spy_on_compression(monkeypatch) -> dict:
+    """Record the kept cache indices of every compression, per request: [layers, kvh, keep]."""
+    kept, current, select = {}, [], model_runner.select
+    compress = model_runner.ModelRunner.compress
+
+    def compress_spy(self, jobs):
+        for seq, old in jobs:  # one job at a time, so that select calls can be attributed
+            current[:] = [seq.seq_id, []]
+            compress(self, [(seq, old)])
+            kept.setdefault(seq.seq_id, []).append(torch.cat(current[1]))
+
+    def select_spy(*args):
+        current[1].append(select(*args))
+        return current[1][-1]
+
+    monkeypatch.setattr(model_runner.ModelRunner, "compress", compress_spy)
+    monkeypatch.setattr(model_runner, "select", select_spy)
+    return kept
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_engine_matches_dense_reference(model_dir, batch, monkeypatch):
+    kept = spy_on_compression(monkeypatch)
+    llm = LLM(model_dir, block_size=16, kv_budget=BUDGET, window=4, num_kvcache_blocks=40)
+    rng = random.Random(batch)
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(5, 70))] for _ in range(batch)]
+    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    seq_ids = sorted(kept)
+    for prompt, out in zip(prompts, outputs):
+        ref_tokens, ref_kept = dense_generate(hf, prompt, 100, llm.config, BUDGET)
+        assert out["token_ids"] == ref_tokens
+        engine_kept = kept[seq_ids.pop(0)] if len(ref_kept) else []
+        assert len(ref_kept) >= 3 and len(engine_kept) == len(ref_kept)
+        for ours, ref in zip(engine_kept, ref_kept):
+            assert torch.equal(ours, ref)
+    assert llm.scheduler.block_manager.num_free_blocks == llm.model_runner.num_blocks
+
+
+def test_per_request_budget_matches_dense_reference(model_dir):
+    llm = LLM(model_dir, block_size=16, kv_budget=64, window=4, num_kvcache_blocks=40)
+    prompt = list(range(3, 40))
+    params = SamplingParams(temperature=0, max_tokens=90, ignore_eos=True, kv_budget=BUDGET)
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ref_tokens, ref_kept = dense_generate(hf, prompt, 90, llm.config, BUDGET)
+    assert len(ref_kept) >= 3 and out["token_ids"] == ref_tokens
+
+
+def test_first_compression_with_a_shared_prefix(model_dir):
+    """Two requests share cached prefix blocks; compressing one must not write into them."""
+    llm = LLM(model_dir, block_size=16, kv_budget=BUDGET, window=4, num_kvcache_blocks=40)
+    shared = [(7 * i) % 256 for i in range(40)]
+    prompts = [shared + [1, 2, 3], shared + [4, 5]]
+    llm.generate([shared + [9]], SamplingParams(max_tokens=1), use_tqdm=False)  # cache the prefix
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (80, 30)]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o["num_cached_tokens"] for o in outputs] == [32, 32]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for prompt, out, p in zip(prompts, outputs, params):
+        assert out["token_ids"] == dense_generate(hf, prompt, p.max_tokens, llm.config, BUDGET)[0]
+    assert llm.scheduler.block_manager.num_free_blocks == llm.model_runner.num_blocks
+
+
+@pytest.mark.parametrize("kv_budget", [None, BUDGET])
+def test_stress_tiny_pool_every_request_finishes(model_dir, kv_budget):
+    """Many requests of mixed lengths on a tiny pool: all finish with their exact lengths, and
+    no compressed request ever holds more than N_max blocks (checked at every step)."""
+    llm = LLM(model_dir, block_size=16, kv_budget=kv_budget, window=4, num_kvcache_blocks=24,
+              max_num_batched_tokens=64)  # fmt: skip
+    rng = random.Random(0)
+    lengths = {}
+    for _ in range(150):
+        prompt = [rng.randrange(256) for _ in range(rng.randint(1, 60))]
+        params = SamplingParams(temperature=0.8, max_tokens=rng.randint(1, 100), ignore_eos=True)
+        lengths[llm.add_request(prompt, params)] = params.max_tokens
+    finished, compressed = {}, set()
+    while not llm.is_finished():
+        outputs, _ = llm.step()
+        finished.update({o["seq_id"]: len(o["token_ids"]) for o in outputs})
+        for seq in llm.scheduler.running:
+            assert not seq.num_compressions or len(seq.block_table) <= seq.max_blocks
+            compressed |= {seq.seq_id} if seq.num_compressions else set()
+    assert finished == lengths
+    assert llm.scheduler.num_preemptions > 0 and (len(compressed) > 10 or kv_budget is None)
+    assert llm.scheduler.block_manager.num_free_blocks == llm.model_runner.num_blocks
