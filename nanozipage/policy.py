@@ -67,7 +67,16 @@ def zipage(state: CacheState, config) -> tuple[torch.Tensor, torch.Tensor]:
     return w * score - (1 - w) * redundancy(state, config.redundancy_tau), stored
 
 
-POLICIES = {"zipage": zipage}
+def recency(state: CacheState, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """StreamingLLM's baseline: four attention sinks (the first tokens) and the newest tokens.
+    Cache order is position order, so the cache index itself is the score."""
+    score = torch.arange(state.keys.shape[-2], device=state.keys.device, dtype=torch.float32)
+    score = score.expand_as(state.prev_scores).clone()
+    score[..., :4] = float("inf")
+    return score, torch.zeros_like(state.prev_scores)
+
+
+POLICIES = {"zipage": zipage, "recency": recency}
 
 
 def select(score: torch.Tensor, keep: int, window: int, num_sinks: int) -> torch.Tensor:

@@ -38,10 +38,11 @@ def spy_on_compression(monkeypatch) -> dict:
     return kept
 
 
-@pytest.mark.parametrize("batch", [1, 4])
-def test_engine_matches_dense_reference(model_dir, batch, monkeypatch):
+@pytest.mark.parametrize("batch, policy", [(1, "zipage"), (4, "zipage"), (3, "recency")])
+def test_engine_matches_dense_reference(model_dir, batch, policy, monkeypatch):
     kept = spy_on_compression(monkeypatch)
-    llm = LLM(model_dir, block_size=16, kv_budget=BUDGET, window=4, num_kvcache_blocks=40)
+    llm = LLM(model_dir, block_size=16, kv_budget=BUDGET, window=4, num_kvcache_blocks=40,
+              policy=policy)  # fmt: skip
     rng = random.Random(batch)
     prompts = [[rng.randrange(256) for _ in range(rng.randint(5, 70))] for _ in range(batch)]
     params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
