@@ -106,3 +106,24 @@ def test_stress_tiny_pool_every_request_finishes(model_dir, kv_budget):
     assert finished == lengths
     assert llm.scheduler.num_preemptions > 0 and (len(compressed) > 10 or kv_budget is None)
     assert llm.scheduler.block_manager.num_free_blocks == llm.model_runner.num_blocks
+
+
+def test_smollm2_matches_dense_reference(smollm2_path, monkeypatch):
+    kept = spy_on_compression(monkeypatch)
+    llm = LLM(smollm2_path, block_size=16, kv_budget=48, window=8, num_kvcache_blocks=64)
+    chats = ["Count from one to forty in words.", "Tell me a long story about a cat."]
+    prompts = [
+        llm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": c}], add_generation_prompt=True, return_dict=False
+        )
+        for c in chats
+    ]
+    params = SamplingParams(temperature=0, max_tokens=70, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    for prompt, out, seq_id in zip(prompts, outputs, sorted(kept)):
+        ref_tokens, ref_kept = dense_generate(hf, prompt, 70, llm.config, 48)
+        assert out["token_ids"] == ref_tokens
+        assert len(ref_kept) >= 3 and len(kept[seq_id]) == len(ref_kept)
+        for ours, ref in zip(kept[seq_id], ref_kept):
+            assert torch.equal(ours.cpu(), ref)

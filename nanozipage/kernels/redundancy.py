@@ -1,0 +1,112 @@
+"""Per-token redundancy sums of R-KV "lightning": how much each key repeats the keys of its block.
+
+Data flow: `ModelRunner.compress` gathers a group of layers of one request's cache densely and
+hands the keys to the policy; its redundancy score (DESIGN.md section 2, step 4) divides these
+sums by tau * block_size and takes a softmax over the request's tokens.
+
+One program per (layer, KV head, block). The similarity of the block's keys with each other is
+b x b, computed one tile of rows (m) at a time against all b columns (n): a first pass finds
+each column's newest near-duplicate, the largest row m != n with sim(m, n) > 0.5, which needs
+every row; a second pass sums each row without the entries spared that way.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from nanozipage.kernels.prefill_attention import dot_precision
+
+
+@triton.jit
+def _similarity_rows(
+    block_keys, k_cols, cols, col_inv_norm, start, block_size, stride_kt,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Cosine similarity of rows [start, start + BLOCK_M) of the block with every column, 0 on
+    the diagonal, and the row indices."""
+    rows = start + tl.arange(0, BLOCK_M)
+    offsets = rows[:, None] * stride_kt + tl.arange(0, HEAD_DIM)[None, :]
+    k_rows = tl.load(block_keys + offsets, mask=rows[:, None] < block_size, other=0.0)
+    # Dot the keys as stored and divide by the norms after: normalising first would round the
+    # unit vectors to bf16 before the product.
+    norm = tl.sqrt(tl.sum(k_rows.to(tl.float32) * k_rows.to(tl.float32), 1))
+    row_inv_norm = 1.0 / tl.maximum(norm, 1e-12)
+    dots = tl.dot(k_rows, tl.trans(k_cols), input_precision=PRECISION)
+    sim = dots * row_inv_norm[:, None] * col_inv_norm[None, :]
+    return tl.where(rows[:, None] == cols[None, :], 0.0, sim), rows
+
+
+@triton.jit
+def _redundancy_kernel(
+    keys, out, block_size, stride_kg, stride_kh, stride_kt, stride_og, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    block, kv_head, layer = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    first = block * block_size
+    block_keys = keys + layer * stride_kg + kv_head * stride_kh + first * stride_kt
+    # Padding columns (b < BLOCK_B) and rows load as zero keys: their similarity is 0, which
+    # neither adds to a sum nor passes the 0.5 threshold.
+    cols = tl.arange(0, BLOCK_B)
+    offsets = cols[:, None] * stride_kt + tl.arange(0, HEAD_DIM)[None, :]
+    k_cols = tl.load(block_keys + offsets, mask=cols[:, None] < block_size, other=0.0)
+    col_norm = tl.sqrt(tl.sum(k_cols.to(tl.float32) * k_cols.to(tl.float32), 1))
+    col_inv_norm = 1.0 / tl.maximum(col_norm, 1e-12)
+
+    newest = tl.full([BLOCK_B], -1, tl.int32)
+    for start in range(0, block_size, BLOCK_M):
+        sim, rows = _similarity_rows(
+            block_keys, k_cols, cols, col_inv_norm, start, block_size, stride_kt,
+            HEAD_DIM, BLOCK_M, PRECISION,
+        )  # fmt: skip
+        duplicate_rows = tl.where(sim > 0.5, rows[:, None], -1)
+        newest = tl.maximum(newest, tl.max(duplicate_rows, 0))
+
+    out_ptrs = out + layer * stride_og + kv_head * stride_oh + first
+    for start in range(0, block_size, BLOCK_M):
+        sim, rows = _similarity_rows(
+            block_keys, k_cols, cols, col_inv_norm, start, block_size, stride_kt,
+            HEAD_DIM, BLOCK_M, PRECISION,
+        )  # fmt: skip
+        spared = rows[:, None] == newest[None, :]  # newest = -1 (no duplicate) spares nothing
+        tl.store(out_ptrs + rows, tl.sum(tl.where(spared, 0.0, sim), 1), mask=rows < block_size)
+
+
+def redundancy_sums_triton(keys, block_size, *, block_m=32, num_warps=4, num_stages=2):
+    num_layers, num_kv_heads, num_tokens, head_dim = keys.shape
+    assert keys.stride(-1) == 1, "head_dim must be contiguous"
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
+    assert num_tokens % block_size == 0, "the cache holds whole blocks"
+    out = torch.empty((num_layers, num_kv_heads, num_tokens), dtype=torch.float32,
+                      device=keys.device)  # fmt: skip
+    block_b = max(16, triton.next_power_of_2(block_size))  # tl.dot needs >= 16 columns
+    _redundancy_kernel[(num_tokens // block_size, num_kv_heads, num_layers)](
+        keys, out, block_size,
+        keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_B=block_b, BLOCK_M=min(block_m, block_b),
+        PRECISION=dot_precision(keys.dtype), num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out
+
+
+def redundancy_sums_ref(keys, block_size):
+    b = block_size
+    keys = F.normalize(keys.float(), dim=-1).unflatten(-2, (-1, b))  # [..., N, b, d]
+    sim = keys @ keys.transpose(-1, -2) * (1 - torch.eye(b, device=keys.device))  # [.., m, n]
+    slot = torch.arange(b, device=keys.device)
+    newest = torch.where(sim > 0.5, slot[:, None], -1).amax(-2)  # per n: largest such m
+    spared = slot[:, None] == newest.unsqueeze(-2)
+    return sim.masked_fill(spared, 0).sum(-1).flatten(-2)
+
+
+def redundancy_sums(keys: torch.Tensor, block_size: int) -> torch.Tensor:
+    """For keys `[G, kv_heads, T, head_dim]` (T a multiple of `block_size`): per token m, the sum
+    of its cosine similarities with the other keys n of its block, without sim(m, n) where m is
+    n's newest near-duplicate (the largest slot with sim > 0.5). Returns float32 `[G, kv_heads, T]`.
+    """
+    if keys.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return redundancy_sums_triton(keys, block_size)
+    return redundancy_sums_ref(keys, block_size)

@@ -1,0 +1,159 @@
+"""The compression kernels against the policy's PyTorch definitions and their references.
+
+Like test_kernels.py: on a GPU the kernels run compiled, in bfloat16 too and on larger shapes;
+on CPU they run under Triton's interpreter in a child process, on small shapes with 16-token
+tiles. Every buffer a wrapper allocates starts as NaN, so an unwritten output fails.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanozipage.kernels import (
+    compact_ref,
+    compact_triton,
+    redundancy_sums_ref,
+    redundancy_sums_triton,
+    window_scores_ref,
+    window_scores_triton,
+)
+from nanozipage.policy import CacheState, redundancy, window_attention
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+HEAD_DIMS = [64, 128] if ON_GPU else [32]
+NUM_BLOCKS = 40 if ON_GPU else 3  # cached blocks per request
+WINDOW_TILES = {} if ON_GPU else {"block_n": 16}
+REDUNDANCY_TILES = {} if ON_GPU else {"block_m": 16}
+COMPACT_TILES = {} if ON_GPU else {"block_t": 16}
+# Probabilities and similarities are float32 sums of exact products of the inputs; on GPU tl.dot
+# takes float32 inputs as tf32 only where the policy would not (dot_precision keeps them ieee).
+TOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+
+# The interpreter is on only if TRITON_INTERPRET=1 is set before Triton is first imported, and the
+# engine's tests in the same process need it off: on CPU this file reruns itself in a child.
+NEEDS_CHILD = not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1"
+runs_kernels = pytest.mark.skipif(NEEDS_CHILD, reason="runs in a child with TRITON_INTERPRET=1")
+
+
+@pytest.mark.skipif(not NEEDS_CHILD, reason="the kernels run in this process")
+def test_compression_kernels_under_the_triton_interpreter():
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    child = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    assert child.returncode == 0, child.stdout[-5000:] + child.stderr[-2000:]
+
+
+@pytest.fixture(autouse=True)
+def nan_poisoned_empty(monkeypatch):
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+
+
+def assert_close(out, ref, dtype):
+    assert out.dtype == torch.float32 and not out.isnan().any()
+    torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("group", [1, 2, 3])
+@pytest.mark.parametrize("window", [1, 4, 16])
+def test_window_scores_match_the_policy(dtype, head_dim, block_size, group, window):
+    num_layers, num_kv_heads, num_tokens = 2, 2, NUM_BLOCKS * block_size
+    keys = torch.randn(num_layers, num_kv_heads, num_tokens, head_dim, device=DEVICE).to(dtype)
+    # The engine reads the window queries out of its query cache: a view strided over the slots.
+    q_cache = torch.randn(num_layers, 3 * window, group * num_kv_heads, head_dim, device=DEVICE)
+    queries = q_cache.to(dtype)[:, window : 2 * window]
+
+    out = window_scores_triton(keys, queries, **WINDOW_TILES)
+
+    expected = window_attention(CacheState(keys, queries, None, True, block_size))
+    assert_close(out, expected, dtype)
+    assert_close(window_scores_ref(keys, queries), expected, dtype)
+
+
+def near_duplicates(keys, block_size):
+    """Make three slots of every block noisy copies of one key: the newest of them is spared by
+    the other two, the next newest by the newest."""
+    blocks = keys.unflatten(-2, (-1, block_size))  # a view: writes land in keys
+    for block in range(blocks.shape[-3]):
+        original, *copies = torch.randperm(block_size)[:3].tolist()
+        for slot in copies:
+            noise = 0.05 * torch.randn_like(blocks[..., block, original, :])
+            blocks[..., block, slot, :] = blocks[..., block, original, :] + noise
+    return keys
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("block_size", [8, 16, 32, 12] + ([256] if ON_GPU else []))
+def test_redundancy_sums_match_the_policy_and_spare_the_newest_duplicate(
+    dtype, head_dim, block_size
+):
+    num_layers, num_kv_heads, num_tokens = 2, 3, NUM_BLOCKS * block_size
+    keys = torch.randn(num_layers, num_kv_heads, num_tokens, head_dim, device=DEVICE).to(dtype)
+    keys = near_duplicates(keys, block_size)
+
+    out = redundancy_sums_triton(keys, block_size, **REDUNDANCY_TILES)
+
+    expected = redundancy_sums_ref(keys, block_size)
+    assert_close(out, expected, dtype)
+    tau = 0.4
+    state = CacheState(keys, None, None, True, block_size)  # all that redundancy reads
+    torch.testing.assert_close((out / (tau * block_size)).softmax(-1), redundancy(state, tau))
+    # The copies trigger the rule: the newest loses two similarities of about 1, the next one
+    # (unless a chance similarity over 0.5 with a newer slot takes its place: count half).
+    unit = F.normalize(keys.float(), dim=-1).unflatten(-2, (-1, block_size))
+    all_pairs = (unit @ unit.transpose(-1, -2)).sum(-1).flatten(-2) - 1  # minus self-similarity
+    assert ((all_pairs - out) > 0.9).sum() >= NUM_BLOCKS * num_layers * num_kv_heads
+
+
+def table_pairs(num_blocks):
+    """(old table, new table) over a pool of `num_blocks` ids: the new table is a prefix of the
+    old one, a subset of its ids in another order, or fresh ids."""
+    ids = torch.randperm(num_blocks, device=DEVICE)
+    old = ids[:5]
+    return {
+        "prefix": (old, old[:3]),
+        "shuffled_subset": (old, old[torch.randperm(5, device=DEVICE)[:3]]),
+        "reversed": (old, old.flip(0)[:3]),
+        "fresh": (old, ids[5:8]),
+    }
+
+
+@runs_kernels
+@pytest.mark.parametrize(
+    "dtype, entry", [(dtype, (HEAD_DIMS[-1],)) for dtype in DTYPES] + [(torch.float32, ())]
+)  # K/V entries are head_dim long, stored scores one float
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("tables", ["prefix", "shuffled_subset", "reversed", "fresh"])
+@pytest.mark.parametrize("table_dtype", [torch.int32, torch.int64])
+def test_compact_moves_kept_tokens_into_new_blocks_even_over_their_sources(
+    dtype, entry, block_size, tables, table_dtype
+):
+    num_layers, num_kv_heads, num_blocks = 2, 3, 10
+    shape = (num_layers, num_blocks, num_kv_heads, block_size, *entry)
+    cache = torch.randn(shape, device=DEVICE).to(dtype)
+    old_blocks, new_blocks = (t.to(table_dtype) for t in table_pairs(num_blocks)[tables])
+    num_tokens, keep = old_blocks.numel() * block_size, new_blocks.numel() * block_size
+    scores = torch.rand(num_layers, num_kv_heads, num_tokens, device=DEVICE)
+    kept = scores.topk(keep).indices.sort(-1).values
+    original = cache.clone()
+
+    compact_triton(cache, old_blocks, new_blocks, kept, **COMPACT_TILES)
+
+    expected = original.clone()
+    compact_ref(expected, old_blocks, new_blocks, kept)
+    assert torch.equal(cache, expected)
+    untouched = torch.ones(num_blocks, dtype=torch.bool, device=DEVICE)
+    untouched[new_blocks.long()] = False
+    assert torch.equal(cache[:, untouched], original[:, untouched])
