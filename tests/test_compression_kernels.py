@@ -31,8 +31,8 @@ NUM_BLOCKS = 40 if ON_GPU else 3  # cached blocks per request
 WINDOW_TILES = {} if ON_GPU else {"block_n": 16}
 REDUNDANCY_TILES = {} if ON_GPU else {"block_m": 16}
 COMPACT_TILES = {} if ON_GPU else {"block_t": 16}
-# Probabilities and similarities are float32 sums of exact products of the inputs; on GPU tl.dot
-# takes float32 inputs as tf32 only where the policy would not (dot_precision keeps them ieee).
+# Kernel and policy both sum exact products of the same inputs in float32 (dot_precision keeps
+# float32 dots out of tf32): they differ only in the order of the sums.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
 
 # The interpreter is on only if TRITON_INTERPRET=1 is set before Triton is first imported, and the
@@ -81,8 +81,8 @@ def test_window_scores_match_the_policy(dtype, head_dim, block_size, group, wind
 
 
 def near_duplicates(keys, block_size):
-    """Make three slots of every block noisy copies of one key: the newest of them is spared by
-    the other two, the next newest by the newest."""
+    """Make three slots of every block noisy copies of one key, so that the rule drops the
+    newest copy's similarities to the other two and the middle one's to the newest."""
     blocks = keys.unflatten(-2, (-1, block_size))  # a view: writes land in keys
     for block in range(blocks.shape[-3]):
         original, *copies = torch.randperm(block_size)[:3].tolist()

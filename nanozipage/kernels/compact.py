@@ -30,7 +30,9 @@ def _compact_kernel(
     else:  # dense[j] -> new cache index j
         index = j
     block = tl.load(block_table + index // block_size, mask=mask, other=0).to(tl.int64)
-    in_cache = layer * stride_cg + block * stride_cb + head * stride_ch + (index % block_size) * ROW
+    # int64: a group of layers of the cache can pass 2**31 elements.
+    token = block * stride_cb + head * stride_ch + (index % block_size) * ROW
+    in_cache = layer.to(tl.int64) * stride_cg + token
     in_dense = ((layer * num_kv_heads + head) * num_kept + j).to(tl.int64) * ROW
     cols = tl.arange(0, ROW)[None, :]
     if GATHER:
@@ -48,7 +50,8 @@ def compact_triton(cache, old_blocks, new_blocks, kept, *, block_t=64):
     assert kept.shape == (num_layers, num_kv_heads, num_kept)
     assert row & (row - 1) == 0, "a token's entry must be a power of two long"
     assert num_kept == new_blocks.numel() * block_size, "the kept tokens fill the new blocks"
-    assert old_blocks.dim() == new_blocks.dim() == 1
+    assert old_blocks.dim() == new_blocks.dim() == 1 and not kept.is_floating_point()
+    assert old_blocks.is_contiguous() and new_blocks.is_contiguous()
     if num_kept == 0:
         return
     dense = torch.empty((num_layers, num_kv_heads, num_kept, row), dtype=cache.dtype,

@@ -75,7 +75,7 @@ def _redundancy_kernel(
         tl.store(out_ptrs + rows, tl.sum(tl.where(spared, 0.0, sim), 1), mask=rows < block_size)
 
 
-def redundancy_sums_triton(keys, block_size, *, block_m=32, num_warps=4, num_stages=2):
+def redundancy_sums_triton(keys, block_size, *, block_m=32, num_warps=None, num_stages=2):
     num_layers, num_kv_heads, num_tokens, head_dim = keys.shape
     assert keys.stride(-1) == 1, "head_dim must be contiguous"
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
@@ -83,6 +83,8 @@ def redundancy_sums_triton(keys, block_size, *, block_m=32, num_warps=4, num_sta
     out = torch.empty((num_layers, num_kv_heads, num_tokens), dtype=torch.float32,
                       device=keys.device)  # fmt: skip
     block_b = max(16, triton.next_power_of_2(block_size))  # tl.dot needs >= 16 columns
+    # The block's keys stay loaded for the whole program: 256 of them need 8 warps' registers.
+    num_warps = num_warps or (8 if block_b >= 128 else 4)
     _redundancy_kernel[(num_tokens // block_size, num_kv_heads, num_layers)](
         keys, out, block_size,
         keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0), out.stride(1),

@@ -66,13 +66,14 @@ def _window_score_kernel(
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
         m_i = m_new
 
+    lse = m_i + tl.log2(l_i)
     out_ptrs = out + layer * stride_og + kv_head * stride_oh
     for start in range(0, num_tokens, BLOCK_N):
         s, k_pos, in_cache = _window_logits(
             q, k_ptrs, start, num_tokens, query_pos, qk_scale, stride_kt,
             HEAD_DIM, BLOCK_N, PRECISION,
         )  # fmt: skip
-        p = tl.where(real[:, None], tl.exp2(s - m_i[:, None]) / l_i[:, None], 0.0)
+        p = tl.where(real[:, None], tl.exp2(s - lse[:, None]), 0.0)
         p = tl.reshape(p, [WINDOW_P2, GROUP_P2, BLOCK_N])
         score = tl.sum(tl.max(p, 1), 0) / window  # probabilities are >= 0: padding's 0 is neutral
         tl.store(out_ptrs + k_pos, score, mask=in_cache)
