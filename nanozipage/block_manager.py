@@ -115,8 +115,8 @@ class BlockManager:
         Kept tokens go, in position order, into the first N_max - 1 targets; the last target is
         empty, for the next tokens. A block shared with another request is never written: its
         target is a fresh block (the caller checks `num_compress_fresh_blocks` beforehand). The
-        blocks left over are released; their contents stay valid until the compaction that
-        reads them has run, which the caller orders before any reuse.
+        old blocks left over stay seq's until `release_replaced`, since the compaction reads
+        them.
         """
         old = seq.block_table
         targets = [b if b != -1 else self._take_free_block() for b in self._targets(seq)]
@@ -125,13 +125,16 @@ class BlockManager:
             if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block_id:
                 del self.hash_to_block_id[block.hash]
             block.hash = -1
-        for block_id in old:
-            if block_id not in targets:
-                self._release(block_id)
         seq.block_table = targets
         seq.num_evicted += seq.cache_len - 1 - seq.kv_budget
         seq.num_compressions += 1
         return old
+
+    def release_replaced(self, seq: Sequence, old_table: list[int]):
+        """After the compaction: free the old blocks that seq's new table does not use."""
+        for block_id in old_table:
+            if block_id not in seq.block_table:
+                self._release(block_id)
 
     def _targets(self, seq: Sequence) -> list[int]:
         """seq's own private blocks where it can keep them, -1 where a fresh block is needed."""

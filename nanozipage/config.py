@@ -33,6 +33,10 @@ class Config:
     num_sinks: int = 0  # first tokens always kept
     compress_layers: int = 8  # layers scored and compacted at once (bounds temporary memory)
     policy: str = "zipage"  # eviction policy, a key of nanozipage.policy.POLICIES
+    # Compress on a side CUDA stream while the other requests decode; a request under
+    # compression skips decode steps until its compaction is done.
+    async_compression: bool = True
+    max_compress_blocks: int = 600  # blocks being compressed at once (bounds temporary memory)
     hf_config: dict = field(default_factory=dict)  # the checkpoint's config.json (filled here)
     eos: int = -1  # filled from the tokenizer
 
@@ -64,6 +68,7 @@ class Config:
         if self.kv_budget is not None:
             check_kv_budget("kv_budget", self.kv_budget, self.block_size, self.window)
             _check_int("compress_layers", self.compress_layers, 1)
+            _check_int("max_compress_blocks", self.max_compress_blocks, 1)
             from nanozipage.policy import POLICIES
 
             if self.policy not in POLICIES:

@@ -107,9 +107,14 @@ class LLMEngine:
     def step(self) -> tuple[list[dict], int]:
         """Run one step; returns the requests that finished, and the tokens fed (negative for
         a decode step, so that callers can tell prefill and decode throughput apart)."""
+        for seq, old_table in self.model_runner.finished_compressions():
+            self.scheduler.finish_compression(seq, old_table)
         seqs, is_prefill, compressions = self.scheduler.schedule()
         if compressions:
             self.model_runner.compress(compressions)
+        if not seqs:  # every request that could run is under compression: let it finish
+            self.model_runner.wait_for_compressions()
+            return [], 0
         token_ids, logprobs = self.model_runner.run(seqs, is_prefill)
         self.scheduler.postprocess(seqs, token_ids, logprobs)
         outputs = [self._output(seq) for seq in seqs if seq.is_finished]

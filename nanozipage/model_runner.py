@@ -45,6 +45,8 @@ class ModelRunner:
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.q_cache = self.score_cache = None
+        self.pending = []  # (event, jobs) of compactions under way
+        self.compress_stream = torch.cuda.Stream() if self.use_cuda else None
         if self.use_cuda:
             self.warmup()
         self.allocate_kv_cache()
@@ -253,8 +255,34 @@ class ModelRunner:
         self.graphs[graph_bs].replay()
         return buf["hidden"][:bs]
 
-    @torch.inference_mode()
     def compress(self, jobs: list[tuple[Sequence, list[int]]]):
+        """Run the compactions; asynchronous ones go on a side stream after the work already
+        queued on the main stream (the requests' last K/V), and are handed back by
+        `finished_compressions` once their event has fired."""
+        if not (self.config.async_compression and self.use_cuda):
+            self._compress(jobs)
+            if self.config.async_compression:  # no side stream off the GPU: done at once
+                self.pending.append((None, jobs))
+            return
+        self.compress_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.compress_stream):
+            self._compress(jobs)
+            done = torch.cuda.Event()
+            done.record()
+        self.pending.append((done, jobs))
+
+    def finished_compressions(self) -> list[tuple[Sequence, list[int]]]:
+        done = [event is None or event.query() for event, _ in self.pending]
+        finished = [job for (_, jobs), d in zip(self.pending, done) if d for job in jobs]
+        self.pending = [entry for entry, d in zip(self.pending, done) if not d]
+        return finished
+
+    def wait_for_compressions(self):
+        if self.use_cuda:
+            self.compress_stream.synchronize()
+
+    @torch.inference_mode()
+    def _compress(self, jobs: list[tuple[Sequence, list[int]]]):
         """Compress each request from its old block table into its new one (already planned by
         the block manager): score every cached token with the policy, keep `kv_budget` per
         (layer, KV head) in position order, and compact K, V and the stored scores into the

@@ -25,6 +25,8 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.block_size, self.window = config.block_size, config.window
         self.free_query_slots = list(range(num_query_slots - 1, -1, -1))
+        self.async_compression = config.async_compression
+        self.max_compress_blocks, self.num_compress_blocks = config.max_compress_blocks, 0
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.eos = config.eos
         self.block_manager = BlockManager(num_blocks, config.block_size)
@@ -47,10 +49,12 @@ class Scheduler:
         prefer_decode = decodable and self.last_step_was_prefill
         for is_prefill in (False, True) if prefer_decode else (True, False):
             seqs, compressions = self._schedule_prefill() if is_prefill else self._schedule_decode()
-            if seqs:
+            if seqs or compressions:
                 self.last_step_was_prefill = is_prefill
                 return seqs, is_prefill, compressions
-        raise RuntimeError("no request can make progress")
+        if not self.num_compress_blocks:
+            raise RuntimeError("no request can make progress")
+        return [], False, []  # every request that could run waits for its compaction
 
     def _assign_query_slots(self):
         """Hybrid scheduling: query slots go to the first requests of the running queue."""
@@ -100,19 +104,36 @@ class Scheduler:
     def _schedule_decode(self) -> tuple[list[Sequence], list]:
         seqs, compressions = [], []
         for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING or seq.in_prefill:
-                continue  # preempted by an earlier request of this loop, or still prefilling
+            if seq.status != SequenceStatus.RUNNING or seq.in_prefill or seq.compressing:
+                continue  # preempted by an earlier request of this loop, prefilling, compacting
             seq.num_new_tokens = 1
             if self._needs_query_slot(seq):
                 continue  # waits in the running queue until a query slot frees up
             if seq.needs_compression:
+                if (
+                    self.async_compression
+                    and self.num_compress_blocks
+                    and self.num_compress_blocks + len(seq.block_table) > self.max_compress_blocks
+                ):
+                    continue  # too many blocks under compression already: wait a step
                 if self._free_blocks(self.block_manager.num_compress_fresh_blocks(seq), seq, seqs):
-                    compressions.append((seq, self.block_manager.compress(seq)))
-                    seqs.append(seq)
+                    old_table = self.block_manager.compress(seq)
+                    compressions.append((seq, old_table))
+                    if self.async_compression:  # resumes in `finish_compression`
+                        seq.compressing = True
+                        self.num_compress_blocks += len(old_table)
+                    else:  # compacted before this step's forward pass, on the same stream
+                        self.block_manager.release_replaced(seq, old_table)
+                        seqs.append(seq)
             elif self._free_blocks(self.block_manager.num_missing_blocks(seq), seq, seqs):
                 self.block_manager.append_blocks(seq)
                 seqs.append(seq)
         return seqs, compressions
+
+    def finish_compression(self, seq: Sequence, old_table: list[int]):
+        self.block_manager.release_replaced(seq, old_table)
+        self.num_compress_blocks -= len(old_table)
+        seq.compressing = False
 
     def _free_blocks(self, needed: int, seq: Sequence, scheduled: list[Sequence]) -> bool:
         """Preempt until `needed` blocks are free; False if seq must wait (or was preempted).

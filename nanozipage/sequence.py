@@ -35,6 +35,7 @@ class Sequence:
         self.num_evicted = 0
         self.num_compressions = 0
         self.query_slot = -1  # row of the query cache holding this request's window queries
+        self.compressing = False  # an asynchronous compaction of its cache is under way
         self.block_table: list[int] = []
         self.sampling_params = sampling_params
         self.logprobs: list[float] = []

@@ -127,3 +127,27 @@ def test_smollm2_matches_dense_reference(smollm2_path, monkeypatch):
         assert len(ref_kept) >= 3 and len(kept[seq_id]) == len(ref_kept)
         for ours, ref in zip(kept[seq_id], ref_kept):
             assert torch.equal(ours.cpu(), ref)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"async_compression": False},
+        pytest.param(
+            {"enforce_eager": True},
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: GPU"),
+        ),
+    ],
+)
+def test_async_and_graphs_change_nothing(model_dir, other):
+    """Asynchronous compression (a request skips steps while compacting) and CUDA graphs give
+    the same greedy tokens as synchronous, eager compression."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(5, 70))] for _ in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=90, ignore_eos=True)
+    outputs = []
+    for config in ({}, other):
+        llm = LLM(model_dir, block_size=16, kv_budget=BUDGET, window=4, num_kvcache_blocks=40,
+                  **config)  # fmt: skip
+        outputs.append([o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)])
+    assert outputs[0] == outputs[1]
