@@ -5,13 +5,18 @@ on CPU they run under Triton's interpreter in a child process, on small shapes w
 tiles. Every buffer a wrapper allocates starts as NaN, so an unwritten output fails.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreter import (
+    DEVICE,
+    DTYPES,
+    HEAD_DIMS,
+    ON_GPU,
+    child_run,
+    nan_poisoned_empty,  # noqa: F401 (an autouse fixture)
+    runs_kernels,
+)
 
 from nanozipage.kernels import (
     compact_ref,
@@ -23,10 +28,6 @@ from nanozipage.kernels import (
 )
 from nanozipage.policy import CacheState, redundancy, window_attention
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
-HEAD_DIMS = [64, 128] if ON_GPU else [32]
 NUM_BLOCKS = 40 if ON_GPU else 3  # cached blocks per request
 WINDOW_TILES = {} if ON_GPU else {"block_n": 16}
 REDUNDANCY_TILES = {} if ON_GPU else {"block_m": 16}
@@ -35,24 +36,7 @@ COMPACT_TILES = {} if ON_GPU else {"block_t": 16}
 # float32 dots out of tf32): they differ only in the order of the sums.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
 
-# The interpreter is on only if TRITON_INTERPRET=1 is set before Triton is first imported, and the
-# engine's tests in the same process need it off: on CPU this file reruns itself in a child.
-NEEDS_CHILD = not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1"
-runs_kernels = pytest.mark.skipif(NEEDS_CHILD, reason="runs in a child with TRITON_INTERPRET=1")
-
-
-@pytest.mark.skipif(not NEEDS_CHILD, reason="the kernels run in this process")
-def test_compression_kernels_under_the_triton_interpreter():
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    child = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    assert child.returncode == 0, child.stdout[-5000:] + child.stderr[-2000:]
-
-
-@pytest.fixture(autouse=True)
-def nan_poisoned_empty(monkeypatch):
-    real_empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+test_compression_kernels_under_the_triton_interpreter = child_run(__file__)
 
 
 def assert_close(out, ref, dtype):

@@ -6,12 +6,17 @@ lengths still cross tile boundaries. Every buffer a wrapper allocates starts as 
 cache slot outside a sequence's context holds NaN, so an unwritten output or a stray read fails.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from interpreter import (
+    DEVICE,
+    DTYPES,
+    HEAD_DIMS,
+    ON_GPU,
+    child_run,
+    nan_poisoned_empty,  # noqa: F401 (an autouse fixture)
+    runs_kernels,
+)
 
 from nanozipage.kernels import (
     decode_attention,
@@ -23,35 +28,13 @@ from nanozipage.kernels import (
     store_kv_triton,
 )
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
-HEAD_DIMS = [64, 128] if ON_GPU else [32]
 # Tiles of 16 tokens on CPU so the short lengths there still span several; the defaults on GPU.
 PREFILL_TILES = {} if ON_GPU else {"block_m": 16, "block_n": 16}
 DECODE_TILES = {} if ON_GPU else {"block_n": 16}
 # float32 runs exactly in the interpreter; on GPU tl.dot takes float32 as tf32.
 TOL = {torch.float32: 5e-3 if ON_GPU else 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
-# Off the GPU the kernels run under Triton's interpreter, which Triton only turns on if
-# TRITON_INTERPRET=1 is set when it is first imported; the engine's tests in the same process need
-# it off. So on CPU, unless the variable is set, this file runs itself in a child process with it.
-NEEDS_CHILD = not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1"
-runs_kernels = pytest.mark.skipif(NEEDS_CHILD, reason="runs in a child with TRITON_INTERPRET=1")
-
-
-@pytest.mark.skipif(not NEEDS_CHILD, reason="the kernels run in this process")
-def test_kernels_under_the_triton_interpreter():
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    child = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    assert child.returncode == 0, child.stdout[-5000:] + child.stderr[-2000:]
-
-
-@pytest.fixture(autouse=True)
-def nan_poisoned_empty(monkeypatch):
-    real_empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+test_kernels_under_the_triton_interpreter = child_run(__file__)
 
 
 def fused_qkv(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype):
