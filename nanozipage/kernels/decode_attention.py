@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanozipage.kernels.prefill_attention import dot_precision, paged_kv
+from nanozipage.kernels.prefill_attention import check_attention_inputs, dot_precision, paged_kv
 
 
 @triton.jit
@@ -106,11 +106,7 @@ def decode_attention_triton(
 ):  # fmt: skip
     batch, num_q_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
-    assert k_cache.shape[-1] == head_dim and v_cache.shape == k_cache.shape
-    assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
-    assert q.dtype == k_cache.dtype == v_cache.dtype
-    assert num_q_heads % num_kv_heads == 0, "query heads must split evenly over kv heads"
-    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
+    check_attention_inputs(q, k_cache, v_cache)
     assert context_lens.shape == (batch,) and block_tables.shape[0] == batch
     assert context_lens.dtype == block_tables.dtype == torch.int32
     group = num_q_heads // num_kv_heads

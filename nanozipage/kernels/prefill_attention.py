@@ -89,11 +89,7 @@ def prefill_attention_triton(
 ):  # fmt: skip
     num_tokens, num_q_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
-    assert k_cache.shape[-1] == head_dim and v_cache.shape == k_cache.shape
-    assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
-    assert q.dtype == k_cache.dtype == v_cache.dtype
-    assert num_q_heads % num_kv_heads == 0, "query heads must split evenly over kv heads"
-    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
+    check_attention_inputs(q, k_cache, v_cache)
     assert cu_seqlens_q.dtype == context_lens.dtype == block_tables.dtype == torch.int32
     num_seqs = context_lens.shape[0]
     assert cu_seqlens_q.shape == (num_seqs + 1,) and block_tables.shape[0] == num_seqs
@@ -114,6 +110,17 @@ def prefill_attention_triton(
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return o
+
+
+def check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    """Shapes, strides and dtypes that both attention kernels assume."""
+    num_q_heads, head_dim = q.shape[-2:]
+    num_kv_heads = k_cache.shape[1]
+    assert k_cache.shape[-1] == head_dim and v_cache.shape == k_cache.shape
+    assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert q.dtype == k_cache.dtype == v_cache.dtype
+    assert num_q_heads % num_kv_heads == 0, "query heads must split evenly over kv heads"
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
 
 
 def dot_precision(dtype: torch.dtype) -> str:
