@@ -66,5 +66,7 @@ def is_correct(reply: str, ref: str) -> bool:
         return False
     a, b = to_number(answer), to_number(ref)
     if a is not None and b is not None:
+        if a.is_integer() and b.is_integer():  # 1e-6 of 1,450,000 would let 1,450,001 pass
+            return a == b
         return math.isclose(a, b, rel_tol=1e-6)
     return normalise(answer) == normalise(ref)

@@ -1,0 +1,146 @@
+"""evaluate.py: answer grading on real GSM8K solutions and tricky cases, reading problem
+files, and both tasks end to end on SmolLM2 with tiny settings."""
+
+import json
+import os
+
+import pytest
+
+from eval_math import is_correct, last_boxed, reference, to_number
+from evaluate import DATA, SYSTEM, chat_prompt, load_problems, main
+from nanozipage import LLM, SamplingParams
+
+PROBLEMS = [  # long enough that a 32-token budget compresses the prompt
+    {"question": "Tom has 3 boxes with 12 pencils in each box. He gives 7 pencils to his sister "
+     "and buys 5 more at the shop. How many pencils does Tom have now?", "answer": "#### 34"},
+    {"question": "A train travels 60 miles per hour for 2 hours, then 40 miles per hour for 3 "
+     "hours. How many miles does it travel in total?", "answer": "#### 240"},
+]  # fmt: skip
+
+
+@pytest.fixture
+def problems_file(tmp_path):
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    return str(path)
+
+
+def test_last_boxed_takes_the_last_complete_box_with_nested_braces():
+    assert last_boxed(r"\boxed{1} then \boxed{\frac{1}{2}}") == r"\frac{1}{2}"
+    assert last_boxed(r"\boxed {x^{2}}") == "x^{2}"
+    assert last_boxed(r"\boxed{7} and a cut-off \boxed{\frac{1}{") == "7"
+    assert last_boxed("no box here, 42") is None
+
+
+@pytest.mark.skipif(not os.path.isfile(DATA), reason=f"{DATA} is absent")
+def test_real_gsm8k_solutions_grade_their_own_answer_and_not_a_neighbour():
+    with open(DATA) as f:
+        records = [json.loads(line) for line in f]
+    refs = [reference(r["answer"]) for r in records]
+    assert refs[0] == "18" and all(to_number(ref) is not None for ref in refs)
+    assert any("," in ref for ref in refs)  # e.g. "2,125": thousands separators must parse
+    for record, ref in list(zip(records, refs))[:50] + [(r, a) for r, a in zip(records, refs) if "," in a]:  # fmt: skip
+        worked = record["answer"].split("####")[0]
+        assert is_correct(worked + rf"The answer is \boxed{{{ref}}}.", ref)
+        assert is_correct(rf"\boxed{{{int(to_number(ref))}}}", ref)  # 2,125 written as 2125
+        assert not is_correct(rf"\boxed{{{int(to_number(ref)) + 1}}}", ref)
+        assert not is_correct(worked, ref)  # no box, no credit
+
+
+@pytest.mark.parametrize(
+    "boxed, ref",
+    [
+        (r"\frac{1}{2}", "0.5"),
+        (r"\dfrac{3}{4}", "0.75"),
+        (r"\frac12", "1/2"),
+        (r"-\frac{1}{4}", "-0.25"),
+        ("1,000", "1000"),
+        ("1,234,567.5", "1234567.5"),
+        (r"\$18", "18"),
+        ("$18$", "18"),
+        ("18 dollars", "18"),
+        (r"18\text{ dollars}", "18"),
+        (r"\text{18 dollars.}", "18"),
+        (r"50\%", "50"),
+        ("x = 5", "5"),
+        ("90^\\circ", "90"),
+        ("0.3333333", "0.33333333"),  # within 1e-6 relative
+        (r"\left( 3, 4 \right)", "(3,4)"),  # not numbers: normalised strings
+        (r"\text{(B)}", "(b)"),
+        (r"x^{2}\!+1.", "x^{2}+1"),
+    ],
+)
+def test_equivalent_answers_match(boxed, ref):
+    assert is_correct(rf"so \boxed{{{boxed}}}", ref)
+
+
+@pytest.mark.parametrize(
+    "boxed, ref",
+    [
+        ("18", "180"),
+        ("1,000", "100"),
+        ("1,2", "12"),  # a list, not a thousands separator
+        (r"\frac{1}{2}", "2"),
+        ("0.5", "0.51"),
+        ("0.333", "1/3"),  # outside the tolerance
+        ("3x", "3"),  # a variable is not a unit
+        ("x+1", "x-1"),
+        ("", "0"),
+        (r"\frac{1}{0}", "0"),
+    ],
+)
+def test_different_answers_do_not_match(boxed, ref):
+    assert not is_correct(rf"\boxed{{{boxed}}}", ref)
+
+
+def test_load_problems_reads_gsm8k_amc_and_aime_layouts(tmp_path):
+    files = {
+        "gsm8k": {"question": "Q1", "answer": "work\n#### 1,200"},
+        "amc": {"question": "Q2", "answer": 27.0},
+        "aime": {"problem": "Q3", "solution": r"so \boxed{\frac{1}{3}}. Then \boxed{204}."},
+        "custom": {"prompt": "Q4", "target": "7"},
+    }
+    for name, record in files.items():
+        (tmp_path / name).write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n")
+    assert load_problems(str(tmp_path / "gsm8k")) == [("Q1", "1,200")] * 2
+    assert load_problems(str(tmp_path / "amc"), "amc", limit=1) == [("Q2", "27.0")]
+    assert load_problems(str(tmp_path / "aime"), limit=1) == [("Q3", "204")]
+    custom = load_problems(str(tmp_path / "custom"), question_field="prompt", answer_field="target")
+    assert custom[0] == ("Q4", "7")
+    with pytest.raises(ValueError, match="line 1"):
+        load_problems(str(tmp_path / "custom"))
+
+
+def test_math_end_to_end_grades_what_the_engine_samples(smollm2_path, problems_file):
+    args = ["--task", "math", "--model", smollm2_path, "--data", problems_file, "--samples", "2",
+            "--max-tokens", "16", "--block-size", "16", "--budgets", "full,32"]  # fmt: skip
+    full, compressed = main(args)
+    assert (full["config"], compressed["config"]) == ("full KV", "zipage 32")
+    refs = ["34", "34", "240", "240"]
+    for row in (full, compressed):
+        assert len(row["replies"]) == 4 and row["mean_output_tokens"] <= 16
+        grades = [is_correct(r["text"], ref) for r, ref in zip(row["replies"], refs)]
+        assert [r["correct"] for r in row["replies"]] == grades
+        assert row["pass@1"] == sum(grades) / 4
+    # The replies are the engine's own for the chat prompt with the system prompt, seed per sample.
+    llm = LLM(smollm2_path, kv_budget=None, block_size=16)
+    prompt = chat_prompt(llm.tokenizer, PROBLEMS[1]["question"])
+    assert SYSTEM in llm.tokenizer.decode(prompt)
+    params = SamplingParams(temperature=0.6, top_p=0.95, max_tokens=16, seed=3)
+    assert llm.generate([prompt], params, use_tqdm=False)[0]["text"] == full["replies"][3]["text"]
+
+
+def test_fidelity_end_to_end_full_kv_is_exact_and_compression_is_not(
+    smollm2_path, problems_file, tmp_path
+):
+    plot = tmp_path / "fidelity.png"
+    args = ["--task", "fidelity", "--model", smollm2_path, "--data", problems_file,
+            "--max-tokens", "16", "--block-size", "16", "--budgets", "32",
+            "--policies", "zipage,recency", "--plot", str(plot)]  # fmt: skip
+    rows = main(args)
+    assert [r["config"] for r in rows] == ["full KV", "zipage 32", "recency 32"]
+    full = rows[0]
+    assert full["agreement"] == 1 and full["logprob_gap"] < 1e-4
+    for row in rows[1:]:
+        assert 0 < row["agreement"] <= 1 and row["logprob_gap"] > 1e-3
+    assert plot.stat().st_size > 0
