@@ -300,21 +300,18 @@ class ModelRunner:
             )
             for start in range(0, num_layers, config.compress_layers):
                 layers = slice(start, min(start + config.compress_layers, num_layers))
-                dense = [
-                    cache[layers][:, old].transpose(1, 2).flatten(2, 3)  # [L, kvh, T, ...]
-                    for cache in (self.kv_cache[0], self.kv_cache[1], self.score_cache)
-                ]
+                caches = [cache[layers] for cache in (*self.kv_cache, self.score_cache)]
+                # K, V and stored scores of the request, dense: [layers, kvh, T, ...]
+                dense = [cache[:, old].transpose(1, 2).flatten(2, 3) for cache in caches]
                 prev = dense[2].clone()
                 prev[..., 0 if first else keep :] = 0  # newer tokens were never scored
                 state = CacheState(dense[0], self.q_cache[layers, window_rows], prev, first, b)
                 score, dense[2] = policy(state, config)
                 kept = select(score, keep, config.window, config.num_sinks)  # [L, kvh, keep]
-                for cache, values in zip(
-                    (self.kv_cache[0], self.kv_cache[1], self.score_cache), dense
-                ):
+                for cache, values in zip(caches, dense):
                     index = kept.view(*kept.shape, *[1] * (values.dim() - 3))
                     kept_values = values.gather(2, index.expand(*kept.shape, *values.shape[3:]))
-                    cache[layers][:, new] = kept_values.unflatten(2, (-1, b)).transpose(1, 2)
+                    cache[:, new] = kept_values.unflatten(2, (-1, b)).transpose(1, 2)
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor):
         params = [seq.sampling_params for seq in seqs]
