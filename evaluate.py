@@ -25,6 +25,7 @@ import argparse
 import gc
 import json
 import os
+import sys
 import time
 
 import torch
@@ -96,6 +97,7 @@ def generate(model: str, policy: str, budget: int | None, block_size: int, quest
     }
     del llm
     gc.collect()
+    print(f"{row['config']}: {tokens} tokens in {seconds:.0f} s", file=sys.stderr, flush=True)
     return prompts, outputs, row
 
 
@@ -126,6 +128,17 @@ def evaluate_math(
     return rows
 
 
+def first_compressed(prompt_len: int, budget: int | None, block_size: int) -> float:
+    """Index of the first output token predicted from a compressed cache (inf for full KV):
+    the engine compresses before a decode step whose preceding tokens fill N_max = budget /
+    block_size + 1 whole blocks, so from the first block boundary at or past budget + block_size
+    (and past the prompt) on."""
+    if budget is None:
+        return float("inf")
+    filled = -(-max(budget + block_size, prompt_len) // block_size) * block_size
+    return filled + 1 - prompt_len
+
+
 @torch.inference_mode()
 def evaluate_fidelity(model: str, questions, configs, max_tokens=512, block_size=32) -> list[dict]:
     """Full KV, then each (policy, budget) of `configs`: greedy engine outputs, teacher-forced
@@ -139,17 +152,21 @@ def evaluate_fidelity(model: str, questions, configs, max_tokens=512, block_size
     ]
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     for prompts, outputs, row in runs:
-        agree = gap = tokens = 0
+        agree, gaps, compressed = [], [], []
         for prompt, out in zip(prompts, outputs):
             chosen = torch.tensor(out["token_ids"])
             ids = torch.tensor([prompt + out["token_ids"]])
             logits = hf(ids, logits_to_keep=len(chosen) + 1).logits[0, :-1]
             logprobs = logits.float().log_softmax(-1)
-            agree += (logprobs.argmax(-1) == chosen).sum().item()
+            agree.append(logprobs.argmax(-1) == chosen)
             full = logprobs.gather(1, chosen[:, None]).squeeze(1)
-            gap += (full - torch.tensor(out["logprobs"])).abs().sum().item()
-            tokens += len(chosen)
-        row["agreement"], row["logprob_gap"] = agree / tokens, gap / tokens
+            gaps.append((full - torch.tensor(out["logprobs"])).abs())
+            start = first_compressed(len(prompt), row["budget"], block_size)
+            compressed.append(torch.arange(len(chosen)) >= start)
+        agree, gaps, compressed = torch.cat(agree).float(), torch.cat(gaps), torch.cat(compressed)
+        row["agreement"], row["logprob_gap"] = agree.mean().item(), gaps.mean().item()
+        row["compressed_share"] = compressed.float().mean().item()
+        row["agreement_compressed"] = agree[compressed].mean().item() if compressed.any() else None
     return [row for _, _, row in runs]
 
 
@@ -225,7 +242,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = evaluate_fidelity(
             args.model, [q for q, _ in problems], configs, args.max_tokens, args.block_size
         )
-        columns = ["config", "agreement", "logprob_gap", "mean_output_tokens", "preemptions"]
+        columns = ["config", "agreement", "logprob_gap", "compressed_share"]
+        columns += ["agreement_compressed", "mean_output_tokens", "preemptions"]
         if args.plot:
             plot(rows, args.plot)
     print(" | ".join(f"{c:>18}" for c in columns))

@@ -5,9 +5,10 @@ import json
 import os
 
 import pytest
+import torch
 
 from eval_math import is_correct, last_boxed, reference, to_number
-from evaluate import DATA, SYSTEM, chat_prompt, load_problems, main
+from evaluate import DATA, SYSTEM, chat_prompt, first_compressed, load_problems, main
 from nanozipage import LLM, SamplingParams
 
 PROBLEMS = [  # long enough that a 32-token budget compresses the prompt
@@ -141,6 +142,26 @@ def test_fidelity_end_to_end_full_kv_is_exact_and_compression_is_not(
     assert [r["config"] for r in rows] == ["full KV", "zipage 32", "recency 32"]
     full = rows[0]
     assert full["agreement"] == 1 and full["logprob_gap"] < 1e-4
+    assert full["compressed_share"] == 0 and full["agreement_compressed"] is None
     for row in rows[1:]:
         assert 0 < row["agreement"] <= 1 and row["logprob_gap"] > 1e-3
+        assert 0 < row["compressed_share"] < 1 and 0 <= row["agreement_compressed"] <= 1
     assert plot.stat().st_size > 0
+
+
+def test_first_compressed_is_where_a_budget_starts_to_change_the_outputs(smollm2_path):
+    params = SamplingParams(temperature=0, max_tokens=32, logprobs=True)
+    outputs = []
+    for budget in (None, 32):
+        llm = LLM(smollm2_path, kv_budget=budget, block_size=16)
+        prompt = chat_prompt(llm.tokenizer, PROBLEMS[0]["question"])
+        outputs.append(llm.generate([prompt], params, use_tqdm=False)[0])
+    full, compressed = outputs
+    start = first_compressed(len(prompt), 32, 16)
+    assert 0 < start < 32 and first_compressed(len(prompt), None, 16) == float("inf")
+    assert full["token_ids"][:start] == compressed["token_ids"][:start]
+    torch.testing.assert_close(full["logprobs"][:start], compressed["logprobs"][:start])
+    assert (
+        full["token_ids"][start] != compressed["token_ids"][start]
+        or abs(full["logprobs"][start] - compressed["logprobs"][start]) > 1e-4
+    )
