@@ -123,7 +123,10 @@ def evaluate_math(
         _, outputs, row = generate(model, policy, budget, block_size, questions, params)
         correct = [is_correct(o["text"], ref) for o, ref in zip(outputs, refs)]
         row["pass@1"] = sum(correct) / len(correct)
-        row["replies"] = [{"text": o["text"], "correct": c} for o, c in zip(outputs, correct)]
+        row["replies"] = [
+            {"problem": i // samples, "reference": ref, "text": o["text"], "correct": c}
+            for i, (o, ref, c) in enumerate(zip(outputs, refs, correct))
+        ]
         rows.append(row)
     return rows
 
@@ -213,6 +216,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--block-size", type=int, help="math: 256; fidelity: 32")
     parser.add_argument("--seed", type=int, default=0, help="sample i has seed + i (math)")
     parser.add_argument("--plot", help="fidelity: PNG of agreement and gap against budget")
+    parser.add_argument("--save", help="math: JSONL of every reply with its grade")
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.task].items():
         if getattr(args, key) is None:
@@ -237,6 +241,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             args.seed,
         )
         columns = ["config", "pass@1", "mean_output_tokens", "tok_per_s", "preemptions"]
+        if args.save:
+            with open(args.save, "w") as f:
+                for row in rows:
+                    f.writelines(
+                        json.dumps({"config": row["config"], **r}) + "\n" for r in row["replies"]
+                    )
     else:
         configs = [(p, b) for p in args.policies.split(",") for b in budgets if b is not None]
         rows = evaluate_fidelity(

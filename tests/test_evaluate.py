@@ -112,14 +112,22 @@ def test_load_problems_reads_gsm8k_amc_and_aime_layouts(tmp_path):
         load_problems(str(tmp_path / "custom"))
 
 
-def test_math_end_to_end_grades_what_the_engine_samples(smollm2_path, problems_file):
+def test_math_end_to_end_grades_what_the_engine_samples(smollm2_path, problems_file, tmp_path):
     args = ["--task", "math", "--model", smollm2_path, "--data", problems_file, "--samples", "2",
-            "--max-tokens", "16", "--block-size", "16", "--budgets", "full,32"]  # fmt: skip
+            "--max-tokens", "16", "--block-size", "16", "--budgets", "full,32",
+            "--save", str(tmp_path / "replies.jsonl")]  # fmt: skip
     full, compressed = main(args)
+    saved = [json.loads(line) for line in (tmp_path / "replies.jsonl").read_text().splitlines()]
+    assert saved == [
+        {"config": r["config"], **reply} for r in (full, compressed) for reply in r["replies"]
+    ]
     assert (full["config"], compressed["config"]) == ("full KV", "zipage 32")
     refs = ["34", "34", "240", "240"]
     for row in (full, compressed):
         assert len(row["replies"]) == 4 and row["mean_output_tokens"] <= 16
+        assert [(r["problem"], r["reference"]) for r in row["replies"]] == list(
+            zip([0, 0, 1, 1], refs)
+        )
         grades = [is_correct(r["text"], ref) for r, ref in zip(row["replies"], refs)]
         assert [r["correct"] for r in row["replies"]] == grades
         assert row["pass@1"] == sum(grades) / 4
