@@ -5,8 +5,9 @@ math: `python evaluate.py --task math [--data FILE] [--format gsm8k|amc|auto]
 [--budgets full,2048,1024] [--policy zipage] [--block-size B] [--model DIR]`
 samples n replies per problem (temperature 0.6, top_p 0.95, one seed per sample) with full KV
 and each budget, grades the last \\boxed{} of each reply (eval_math.py), and reports pass@1
-(mean over samples), mean output length and output tok/s. Readers: GSM8K (answer after '####'),
-AMC23/AIME24 layouts (`question` or `problem`; `answer`, or `solution` and its last \\boxed{}).
+(mean over samples), the share of replies with a \\boxed{} at all, mean output length and
+output tok/s. Readers: GSM8K (answer after '####'), AMC23/AIME24 layouts (`question` or
+`problem`; `answer`, or `solution` and its last \\boxed{}). --save FILE writes every reply.
 
 fidelity: `python evaluate.py --task fidelity [--num-problems 64] [--max-tokens 512]
 [--block-size 32] [--budgets 128,256] [--policies zipage,recency] [--model DIR] [--plot PNG]`
@@ -30,7 +31,7 @@ import time
 
 import torch
 
-from eval_math import is_correct, reference
+from eval_math import is_correct, last_boxed, reference
 from nanozipage import LLM, SamplingParams
 
 SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -123,6 +124,7 @@ def evaluate_math(
         _, outputs, row = generate(model, policy, budget, block_size, questions, params)
         correct = [is_correct(o["text"], ref) for o, ref in zip(outputs, refs)]
         row["pass@1"] = sum(correct) / len(correct)
+        row["boxed"] = sum(last_boxed(o["text"]) is not None for o in outputs) / len(outputs)
         row["replies"] = [
             {"problem": i // samples, "reference": ref, "text": o["text"], "correct": c}
             for i, (o, ref, c) in enumerate(zip(outputs, refs, correct))
@@ -230,23 +232,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.data, args.format, args.question_field, args.answer_field, args.num_problems
     )
     if args.task == "math":
-        rows = evaluate_math(
-            args.model,
-            problems,
-            budgets,
-            args.samples,
-            args.max_tokens,
-            args.policy,
-            args.block_size,
-            args.seed,
-        )
-        columns = ["config", "pass@1", "mean_output_tokens", "tok_per_s", "preemptions"]
+        names = ("samples", "max_tokens", "policy", "block_size", "seed")
+        rows = evaluate_math(args.model, problems, budgets, **{k: vars(args)[k] for k in names})
+        columns = ["config", "pass@1", "boxed", "mean_output_tokens", "tok_per_s", "preemptions"]
         if args.save:
+            replies = [{"config": row["config"], **r} for row in rows for r in row["replies"]]
             with open(args.save, "w") as f:
-                for row in rows:
-                    f.writelines(
-                        json.dumps({"config": row["config"], **r}) + "\n" for r in row["replies"]
-                    )
+                f.writelines(json.dumps(reply) + "\n" for reply in replies)
     else:
         configs = [(p, b) for p in args.policies.split(",") for b in budgets if b is not None]
         rows = evaluate_fidelity(

@@ -131,6 +131,7 @@ def test_math_end_to_end_grades_what_the_engine_samples(smollm2_path, problems_f
         grades = [is_correct(r["text"], ref) for r, ref in zip(row["replies"], refs)]
         assert [r["correct"] for r in row["replies"]] == grades
         assert row["pass@1"] == sum(grades) / 4
+        assert row["boxed"] == sum(last_boxed(r["text"]) is not None for r in row["replies"]) / 4
     # The replies are the engine's own for the chat prompt with the system prompt, seed per sample.
     llm = LLM(smollm2_path, kv_budget=None, block_size=16)
     prompt = chat_prompt(llm.tokenizer, PROBLEMS[1]["question"])
