@@ -1,4 +1,5 @@
-"""Triton kernels of the attention layer, each with the PyTorch reference that the CPU runs."""
+"""Triton kernels (attention, KV store, compression scoring and compaction), each with the
+PyTorch reference that the CPU runs."""
 
 from nanozipage.kernels.compact import compact, compact_ref, compact_triton
 from nanozipage.kernels.decode_attention import (
