@@ -16,7 +16,7 @@ class Context:
     block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks], -1 padded
     cu_seqlens_q: torch.Tensor | None = None  # [num_seqs + 1] prefill only
     max_seqlen_q: int = 0  # prefill only
-    query_rows: torch.Tensor | None = None  # [num_tokens] query-cache row (compression only)
+    query_rows: torch.Tensor | None = None  # [num_tokens] query-cache row or -1 (compression)
 
 
 _CONTEXT = Context()

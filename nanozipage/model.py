@@ -146,9 +146,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         ctx = get_context()
-        store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
-        if ctx.query_rows is not None:
-            self.q_cache.index_copy_(0, ctx.query_rows, q)
+        store_kv(
+            k, v, self.k_cache, self.v_cache, ctx.slot_mapping, q, self.q_cache, ctx.query_rows
+        )
         if ctx.is_prefill:
             o = prefill_attention(
                 q,

@@ -11,6 +11,7 @@ import torch
 
 from nanozipage.config import Config
 from nanozipage.context import get_context, reset_context, set_context
+from nanozipage.kernels import compact
 from nanozipage.model import CausalLM
 from nanozipage.policy import POLICIES, CacheState, select
 from nanozipage.sampler import sample
@@ -139,10 +140,9 @@ class ModelRunner:
             self.score_cache = torch.zeros(
                 num_layers, num_blocks, self.num_kv_heads, self.block_size, device=self.device
             )
-            # One row per (slot, window position), plus a last row that absorbs the queries of
-            # every token that is not a window query, so that the store needs no mask.
+            # One row per (query slot, window position).
             self.q_cache = torch.zeros(
-                num_layers, num_slots * config.window + 1, num_q_heads, self.head_dim,
+                num_layers, num_slots * config.window, num_q_heads, self.head_dim,
                 dtype=self.dtype, device=self.device,
             )  # fmt: skip
             for i, layer in enumerate(self.model.model.layers):
@@ -161,11 +161,11 @@ class ModelRunner:
         return seq.block_table[index // self.block_size] * self.block_size + index % self.block_size
 
     def _query_row(self, seq: Sequence, index: int, last_block: int) -> int:
-        """Row of the query cache for the token at cache index `index`: window queries are the
-        last `window` tokens of a block, and only those of seq's newest block are kept."""
+        """Row of the query cache for the token at cache index `index`, or -1: window queries
+        are the last `window` tokens of a block, and only those of seq's newest block are kept."""
         b, w = self.block_size, self.config.window
         if seq.query_slot < 0 or index % b < b - w or index // b != last_block:
-            return self.q_cache.shape[1] - 1
+            return -1
         return seq.query_slot * w + index % b - (b - w)
 
     def prepare_prefill(self, seqs: list[Sequence]):
@@ -250,7 +250,7 @@ class ModelRunner:
         buf["context_lens"][:bs] = ctx.context_lens
         buf["block_tables"][:bs, : ctx.block_tables.shape[1]] = ctx.block_tables
         if ctx.query_rows is not None:
-            buf["query_rows"].fill_(self.q_cache.shape[1] - 1)
+            buf["query_rows"].fill_(-1)
             buf["query_rows"][:bs] = ctx.query_rows
         self.graphs[graph_bs].replay()
         return buf["hidden"][:bs]
@@ -285,33 +285,34 @@ class ModelRunner:
     def _compress(self, jobs: list[tuple[Sequence, list[int]]]):
         """Compress each request from its old block table into its new one (already planned by
         the block manager): score every cached token with the policy, keep `kv_budget` per
-        (layer, KV head) in position order, and compact K, V and the stored scores into the
-        first blocks of the new table. A group of layers is gathered densely at a time, so
-        overlapping source and target blocks are safe."""
+        (layer, KV head) in position order, and compact K, V and this compression's scores
+        into the first blocks of the new table, a group of layers at a time."""
         config, b = self.config, self.block_size
         policy, num_layers = POLICIES[config.policy], len(self.model.model.layers)
         for seq, old_table in jobs:
             keep = seq.kv_budget
-            old = self._tensor(old_table, torch.long)
-            new = self._tensor(seq.block_table[: keep // b], torch.long)
+            old = self._tensor(old_table)
+            new = self._tensor(seq.block_table[: keep // b])
             first = seq.num_compressions == 1  # counted when it was planned
             window_rows = slice(
                 seq.query_slot * config.window, (seq.query_slot + 1) * config.window
             )
             for start in range(0, num_layers, config.compress_layers):
                 layers = slice(start, min(start + config.compress_layers, num_layers))
-                caches = [cache[layers] for cache in (*self.kv_cache, self.score_cache)]
-                # K, V and stored scores of the request, dense: [layers, kvh, T, ...]
-                dense = [cache[:, old].transpose(1, 2).flatten(2, 3) for cache in caches]
-                prev = dense[2].clone()
+                k_cache, v_cache = self.kv_cache[0, layers], self.kv_cache[1, layers]
+                score_cache = self.score_cache[layers]
+                # The request's keys and stored scores, dense: [layers, kvh, T, ...]
+                keys = k_cache[:, old].transpose(1, 2).flatten(2, 3)
+                prev = score_cache[:, old].transpose(1, 2).flatten(2)
                 prev[..., 0 if first else keep :] = 0  # newer tokens were never scored
-                state = CacheState(dense[0], self.q_cache[layers, window_rows], prev, first, b)
-                score, dense[2] = policy(state, config)
+                state = CacheState(keys, self.q_cache[layers, window_rows], prev, first, b)
+                score, stored = policy(state, config)
                 kept = select(score, keep, config.window, config.num_sinks)  # [L, kvh, keep]
-                for cache, values in zip(caches, dense):
-                    index = kept.view(*kept.shape, *[1] * (values.dim() - 3))
-                    kept_values = values.gather(2, index.expand(*kept.shape, *values.shape[3:]))
-                    cache[:, new] = kept_values.unflatten(2, (-1, b)).transpose(1, 2)
+                compact(k_cache, old, new, kept)
+                compact(v_cache, old, new, kept)
+                # The scores are this compression's (dense), not the cache's: gather, not compact.
+                kept_scores = stored.gather(2, kept).unflatten(2, (-1, b))
+                score_cache[:, new] = kept_scores.transpose(1, 2)
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor):
         params = [seq.sampling_params for seq in seqs]
@@ -349,7 +350,7 @@ class ModelRunner:
             "hidden": torch.zeros(max_bs, hidden_size, dtype=self.dtype, device=self.device),
         }
         if self.q_cache is not None:
-            buf["query_rows"] = torch.zeros(max_bs, dtype=torch.long, device=self.device)
+            buf["query_rows"] = torch.full((max_bs,), -1, dtype=torch.long, device=self.device)
         pool = None
         for bs in reversed(self.graph_sizes):
             set_context(

@@ -3,7 +3,9 @@
 A policy scores every cached token of one request, per layer and KV head, from that cache's
 state (`CacheState`); the engine then keeps the `kv_budget` best of each (layer, KV head) and
 the window, in position order (`select`). Every tensor here is dense (one request, its cache
-gathered out of the pages) and may carry leading dimensions (a group of layers). The engine
+gathered out of the pages) with a leading dimension (a group of layers). The two heavy steps,
+window attention and redundancy, are kernels (`kernels/window_score.py`, `redundancy.py`,
+whose PyTorch references state their math); the rest is a few tensor ops. The engine
 and the dense reference in the tests call the same functions, so a new policy is one function
 added to `POLICIES`.
 """
@@ -13,44 +15,30 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nanozipage.kernels import redundancy_sums, window_scores
+
 
 @dataclass
 class CacheState:
-    keys: torch.Tensor  # [..., kv_heads, T, head_dim], post-RoPE (T = cached tokens)
-    queries: torch.Tensor  # [..., window, q_heads, head_dim], the last `window` tokens' queries
-    prev_scores: torch.Tensor  # [..., kv_heads, T] float32; 0 where not scored before
+    keys: torch.Tensor  # [layers, kv_heads, T, head_dim], post-RoPE (T = cached tokens)
+    queries: torch.Tensor  # [layers, window, q_heads, head_dim], the last `window` tokens'
+    prev_scores: torch.Tensor  # [layers, kv_heads, T] float32; 0 where not scored before
     first: bool  # the request's first compression
     block_size: int
 
 
 def window_attention(state: CacheState) -> torch.Tensor:
     """Softmax attention of each window query over all cached keys (causal inside the window),
-    max over the query heads of a GQA group, mean over the window: [..., kv_heads, T]."""
-    keys, queries = state.keys.float(), state.queries.float()
-    kv_heads, num_tokens, head_dim = keys.shape[-3:]
-    window, q_heads = queries.shape[-3:-1]
-    group = q_heads // kv_heads
-    q = queries.transpose(-3, -2).unflatten(-3, (kv_heads, group))  # [..., kvh, g, w, d]
-    logits = q @ keys.unsqueeze(-3).transpose(-1, -2) * head_dim**-0.5  # [..., kvh, g, w, T]
-    query_pos = torch.arange(num_tokens - window, num_tokens, device=keys.device)
-    future = torch.arange(num_tokens, device=keys.device) > query_pos[:, None]
-    probs = logits.masked_fill(future, float("-inf")).softmax(-1)
-    return probs.amax(-3).mean(-2)
+    max over the query heads of a GQA group, mean over the window: [layers, kv_heads, T]."""
+    return window_scores(state.keys, state.queries)
 
 
 def redundancy(state: CacheState, tau: float) -> torch.Tensor:
     """R-KV "lightning" redundancy: cosine similarity between keys of the same block only; for
     every token n, its most recent near-duplicate m (sim > 0.5) does not count sim(m, n), so the
-    newest of a group survives; sum per token, softmax over the request: [..., kv_heads, T]."""
-    b = state.block_size
-    keys = F.normalize(state.keys.float(), dim=-1).unflatten(-2, (-1, b))  # [..., N, b, d]
-    sim = keys @ keys.transpose(-1, -2)  # [..., N, b(m), b(n)]
-    sim = sim * (1 - torch.eye(b, device=sim.device))
-    slot = torch.arange(b, device=sim.device)
-    newest = torch.where(sim > 0.5, slot[:, None], -1).amax(-2)  # per n: largest such m
-    spared = (slot[:, None] == newest.unsqueeze(-2)) & (newest.unsqueeze(-2) >= 0)
-    total = sim.masked_fill(spared, 0).sum(-1).flatten(-2)
-    return (total / (tau * b)).softmax(-1)
+    newest of a group survives; sum per token, softmax over the request: [layers, kv_heads, T]."""
+    sums = redundancy_sums(state.keys, state.block_size)
+    return (sums / (tau * state.block_size)).softmax(-1)
 
 
 def zipage(state: CacheState, config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +69,7 @@ POLICIES = {"zipage": zipage, "recency": recency}
 
 def select(score: torch.Tensor, keep: int, window: int, num_sinks: int) -> torch.Tensor:
     """Indices of the `keep` tokens to keep per row, window and sinks always among them,
-    in position order: [..., kv_heads, keep]."""
+    in position order: [layers, kv_heads, keep]."""
     score = score.clone()
     score[..., score.shape[-1] - window :] = float("inf")
     score[..., :num_sinks] = float("inf")

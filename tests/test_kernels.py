@@ -78,22 +78,34 @@ def upcast(*tensors):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [8, 16, 12])
 @pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
-def test_store_kv_writes_each_token_to_its_slot_and_skips_padding(dtype, block_size, slot_dtype):
-    num_tokens, num_kv_heads, head_dim, num_blocks = 20, 3, HEAD_DIMS[-1], 5
-    _, key, value = fused_qkv(num_tokens, 4, num_kv_heads, head_dim, dtype)
+@pytest.mark.parametrize("with_queries", [False, True])
+def test_store_kv_writes_each_token_to_its_slot_and_skips_padding(
+    dtype, block_size, slot_dtype, with_queries
+):
+    num_tokens, num_q_heads, num_kv_heads, head_dim, num_blocks = 20, 6, 3, HEAD_DIMS[-1], 5
+    query, key, value = fused_qkv(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype)
     shape = (num_blocks, num_kv_heads, block_size, head_dim)
     k_cache = torch.randn(shape, device=DEVICE).to(dtype)
     v_cache = torch.randn(shape, device=DEVICE).to(dtype)
     slots = torch.randperm(num_blocks * block_size)[:num_tokens]
     slots[[1, 7, 19]] = -1
     slots = slots.to(slot_dtype).to(DEVICE)
-    old_k, old_v = k_cache.clone(), v_cache.clone()
+    # The query cache: 30 rows; a few tokens are window queries, the rest -1.
+    q_cache = torch.randn(30, num_q_heads, head_dim, device=DEVICE).to(dtype)
+    rows = torch.full((num_tokens,), -1, dtype=torch.long)
+    rows[[0, 4, 5, 19]] = torch.randperm(30)[:4]
+    rows = rows.to(DEVICE)
+    q_args = (query, q_cache, rows) if with_queries else ()
+    old_k, old_v, old_q = k_cache.clone(), v_cache.clone(), q_cache.clone()
 
-    store_kv_triton(key, value, k_cache, v_cache, slots)
+    store_kv_triton(key, value, k_cache, v_cache, slots, *q_args)
 
-    expected_k, expected_v = old_k.clone(), old_v.clone()
-    store_kv_ref(key, value, expected_k, expected_v, slots)
+    expected_k, expected_v, expected_q = old_k.clone(), old_v.clone(), old_q.clone()
+    expected_q_args = (query, expected_q, rows) if with_queries else ()
+    store_kv_ref(key, value, expected_k, expected_v, slots, *expected_q_args)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    assert torch.equal(q_cache, expected_q)
+    assert torch.equal(q_cache[rows[[0, 4]]], query[[0, 4]]) == with_queries
     untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
     untouched[slots[slots >= 0].long()] = False
     for cache, old in ((k_cache, old_k), (v_cache, old_v)):
