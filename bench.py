@@ -1,16 +1,20 @@
-"""Benchmarks: `python bench.py [--task throughput|decode-step] [--workload nano|r1]
-[--mode full|zipage|both] [--kv-budget N] [--model DIR] [--plot PNG]`.
+"""Benchmarks: `python bench.py [--task throughput|decode-step|compress-cost] [--workload nano|r1]
+[--mode full|zipage|both] [--kv-budget N[,N...]] [--sync-compression] [--model DIR] [--plot PNG]`.
 
 throughput (default) runs a workload in full-KV mode, in zipage mode (Compressed
-PagedAttention at --kv-budget), or both in one process, and reports for each: output tok/s
-(output tokens over wall time, prefill included, after a warm-up), peak and mean number of
-requests per decode step, preemptions, and the share of time spent compressing; and the ratio.
+PagedAttention, once for each budget of --kv-budget), or both in one process, and reports for
+each: output tok/s (output tokens over wall time, prefill included, after a warm-up), peak and
+mean number of requests per decode step, preemptions, compressions and their GPU time as a
+share of wall time (overlapped with decoding when asynchronous); and each budget's ratio to
+full KV.
 Workloads: nano (default): nano-vllm's published benchmark, 256 requests, prompt and output
 lengths uniform in [100, 1024]. r1: long reasoning, 32 requests, prompts in [128, 512], outputs
 in [8192, 16384], KV pool capped at 256 blocks of 256 tokens in both modes. Both use random
 token ids, temperature 0.6, ignore_eos, seed 0.
 decode-step: wall time of one engine decode step (scheduling, inputs, forward, sampling) at
 batch 1 and 256, with CUDA graphs and eager.
+compress-cost: GPU time of one compression of one request against one decode step of --batch
+requests, and that step's time after a synchronous or beside an asynchronous compression.
 With no --model, the Qwen3-0.6B architecture with random weights is written once to a cache
 folder, so that the benchmark needs no download. Prints a table, then one JSON line.
 """
@@ -27,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from nanozipage import LLM, SamplingParams
+from nanozipage.sequence import Sequence
 
 QWEN3_0_6B = {
     "architectures": ["Qwen3ForCausalLM"],
@@ -112,17 +117,17 @@ def workload(name: str, seed: int, vocab: int):
 
 
 def run(llm: LLM, prompts, params) -> dict:
-    """Generate step by step; the model runner's compress is timed from outside (synchronised)."""
-    compress, compress_seconds = llm.model_runner.compress, [0.0]
+    """Generate step by step. Compressions are timed on the stream they run on, with CUDA events
+    read at the end, so that timing them does not make asynchronous compression synchronous."""
+    runner = llm.model_runner
+    compress, spans = runner._compress, []
 
     def timed_compress(jobs):
-        sync()
-        start = time.perf_counter()
+        spans.append(Timer().start())
         compress(jobs)
-        sync()
-        compress_seconds[0] += time.perf_counter() - start
+        spans[-1].stop()
 
-    llm.model_runner.compress = timed_compress
+    runner._compress = timed_compress
     for prompt, p in zip(prompts, params):
         llm.add_request(prompt, p)
     timeline, start = [], time.perf_counter()
@@ -131,24 +136,53 @@ def run(llm: LLM, prompts, params) -> dict:
         if num_tokens < 0:  # a decode step: its batch is the number of requests decoding
             timeline.append((time.perf_counter() - start, -num_tokens))
     elapsed = time.perf_counter() - start
-    llm.model_runner.compress = compress
+    runner._compress = compress
     batches = [b for _, b in timeline]
     output_tokens = sum(p.max_tokens for p in params)
     return {"output_tokens": output_tokens, "seconds": elapsed,
             "tok_per_s": output_tokens / elapsed, "peak_running": max(batches),
             "mean_running": sum(batches) / len(batches),
-            "preemptions": llm.scheduler.num_preemptions,
-            "compress_share": compress_seconds[0] / elapsed, "timeline": timeline}  # fmt: skip
+            "preemptions": llm.scheduler.num_preemptions, "compressions": len(spans),
+            "compress_share": sum(span.seconds() for span in spans) / elapsed,
+            "timeline": timeline}  # fmt: skip
+
+
+class Timer:
+    """Time GPU work with CUDA events on the current stream (wall time on the CPU)."""
+
+    def start(self):
+        if torch.cuda.is_available():
+            self.begin, self.end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            self.begin.record()
+        else:
+            self.begin = time.perf_counter()
+        return self
+
+    def stop(self):
+        if torch.cuda.is_available():
+            self.end.record()
+        else:
+            self.end = time.perf_counter()
+
+    def seconds(self) -> float:
+        if torch.cuda.is_available():
+            self.end.synchronize()
+            return self.begin.elapsed_time(self.end) / 1000
+        return self.end - self.begin
 
 
 def throughput(model: str, args) -> dict:
-    results, modes = {}, ["full", "zipage"] if args.mode == "both" else [args.mode]
-    for mode in modes:
+    """Each mode on the same workload, full KV first; zipage once per budget of --kv-budget."""
+    modes = {"full": None} if args.mode != "zipage" else {}
+    if args.mode != "full":
+        modes.update({f"zipage-{budget}": budget for budget in args.kv_budget})
+    results = {}
+    for mode, kv_budget in modes.items():
         with open(os.path.join(model, "config.json")) as f:
             vocab = json.load(f)["vocab_size"]
         prompts, params, config = workload(args.workload, args.seed, vocab)
-        kv_budget = args.kv_budget if mode == "zipage" else None
-        llm = LLM(model, enforce_eager=args.enforce_eager, kv_budget=kv_budget, **config)
+        llm = LLM(model, enforce_eager=args.enforce_eager, kv_budget=kv_budget,
+                  async_compression=not args.sync_compression, **config)  # fmt: skip
         # Warm-up: compile the kernels, and with compression run one compression too.
         warm = (kv_budget or 0) + 2 * llm.config.block_size
         llm.generate(prompts[:4], [replace(p, max_tokens=min(p.max_tokens, warm)) for p in params[:4]],
@@ -157,13 +191,17 @@ def throughput(model: str, args) -> dict:
         results[mode] = run(llm, prompts, params)
         results[mode]["kv_blocks"] = llm.model_runner.num_blocks
         results[mode]["query_slots"] = llm.model_runner.num_query_slots
+        print(mode, {k: v for k, v in results[mode].items() if k != "timeline"}, flush=True)
         del llm
         gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    if len(modes) == 2:
-        results["ratio"] = results["zipage"]["tok_per_s"] / results["full"]["tok_per_s"]
+    if "full" in results:
+        for mode, kv_budget in modes.items():
+            if kv_budget:
+                ratio = results[mode]["tok_per_s"] / results["full"]["tok_per_s"]
+                results[f"ratio-{kv_budget}"] = ratio
     if args.plot:
-        plot(results, modes, args.plot)
+        plot(results, list(modes), args.plot)
     return results
 
 
@@ -186,11 +224,6 @@ def plot(results: dict, modes: list[str], path: str):
     ax.set(xlabel="seconds", ylabel="requests decoding", title="Running requests over time")
     ax.legend()
     fig.savefig(path, dpi=120, bbox_inches="tight")
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def decode_step(model: str, args) -> dict:
@@ -221,13 +254,102 @@ def decode_step(model: str, args) -> dict:
     return results
 
 
+def compress_cost(model: str, args) -> dict:
+    """What one compression costs, next to the decode step it competes with (R1's steady state).
+
+    A batch of `--batch` requests with 2240 cached tokens each (between budget 2048 and the 2304
+    at which a request compresses) decodes, while one more request, 2304 cached tokens, is
+    compressed again and again. The model runner is driven directly, so that nothing else
+    (scheduling, other compressions) lands in the figures. Reports the GPU time of one
+    compression (first and later: pooling runs only on the first), and the wall time of one
+    decode step alone, after a synchronous compression, and with an asynchronous compression
+    launched on the side stream just before it (the engine's default).
+    """
+    budget, b = args.kv_budget[0], 256
+    n_max, length = budget // b + 1, budget + b - 64
+    llm = LLM(model, kv_budget=budget, block_size=b, max_num_seqs=args.batch + 1,
+              num_kvcache_blocks=(args.batch + 2) * n_max)  # fmt: skip
+    runner, blocks = llm.model_runner, llm.scheduler.block_manager
+    rng, vocab = random.Random(args.seed), llm.config.hf_config["vocab_size"]
+    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=b)
+    batch = [Sequence([rng.randrange(vocab) for _ in range(length)], params)
+             for _ in range(args.batch)]  # fmt: skip
+    target = Sequence([rng.randrange(vocab) for _ in range(n_max * b)], params)
+    target.query_slot = 0
+    for seq in [*batch, target]:
+        seq.kv_budget, seq.num_new_tokens = budget, len(seq)
+        blocks.allocate(seq)
+        runner.run([seq], is_prefill=True)
+        seq.num_computed_tokens = len(seq)
+    target.append_token(0)  # the token whose decode step triggers the compression
+    job = [(target, blocks.compress(target))]
+
+    def median_seconds(fn, repeat=30) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[repeat // 2]
+
+    def compression_gpu_seconds() -> float:
+        timers = []
+        for _ in range(10):
+            timers.append(Timer().start())
+            runner._compress(job)
+            timers[-1].stop()
+        return sorted(t.seconds() for t in timers)[5]
+
+    def decode():
+        runner.run(batch, is_prefill=False)  # ends with the sampled ids on the host
+
+    def decode_after_async_compression():
+        runner.compress(job)
+        decode()
+
+    def decode_after_sync_compression():
+        runner._compress(job)
+        decode()
+
+    results = {"batch": args.batch, "kv_budget": budget,
+               "first_compression_ms": 1000 * compression_gpu_seconds()}  # fmt: skip
+    target.num_compressions = 2
+    results["compression_ms"] = 1000 * compression_gpu_seconds()
+    results["decode_step_ms"] = 1000 * median_seconds(decode)
+    results["decode_step_sync_compression_ms"] = 1000 * median_seconds(
+        decode_after_sync_compression
+    )
+    results["decode_step_async_compression_ms"] = 1000 * median_seconds(
+        decode_after_async_compression
+    )
+    runner.wait_for_compressions()
+    results["async_slowdown"] = (
+        results["decode_step_async_compression_ms"] / results["decode_step_ms"] - 1
+    )
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=["throughput", "decode-step"], default="throughput")
+    parser.add_argument(
+        "--task", choices=["throughput", "decode-step", "compress-cost"], default="throughput"
+    )
     parser.add_argument("--model", help="checkpoint dir (default: Qwen3-0.6B, random weights)")
     parser.add_argument("--workload", choices=list(WORKLOADS), default="nano")
     parser.add_argument("--mode", choices=["full", "zipage", "both"], default="both")
-    parser.add_argument("--kv-budget", type=int, default=2048, help="tokens kept (zipage mode)")
+    parser.add_argument(
+        "--kv-budget",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[2048],
+        help="tokens kept (zipage mode); a list runs each",
+    )
+    parser.add_argument(
+        "--sync-compression",
+        action="store_true",
+        help="compress before the decode step, on the same stream",
+    )
+    parser.add_argument("--batch", type=int, default=28, help="compress-cost: requests decoding")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--plot", help="save a PNG of running requests over time (matplotlib)")
@@ -238,17 +360,17 @@ def main():
         "model": args.model or "Qwen3-0.6B (random weights)",
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
-    result.update(
-        throughput(model, args) if args.task == "throughput" else decode_step(model, args)
-    )
+    tasks = {"throughput": throughput, "decode-step": decode_step, "compress-cost": compress_cost}
+    result.update(tasks[args.task](model, args))
     for key, value in result.items():
         if isinstance(value, dict):  # one mode's figures
             value = {k: v for k, v in value.items() if k != "timeline"}
             value = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in value.items())  # fmt: skip
         print(f"{key:>12} | {value:.3f}" if isinstance(value, float) else f"{key:>12} | {value}")
-    for mode in ("full", "zipage"):
-        result.get(mode, {}).pop("timeline", None)
+    for value in result.values():
+        if isinstance(value, dict):
+            value.pop("timeline", None)
     print(json.dumps(result))
 
 
