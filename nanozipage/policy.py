@@ -21,7 +21,7 @@ from nanozipage.kernels import redundancy_sums, window_scores
 @dataclass
 class CacheState:
     keys: torch.Tensor  # [layers, kv_heads, T, head_dim], post-RoPE (T = cached tokens)
-    queries: torch.Tensor  # [layers, window, q_heads, head_dim], the last `window` tokens'
+    queries: torch.Tensor  # [layers, window, q_heads, head_dim], of the last `window` tokens
     prev_scores: torch.Tensor  # [layers, kv_heads, T] float32; 0 where not scored before
     first: bool  # the request's first compression
     block_size: int

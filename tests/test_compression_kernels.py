@@ -61,6 +61,38 @@ def test_window_scores_match_reference(dtype, head_dim, block_size, group, windo
     assert_close(out, window_scores_ref(keys, queries), dtype)
 
 
+def test_references_match_a_loop_over_tokens():
+    """The references (the policy's definition) against the rule written out one token at a
+    time: window attention (causal inside the window, max over a GQA group, mean over the
+    window) and lightning redundancy (sums within a block, newest near-duplicate spared)."""
+    torch.manual_seed(0)
+    block_size, window, group, head_dim = 4, 3, 2, 8
+    keys = torch.randn(1, 2, 3 * block_size, head_dim, dtype=torch.float32)
+    keys[0, :, 5:7] = keys[0, :, 4:5] + 0.01  # near-duplicates in block 1: slots 0, 1 and 2
+    queries = torch.randn(1, window, 2 * group, head_dim, dtype=torch.float32)
+    num_tokens = keys.shape[2]
+    attention = torch.zeros(2, num_tokens, dtype=torch.float32)
+    sums = torch.zeros(2, num_tokens, dtype=torch.float32)
+    for h in range(2):
+        for i in range(window):
+            visible = num_tokens - window + i + 1
+            probs = [
+                (keys[0, h, :visible] @ queries[0, i, h * group + g] / head_dim**0.5).softmax(0)
+                for g in range(group)
+            ]
+            attention[h, :visible] += torch.stack(probs).amax(0) / window
+        unit = F.normalize(keys[0, h], dim=-1)
+        for first in range(0, num_tokens, block_size):
+            slots = range(first, first + block_size)
+            for n in slots:
+                dups = [m for m in slots if m != n and unit[m] @ unit[n] > 0.5]
+                for m in slots:
+                    if m != n and (not dups or m != max(dups)):
+                        sums[h, m] += unit[m] @ unit[n]
+    torch.testing.assert_close(window_scores_ref(keys, queries)[0], attention)
+    torch.testing.assert_close(redundancy_sums_ref(keys, block_size)[0], sums)
+
+
 def near_duplicates(keys, block_size):
     """Make three slots of every block noisy copies of one key, so that the rule drops the
     newest copy's similarities to the other two and the middle one's to the newest."""
