@@ -257,9 +257,10 @@ def decode_step(model: str, args) -> dict:
 def compress_cost(model: str, args) -> dict:
     """What one compression costs, next to the decode step it competes with (R1's steady state).
 
-    A batch of `--batch` requests with 2240 cached tokens each (between budget 2048 and the 2304
-    at which a request compresses) decodes, while one more request, 2304 cached tokens, is
-    compressed again and again. The model runner is driven directly, so that nothing else
+    A batch of `--batch` requests with kv_budget + 192 cached tokens each (2240 at budget 2048:
+    between the budget and the 2304 at which a request compresses) decodes, while one more
+    request holding N_max full blocks (2304 tokens) is compressed again and again (the first
+    of `--kv-budget`). The model runner is driven directly, so that nothing else
     (scheduling, other compressions) lands in the figures. Reports the GPU time of one
     compression (first and later: pooling runs only on the first), and the wall time of one
     decode step alone, after a synchronous compression, and with an asynchronous compression
