@@ -282,7 +282,7 @@ def compress_cost(model: str, args) -> dict:
         blocks.allocate(seq)
         runner.run([seq], is_prefill=True)
         seq.num_computed_tokens = len(seq)
-    target.append_token(0)  # the token whose decode step triggers the compression
+    target.token_ids.append(0)  # the token whose decode step triggers the compression
     job = [(target, blocks.compress(target))]
 
     def median_seconds(fn, repeat=30) -> float:

@@ -21,6 +21,9 @@ class Config:
     num_kvcache_blocks: int | None = None  # cap on KV blocks (None: as many as memory allows)
     block_size: int = 256  # tokens per KV block
     enforce_eager: bool = False  # True: no CUDA graphs for decode
+    # Plan and launch step N+1 while the GPU runs step N (`LLMEngine.step`); False: the plain
+    # loop, which waits for each step's tokens before planning the next.
+    overlap_scheduling: bool = True
     dtype: str | None = None  # None: the checkpoint's dtype on GPU, float32 on CPU
     device: str | None = None  # None: cuda if available, else cpu
     # Compressed PagedAttention (DESIGN.md section 2). kv_budget=None: the plain full-KV engine.

@@ -56,6 +56,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.config, self.model_runner.num_blocks, self.model_runner.num_query_slots
         )
+        self.in_flight = None  # (seqs, sampling, samples) of a launched step not yet collected
 
     def make_sequence(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
         """Check one request against the engine's limits; nothing is queued here."""
@@ -105,20 +106,40 @@ class LLMEngine:
         return seq.seq_id
 
     def step(self) -> tuple[list[dict], int]:
-        """Run one step; returns the requests that finished, and the tokens fed (negative for
-        a decode step, so that callers can tell prefill and decode throughput apart)."""
+        """Launch one step and collect the results of the one before; returns the requests that
+        finished, and the tokens fed by the launched step (negative for a decode step, so that
+        callers can tell prefill and decode throughput apart).
+
+        The overlap is the engine loop's one trick. The GPU runs asynchronously, so the step is
+        launched before the previous step's sampled tokens are read back: while the GPU runs
+        step N, the host collects step N-1's tokens and plans step N+1. Planning needs no
+        token values, only lengths (every running request gains exactly one token per step),
+        and step N+1's input ids are read from step N's samples on the GPU. A request that
+        finishes at step N (EOS) has already been launched in step N+1: that token is dropped.
+        With `overlap_scheduling=False` each step is collected right after its launch.
+        """
         for seq, old_table in self.model_runner.finished_compressions():
             self.scheduler.finish_compression(seq, old_table)
         seqs, is_prefill, compressions = self.scheduler.schedule()
         if compressions:
             self.model_runner.compress(compressions)
-        if not seqs:  # every request that could run is under compression: let it finish
+        launched = None
+        if seqs:
+            pending = self.in_flight[2].tokens if self.in_flight and self.in_flight[2] else None
+            samples = self.model_runner.run(seqs, is_prefill, pending)
+            launched = (seqs, self.scheduler.launch(seqs), samples)
+        elif not self.in_flight:  # every request that could run is under compression
             self.model_runner.wait_for_compressions()
-            return [], 0
-        token_ids, logprobs = self.model_runner.run(seqs, is_prefill)
-        self.scheduler.postprocess(seqs, token_ids, logprobs)
-        outputs = [self._output(seq) for seq in seqs if seq.is_finished]
-        return outputs, sum(seq.num_new_tokens for seq in seqs) if is_prefill else -len(seqs)
+        if self.config.overlap_scheduling:
+            launched, self.in_flight = self.in_flight, launched
+        outputs = []
+        if launched:
+            seqs_done, sampling, samples = launched
+            token_ids, logprobs = samples.tolist() if samples else ([], None)
+            finished = self.scheduler.postprocess(seqs_done, sampling, token_ids, logprobs)
+            outputs = [self._output(seq) for seq in finished]
+        num_tokens = sum(seq.num_new_tokens for seq in seqs) if is_prefill else -len(seqs)
+        return outputs, num_tokens
 
     def _output(self, seq: Sequence) -> dict:
         token_ids = seq.completion_token_ids
@@ -135,7 +156,7 @@ class LLMEngine:
         return output
 
     def is_finished(self) -> bool:
-        return self.scheduler.is_finished()
+        return self.scheduler.is_finished() and not self.in_flight
 
     def generate(
         self,

@@ -16,10 +16,32 @@ from nanozipage.model import CausalLM
 from nanozipage.policy import POLICIES, CacheState, select
 from nanozipage.sampler import sample
 from nanozipage.sampling_params import SamplingParams
-from nanozipage.sequence import Sequence
+from nanozipage.sequence import PENDING, Sequence
 
 CPU_KV_CACHE_BYTES = 1 << 30  # with no GPU to size from, give the KV pool 1 GiB by default
 _GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+
+class Samples:
+    """One step's sampled tokens: on the device, where the next step reads its input ids, and
+    on their way to the host, where `tolist` waits for that copy only."""
+
+    def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor | None):
+        self.tokens = tokens
+        self._host = [self._to_host(t) for t in (tokens, logprobs) if t is not None]
+        self._copied = torch.cuda.Event() if tokens.is_cuda else None
+        if self._copied:
+            self._copied.record()
+
+    @staticmethod
+    def _to_host(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(t, device="cpu", pin_memory=t.is_cuda).copy_(t, non_blocking=True)
+
+    def tolist(self) -> tuple[list[int], list[float] | None]:
+        if self._copied:
+            self._copied.synchronize()
+        tokens, *logprobs = (t.tolist() for t in self._host)
+        return tokens, logprobs[0] if logprobs else None
 
 
 class ModelRunner:
@@ -202,9 +224,10 @@ class ModelRunner:
         )
         return self._tensor(input_ids, torch.long), self._tensor(positions, torch.long), sample_rows
 
-    def prepare_decode(self, seqs: list[Sequence]):
+    def prepare_decode(self, seqs: list[Sequence], pending: torch.Tensor | None):
         """The last token of each request: at position len - 1, but at cache index
-        cache_len - 1 (they differ once the request has been compressed)."""
+        cache_len - 1 (they differ once the request has been compressed). A PENDING last token
+        is read from `pending`, the samples of the step still in flight, on the device."""
         index = [seq.cache_len - 1 for seq in seqs]
         query_rows = None
         if self.q_cache is not None:
@@ -216,24 +239,28 @@ class ModelRunner:
             block_tables=self._block_tables(seqs),
             query_rows=query_rows,
         )
-        return (
-            self._tensor([seq.last_token for seq in seqs], torch.long),
-            self._tensor([len(seq) - 1 for seq in seqs], torch.long),
-        )
+        input_ids = self._tensor([seq.last_token for seq in seqs], torch.long)
+        if pending is not None:
+            rows = self._tensor([s.sample_row if s.last_token == PENDING else -1 for s in seqs])
+            input_ids = torch.where(rows >= 0, pending[rows.clamp(min=0)], input_ids)
+        return input_ids, self._tensor([len(seq) - 1 for seq in seqs], torch.long)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool):
-        """One forward pass; returns (token ids, logprobs) of the requests that sample."""
+    def run(
+        self, seqs: list[Sequence], is_prefill: bool, pending: torch.Tensor | None = None
+    ) -> "Samples | None":
+        """Launch one forward pass and the sampling of the requests that reach their last token;
+        returns their samples without waiting for the GPU (None if no request samples)."""
         if is_prefill:
             input_ids, positions, sample_rows = self.prepare_prefill(seqs)
             hidden = self.model(input_ids, positions)[sample_rows]
             seqs = [seq for seq in seqs if seq.num_computed_tokens + seq.num_new_tokens == len(seq)]
         else:
-            input_ids, positions = self.prepare_decode(seqs)
+            input_ids, positions = self.prepare_decode(seqs, pending)
             hidden = self.run_decode(input_ids, positions)
         reset_context()
         if not seqs:
-            return [], None
+            return None
         return self.sample(seqs, self.model.compute_logits(hidden))
 
     def run_decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -329,7 +356,7 @@ class ModelRunner:
             greedy=all(p.temperature == 0 for p in params),
             want_logprobs=any(p.logprobs for p in params),
         )
-        return tokens.tolist(), None if logprobs is None else logprobs.tolist()
+        return Samples(tokens, logprobs)
 
     @torch.inference_mode()
     def capture_cudagraphs(self):

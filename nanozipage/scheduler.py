@@ -17,7 +17,7 @@ from collections import deque
 
 from nanozipage.block_manager import BlockManager
 from nanozipage.config import Config
-from nanozipage.sequence import Sequence, SequenceStatus
+from nanozipage.sequence import PENDING, Sequence, SequenceStatus
 
 
 class Scheduler:
@@ -33,6 +33,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.last_step_was_prefill = False
+        self.num_steps_in_flight = 0  # launched, samples not yet read back (`postprocess`)
         self.num_preemptions = 0
 
     def is_finished(self) -> bool:
@@ -52,9 +53,9 @@ class Scheduler:
             if seqs or compressions:
                 self.last_step_was_prefill = is_prefill
                 return seqs, is_prefill, compressions
-        if not self.num_compress_blocks:
+        if not self.num_compress_blocks and not self.num_steps_in_flight:
             raise RuntimeError("no request can make progress")
-        return [], False, []  # every request that could run waits for its compaction
+        return [], False, []  # every request that could run waits for a compaction or a token
 
     def _assign_query_slots(self):
         """Hybrid scheduling: query slots go to the first requests of the running queue."""
@@ -85,6 +86,8 @@ class Scheduler:
                 seqs.append(seq)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.last_token == PENDING:  # preempted with its last token still on the GPU
+                break
             seq.num_new_tokens = len(seq)  # a prompt reaching its window needs a slot at once
             if self._needs_query_slot(seq):
                 if not self.free_query_slots:
@@ -106,6 +109,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status != SequenceStatus.RUNNING or seq.in_prefill or seq.compressing:
                 continue  # preempted by an earlier request of this loop, prefilling, compacting
+            if seq.num_completion_tokens == seq.sampling_params.max_tokens:
+                continue  # its last token is on its way
             seq.num_new_tokens = 1
             if self._needs_query_slot(seq):
                 continue  # waits in the running queue until a query slot frees up
@@ -134,6 +139,8 @@ class Scheduler:
         self.block_manager.release_replaced(seq, old_table)
         self.num_compress_blocks -= len(old_table)
         seq.compressing = False
+        if seq.is_finished:  # its last token arrived while the compaction was running
+            self._free(seq)
 
     def _free_blocks(self, needed: int, seq: Sequence, scheduled: list[Sequence]) -> bool:
         """Preempt until `needed` blocks are free; False if seq must wait (or was preempted).
@@ -157,30 +164,64 @@ class Scheduler:
     def _preempt(self, seq: Sequence):
         self.num_preemptions += 1
         self.running.remove(seq)
-        self.block_manager.deallocate(seq)
-        self._release_query_slot(seq)
+        self._free(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int], logprobs: list[float] | None):
-        """Advance each request by the tokens it was fed; append the sampled tokens.
-
-        `token_ids` holds one token per request that sampled, in order: every request of a
-        decode step, and those prefill requests whose chunk reached their last token.
-        """
-        sampled = iter(zip(token_ids, logprobs or [None] * len(token_ids)))
+    def launch(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
+        """The step is on its way to the GPU: each request advances by the tokens it was fed,
+        and one that reached its end holds a PENDING place for the token being sampled. The
+        next step is planned on these lengths, before the token is known. Returns the requests
+        that sample, each with the index of its placeholder, in the order of the samples."""
+        sampling = []
         for seq in seqs:
             seq.num_computed_tokens += seq.num_new_tokens
-            self.block_manager.hash_blocks(seq)
-            if seq.num_computed_tokens < len(seq):
-                continue  # a prefill chunk that did not reach the end samples nothing
-            token_id, logprob = next(sampled)
-            seq.append_token(token_id, logprob if seq.sampling_params.logprobs else None)
+            if seq.num_computed_tokens == len(seq):
+                seq.sample_row = len(sampling)
+                sampling.append((seq, len(seq)))
+                seq.token_ids.append(PENDING)
+        self.num_steps_in_flight += 1
+        return sampling
+
+    def postprocess(
+        self,
+        seqs: list[Sequence],
+        sampling: list[tuple[Sequence, int]],
+        token_ids: list[int],
+        logprobs: list[float] | None,
+    ) -> list[Sequence]:
+        """A launched step's samples reached the host: fill the placeholders, register the
+        blocks now computed in the prefix cache, and finish requests at EOS or max_tokens.
+        Returns the requests that finished."""
+        self.num_steps_in_flight -= 1
+        finished = []
+        for (seq, index), token_id, logprob in zip(
+            sampling, token_ids, logprobs or [None] * len(token_ids)
+        ):
+            if seq.is_finished:
+                continue  # it finished one step earlier: this token is past its end
+            seq.token_ids[index] = token_id
             params = seq.sampling_params
+            if params.logprobs:
+                seq.logprobs.append(logprob)
+            num_completion = index + 1 - seq.num_prompt_tokens
             if (
                 not params.ignore_eos and token_id == self.eos
-            ) or seq.num_completion_tokens == params.max_tokens:
-                seq.status = SequenceStatus.FINISHED
-                self.block_manager.deallocate(seq)
-                self._release_query_slot(seq)
-                self.running.remove(seq)
+            ) or num_completion == params.max_tokens:
+                del seq.token_ids[index + 1 :]  # a placeholder of the step launched after it
+                finished.append(seq)
+        for seq in seqs:
+            self.block_manager.hash_blocks(seq)
+        for seq in finished:
+            self._finish(seq)
+        return finished
+
+    def _finish(self, seq: Sequence):
+        (self.running if seq.status == SequenceStatus.RUNNING else self.waiting).remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        if not seq.compressing:  # else `finish_compression` frees it once the compaction is done
+            self._free(seq)
+
+    def _free(self, seq: Sequence):
+        self.block_manager.deallocate(seq)
+        self._release_query_slot(seq)

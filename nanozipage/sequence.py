@@ -6,6 +6,10 @@ from itertools import count
 
 from nanozipage.sampling_params import SamplingParams
 
+# The id of a sampled token that is still on the GPU (see `LLMEngine.step`): the next step's
+# input id is read there, and the placeholder is filled once the token reaches the host.
+PENDING = -1
+
 
 class SequenceStatus(Enum):
     WAITING = auto()
@@ -21,13 +25,13 @@ class Sequence:
         self.seq_id = next(Sequence.counter)
         self.status = SequenceStatus.WAITING
         self.token_ids = copy(token_ids)
-        self.last_token = token_ids[-1]
         self.num_prompt_tokens = len(token_ids)
         # Tokens whose K/V are in the cache: prefix-cache hits plus prefilled chunks.
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # of those, served by the prefix cache
         self.num_new_tokens = 0  # tokens fed to the model in the step being run
         self.num_hashed_blocks = 0  # leading full blocks registered in the prefix cache
+        self.sample_row = -1  # row of this request's PENDING token in its step's samples
         self.generator = None  # torch.Generator for seeded sampling, made by the model runner
         # Compression. A token's position is its index in token_ids; its cache index is that
         # minus the tokens evicted so far. The two differ once a request is compressed.
@@ -45,6 +49,10 @@ class Sequence:
 
     def __getitem__(self, key):
         return self.token_ids[key]
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
 
     @property
     def is_finished(self) -> bool:
@@ -89,9 +97,3 @@ class Sequence:
 
     def block(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size : (i + 1) * self.block_size]
-
-    def append_token(self, token_id: int, logprob: float | None = None):
-        self.token_ids.append(token_id)
-        self.last_token = token_id
-        if logprob is not None:
-            self.logprobs.append(logprob)
