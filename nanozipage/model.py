@@ -18,7 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from nanozipage.context import get_context
-from nanozipage.kernels import decode_attention, prefill_attention, store_kv
+from nanozipage.kernels import decode_attention, prefill_attention, rope_store_kv
 
 
 def fused_on_gpu(fn):
@@ -43,14 +43,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     x = x + residual
     return rms_norm.__wrapped__(x, weight, eps), x
-
-
-@fused_on_gpu
-def rotate(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in the rotate-half layout of HF Llama/Qwen; cos_sin [tokens, head_dim] float32."""
-    cos, sin = cos_sin.unsqueeze(1).to(x.dtype).chunk(2, dim=-1)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 @fused_on_gpu
@@ -89,14 +81,12 @@ def rope_inv_freq(hf: dict, head_dim: int) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
+    """The cos | sin table of every position, shared by the layers (applied in `rope_store_kv`)."""
+
     def __init__(self, hf: dict, head_dim: int, max_positions: int):
         super().__init__()
         freqs = torch.outer(torch.arange(max_positions).float(), rope_inv_freq(hf, head_dim))
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
-
-    def forward(self, positions: torch.Tensor, *xs: torch.Tensor):
-        cos_sin = self.cos_sin[positions]
-        return [rotate(x, cos_sin) for x in xs]
 
 
 def packed_linear(in_features: int, shards: list[int], bias: bool) -> nn.Linear:
@@ -128,27 +118,24 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(
             self.q_size, hidden, bias=hf.get("attention_bias", False) and not qwen2
         )
+        self.eps = hf["rms_norm_eps"]
         self.qk_norm = hf["architectures"][0] == "Qwen3ForCausalLM"
         if self.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, hf["rms_norm_eps"])
-            self.k_norm = RMSNorm(self.head_dim, hf["rms_norm_eps"])
+            self.q_norm = RMSNorm(self.head_dim, self.eps)
+            self.k_norm = RMSNorm(self.head_dim, self.eps)
         self.rotary = rotary
         self.scale = self.head_dim**-0.5
         self.k_cache = self.v_cache = torch.empty(0)  # views into the engine's KV pool
         self.q_cache = torch.empty(0)  # window queries, for compression scores
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        qkv = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
         ctx = get_context()
-        store_kv(
-            k, v, self.k_cache, self.v_cache, ctx.slot_mapping, q, self.q_cache, ctx.query_rows
-        )
+        q = rope_store_kv(
+            qkv, positions, self.rotary.cos_sin, *norms, self.eps,
+            self.k_cache, self.v_cache, ctx.slot_mapping, self.q_cache, ctx.query_rows,
+        )  # fmt: skip
         if ctx.is_prefill:
             o = prefill_attention(
                 q,

@@ -6,6 +6,7 @@ variable is set, a kernel test file runs itself in a child process with it (`chi
 its kernel tests are skipped in the parent (`runs_kernels`).
 """
 
+import itertools
 import os
 import subprocess
 import sys
@@ -19,6 +20,22 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 HEAD_DIMS = [64, 128] if ON_GPU else [32]
 NEEDS_CHILD = not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1"
 runs_kernels = pytest.mark.skipif(NEEDS_CHILD, reason="runs in a child with TRITON_INTERPRET=1")
+
+
+def cases(*axes: list) -> list[tuple]:
+    """Parameter combinations for `pytest.mark.parametrize`: every one on the CPU, where the
+    interpreter runs them cheaply. On the GPU each combination compiles kernels of its own, so
+    there the first axis (the dtype) meets every value of each other axis, rotated so that the
+    values pair up differently for each dtype, rather than the whole product."""
+    if not ON_GPU:
+        return list(itertools.product(*axes))
+    first, *rest = axes
+    width = max(len(axis) for axis in rest)
+    return [
+        (value, *(axis[(i + j) % len(axis)] for axis in rest))
+        for i, value in enumerate(first)
+        for j in range(width)
+    ]
 
 
 def child_run(path: str):

@@ -13,6 +13,7 @@ from interpreter import (
     DTYPES,
     HEAD_DIMS,
     ON_GPU,
+    cases,
     child_run,
     nan_poisoned_empty,  # noqa: F401 (an autouse fixture)
     runs_kernels,
@@ -44,11 +45,10 @@ def assert_close(out, ref, dtype):
 
 
 @runs_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
-@pytest.mark.parametrize("block_size", [8, 16, 32])
-@pytest.mark.parametrize("group", [1, 2, 3])
-@pytest.mark.parametrize("window", [1, 4, 16])
+@pytest.mark.parametrize(
+    "dtype, head_dim, block_size, group, window",
+    cases(DTYPES, HEAD_DIMS, [8, 16, 32], [1, 2, 3], [1, 4, 16]),
+)
 def test_window_scores_match_reference(dtype, head_dim, block_size, group, window):
     num_layers, num_kv_heads, num_tokens = 2, 2, NUM_BLOCKS * block_size
     keys = torch.randn(num_layers, num_kv_heads, num_tokens, head_dim, device=DEVICE).to(dtype)
@@ -106,9 +106,10 @@ def near_duplicates(keys, block_size):
 
 
 @runs_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
-@pytest.mark.parametrize("block_size", [8, 16, 32, 12] + ([256] if ON_GPU else []))
+@pytest.mark.parametrize(
+    "dtype, head_dim, block_size",
+    cases(DTYPES, HEAD_DIMS, [8, 16, 32, 12] + ([256] if ON_GPU else [])),
+)
 def test_redundancy_sums_match_reference_and_spare_the_newest_duplicate(
     dtype, head_dim, block_size
 ):
@@ -144,9 +145,12 @@ def table_pairs(num_blocks):
 @pytest.mark.parametrize(
     "dtype, entry", [(dtype, (HEAD_DIMS[-1],)) for dtype in DTYPES] + [(torch.float32, ())]
 )  # K/V entries are head_dim long, stored scores one float
-@pytest.mark.parametrize("block_size", [8, 16, 32])
-@pytest.mark.parametrize("tables", ["prefix", "shuffled_subset", "reversed", "fresh"])
-@pytest.mark.parametrize("table_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize(
+    "block_size, tables, table_dtype",
+    cases(
+        [8, 16, 32], ["prefix", "shuffled_subset", "reversed", "fresh"], [torch.int32, torch.int64]
+    ),
+)
 def test_compact_moves_kept_tokens_into_new_blocks_even_over_their_sources(
     dtype, entry, block_size, tables, table_dtype
 ):

@@ -13,6 +13,7 @@ from interpreter import (
     DTYPES,
     HEAD_DIMS,
     ON_GPU,
+    cases,
     child_run,
     nan_poisoned_empty,  # noqa: F401 (an autouse fixture)
     runs_kernels,
@@ -24,8 +25,8 @@ from nanozipage.kernels import (
     decode_attention_triton,
     prefill_attention_ref,
     prefill_attention_triton,
-    store_kv_ref,
-    store_kv_triton,
+    rope_store_kv_ref,
+    rope_store_kv_triton,
 )
 
 # Tiles of 16 tokens on CPU so the short lengths there still span several; the defaults on GPU.
@@ -75,15 +76,24 @@ def upcast(*tensors):
 
 
 @runs_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size", [8, 16, 12])
-@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("with_queries", [False, True])
-def test_store_kv_writes_each_token_to_its_slot_and_skips_padding(
-    dtype, block_size, slot_dtype, with_queries
+@pytest.mark.parametrize(
+    "dtype, block_size, slot_dtype, with_queries, qk_norm",
+    cases(DTYPES, [8, 16, 12], [torch.int32, torch.int64], [False, True], [True, False]),
+)
+def test_rope_store_kv_matches_reference_and_skips_padding(
+    dtype, block_size, slot_dtype, with_queries, qk_norm
 ):
     num_tokens, num_q_heads, num_kv_heads, head_dim, num_blocks = 20, 6, 3, HEAD_DIMS[-1], 5
-    query, key, value = fused_qkv(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype)
+    heads = num_q_heads + 2 * num_kv_heads
+    qkv = (
+        torch.randn(num_tokens, heads * head_dim, device=DEVICE)
+        .to(dtype)
+        .view(num_tokens, heads, -1)
+    )
+    positions = torch.randint(0, 100, (num_tokens,), device=DEVICE)
+    angles = torch.rand(100, head_dim // 2, device=DEVICE) * 6.3
+    cos_sin = torch.cat([angles.cos(), angles.sin()], -1)
+    norms = [torch.rand(head_dim, device=DEVICE).to(dtype) + 0.5 for _ in range(2)]
     shape = (num_blocks, num_kv_heads, block_size, head_dim)
     k_cache = torch.randn(shape, device=DEVICE).to(dtype)
     v_cache = torch.randn(shape, device=DEVICE).to(dtype)
@@ -95,25 +105,28 @@ def test_store_kv_writes_each_token_to_its_slot_and_skips_padding(
     rows = torch.full((num_tokens,), -1, dtype=torch.long)
     rows[[0, 4, 5, 19]] = torch.randperm(30)[:4]
     rows = rows.to(DEVICE)
-    q_args = (query, q_cache, rows) if with_queries else ()
+    args = (qkv, positions, cos_sin, *(norms if qk_norm else (None, None)), 1e-6)
     old_k, old_v, old_q = k_cache.clone(), v_cache.clone(), q_cache.clone()
+    expected = [old_k.clone(), old_v.clone(), slots, old_q.clone(), rows]
+    ours = [k_cache, v_cache, slots, q_cache, rows]
 
-    store_kv_triton(key, value, k_cache, v_cache, slots, *q_args)
+    q = rope_store_kv_triton(*args, *(ours if with_queries else ours[:3]))
 
-    expected_k, expected_v, expected_q = old_k.clone(), old_v.clone(), old_q.clone()
-    expected_q_args = (query, expected_q, rows) if with_queries else ()
-    store_kv_ref(key, value, expected_k, expected_v, slots, *expected_q_args)
-    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
-    assert torch.equal(q_cache, expected_q)
-    assert torch.equal(q_cache[rows[[0, 4]]], query[[0, 4]]) == with_queries
+    expected_q = rope_store_kv_ref(*args, *(expected if with_queries else expected[:3]))
+    assert_close(q, expected_q, dtype)
+    for cache, ref in zip([k_cache, v_cache, q_cache], expected[:2] + expected[3:4]):
+        assert_close(cache, ref, dtype)
+    written = rows[rows >= 0]
+    assert torch.equal(q_cache[written], q[rows >= 0]) == with_queries
+    other_rows = torch.ones(len(q_cache), dtype=torch.bool, device=DEVICE)
+    other_rows[written] = False
+    assert torch.equal(q_cache[other_rows], old_q[other_rows])
     untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
     untouched[slots[slots >= 0].long()] = False
     for cache, old in ((k_cache, old_k), (v_cache, old_v)):
-        by_slot, old_by_slot = (
-            cache.transpose(1, 2).flatten(0, 1),
-            old.transpose(1, 2).flatten(0, 1),
-        )
+        by_slot, old_by_slot = (c.transpose(1, 2).flatten(0, 1) for c in (cache, old))
         assert torch.equal(by_slot[untouched], old_by_slot[untouched])
+        assert not torch.equal(by_slot[~untouched], old_by_slot[~untouched])
 
 
 PREFILL_SEQS = (  # (new query tokens, context length): fresh prompts, cached prefixes, 1 token
@@ -124,10 +137,9 @@ PREFILL_SEQS = (  # (new query tokens, context length): fresh prompts, cached pr
 
 
 @runs_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
-@pytest.mark.parametrize("block_size", [16, 8, 32, 12])
-@pytest.mark.parametrize("group", [1, 2, 3])
+@pytest.mark.parametrize(
+    "dtype, head_dim, block_size, group", cases(DTYPES, HEAD_DIMS, [16, 8, 32, 12], [1, 2, 3])
+)
 def test_prefill_matches_reference(dtype, head_dim, block_size, group):
     num_kv_heads = 2
     q_lens, ctx_lens = zip(*PREFILL_SEQS)
@@ -146,11 +158,10 @@ DECODE_LENS = [0, 1, 17, 1000, 4097, 256] if ON_GPU else [0, 1, 17, 100, 64]
 
 
 @runs_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
-@pytest.mark.parametrize("block_size", [16, 8, 32, 12])
-@pytest.mark.parametrize("group", [1, 2, 3])
-@pytest.mark.parametrize("num_splits", [1, 3, None])
+@pytest.mark.parametrize(
+    "dtype, head_dim, block_size, group, num_splits",
+    cases(DTYPES, HEAD_DIMS, [16, 8, 32, 12], [1, 2, 3], [1, 3, None]),
+)
 def test_decode_matches_reference_and_zeroes_empty_rows(
     dtype, head_dim, block_size, group, num_splits
 ):

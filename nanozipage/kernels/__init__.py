@@ -1,4 +1,4 @@
-"""Triton kernels (attention, KV store, compression scoring and compaction), each with the
+"""Triton kernels (attention, RoPE and KV store, compression scoring and compaction), each with the
 PyTorch reference that the CPU runs."""
 
 from nanozipage.kernels.compact import compact, compact_ref, compact_triton
@@ -17,7 +17,7 @@ from nanozipage.kernels.redundancy import (
     redundancy_sums_ref,
     redundancy_sums_triton,
 )
-from nanozipage.kernels.store_kv import store_kv, store_kv_ref, store_kv_triton
+from nanozipage.kernels.rope_store_kv import rope_store_kv, rope_store_kv_ref, rope_store_kv_triton
 from nanozipage.kernels.window_score import window_scores, window_scores_ref, window_scores_triton
 
 __all__ = [
@@ -33,9 +33,9 @@ __all__ = [
     "redundancy_sums",
     "redundancy_sums_ref",
     "redundancy_sums_triton",
-    "store_kv",
-    "store_kv_ref",
-    "store_kv_triton",
+    "rope_store_kv",
+    "rope_store_kv_ref",
+    "rope_store_kv_triton",
     "window_scores",
     "window_scores_ref",
     "window_scores_triton",

@@ -1,6 +1,6 @@
 """Causal attention for the new tokens of a prefill step, over the paged KV cache.
 
-Data flow: the attention layer first writes the new keys and values with `store_kv`, then calls
+Data flow: the attention layer first writes the new keys and values with `rope_store_kv`, then calls
 `prefill_attention`. Each sequence's new queries are the last `q_len` tokens of its context, so
 a prefix already in the cache (prefix caching, earlier prefill chunks) is read through the block
 table exactly like the new tokens. The kernel is flash attention (one pass, online softmax)

@@ -1,0 +1,50 @@
+"""Where a decode step's GPU time goes: `python benchmarks/profile_step.py [--batch 28]
+[--context 2350] [--model DIR]`.
+
+Fills a batch of requests to about --context cached tokens, then records 20 steady-state engine
+steps (CUDA graphs, overlapped loop, full KV) with the torch profiler, and prints each
+kernel's count and GPU time per step, largest first, and the GPU kernel time per step.
+"""
+
+import argparse
+import random
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from nanozipage import LLM, SamplingParams
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--batch", type=int, default=28)
+    parser.add_argument("--context", type=int, default=2350)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    blocks = args.batch * (-(-(args.context + 200) // 256))
+    llm = LLM(args.model, kv_budget=None, num_kvcache_blocks=blocks, max_num_seqs=args.batch)
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0.6, max_tokens=150, ignore_eos=True)
+    for _ in range(args.batch):
+        llm.add_request([rng.randrange(10000) for _ in range(args.context)], params)
+    while llm.scheduler.waiting or any(s.in_prefill for s in llm.scheduler.running):
+        llm.step()
+    for _ in range(10):
+        llm.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            llm.step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    kernels.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in kernels) / args.steps
+    print(f"batch {args.batch}, context {args.context}: GPU kernel time {total / 1000:.3f} ms/step")
+    for e in kernels[:40]:
+        print(f"{e.count / args.steps:7.1f}/step {e.device_time_total / args.steps:9.1f} us/step"
+              f"  {e.key[:110]}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Finish this step's q/k/v projections in one pass: q/k RMSNorm (Qwen3), RoPE on q and k, k
+and v into the paged KV cache, and window queries into the query cache. Returns q.
+
+Data flow: the attention layer calls `rope_store_kv` on the output of its qkv projection, then
+runs prefill or decode attention, which read every key and value (new and cached alike) back
+through the block table. The stored window queries are read later by `ModelRunner.compress`.
+Written as torch ops this is six kernels per layer (two norms, a cos/sin gather, two rotations,
+the store), each moving a few kilobytes in a decode step; fused it is one launch.
+
+Cache layout, per layer: `[num_blocks, num_kv_heads, block_size, head_dim]`; the token in
+`slot = block_id * block_size + offset` lives at `cache[block_id, :, offset, :]`. Query cache,
+per layer: `[rows, num_q_heads, head_dim]`, one row per (query slot, window position).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _norm_rope(x_lo, x_hi, w_lo, w_hi, cos, sin, eps, HEAD_DIM: tl.constexpr, NORM: tl.constexpr):
+    """One [heads, head_dim] tile in halves (rotate-half layout): RMSNorm, then RoPE."""
+    if NORM:
+        mean_sq = (tl.sum(x_lo * x_lo, 1) + tl.sum(x_hi * x_hi, 1)) / HEAD_DIM
+        inv = tl.rsqrt(mean_sq + eps)[:, None]
+        x_lo, x_hi = x_lo * inv * w_lo, x_hi * inv * w_hi
+    return x_lo * cos - x_hi * sin, x_hi * cos + x_lo * sin
+
+
+@triton.jit
+def _rope_store_kv_kernel(
+    qkv, q_out, positions, cos_sin, q_weight, k_weight, k_cache, v_cache, slot_mapping,
+    q_cache, query_rows, eps,
+    stride_qkv, stride_cos, stride_cb, stride_ch, stride_qr,
+    num_q_heads, num_kv_heads, block_size,
+    HEAD_DIM: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
+    NORM: tl.constexpr, STORE_QUERIES: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0)
+    half = tl.arange(0, HEAD_DIM // 2)[None, :]
+    pos = tl.load(positions + token)
+    cos = tl.load(cos_sin + pos * stride_cos + half)
+    sin = tl.load(cos_sin + pos * stride_cos + HEAD_DIM // 2 + half)
+    row = qkv + token * stride_qkv  # heads q | k | v, each head_dim long
+
+    q_heads = tl.arange(0, BLOCK_QH)[:, None]
+    q_mask = q_heads < num_q_heads
+    q_ptrs = row + q_heads * HEAD_DIM + half
+    w_lo, w_hi = 1.0, 1.0
+    if NORM:
+        w_lo, w_hi = tl.load(q_weight + half), tl.load(q_weight + HEAD_DIM // 2 + half)
+    q_lo = tl.load(q_ptrs, mask=q_mask).to(tl.float32)
+    q_hi = tl.load(q_ptrs + HEAD_DIM // 2, mask=q_mask).to(tl.float32)
+    q_lo, q_hi = _norm_rope(q_lo, q_hi, w_lo, w_hi, cos, sin, eps, HEAD_DIM, NORM)
+    q_lo, q_hi = q_lo.to(q_out.dtype.element_ty), q_hi.to(q_out.dtype.element_ty)
+    out = q_out + token * num_q_heads * HEAD_DIM + q_heads * HEAD_DIM + half
+    tl.store(out, q_lo, mask=q_mask)
+    tl.store(out + HEAD_DIM // 2, q_hi, mask=q_mask)
+    if STORE_QUERIES:
+        query_row = tl.load(query_rows + token).to(tl.int64)
+        if query_row >= 0:  # a window query
+            dst = q_cache + query_row * stride_qr + q_heads * HEAD_DIM + half
+            tl.store(dst, q_lo, mask=q_mask)
+            tl.store(dst + HEAD_DIM // 2, q_hi, mask=q_mask)
+
+    # int64 because block_id * stride_cb overflows int32 in caches over 2**31 elements.
+    slot = tl.load(slot_mapping + token).to(tl.int64)
+    if slot < 0:  # a padding token
+        return
+    kv_heads = tl.arange(0, BLOCK_KH)[:, None]
+    kv_mask = kv_heads < num_kv_heads
+    k_ptrs = row + (num_q_heads + kv_heads) * HEAD_DIM + half
+    if NORM:
+        w_lo, w_hi = tl.load(k_weight + half), tl.load(k_weight + HEAD_DIM // 2 + half)
+    k_lo = tl.load(k_ptrs, mask=kv_mask).to(tl.float32)
+    k_hi = tl.load(k_ptrs + HEAD_DIM // 2, mask=kv_mask).to(tl.float32)
+    k_lo, k_hi = _norm_rope(k_lo, k_hi, w_lo, w_hi, cos, sin, eps, HEAD_DIM, NORM)
+    entry = (slot // block_size) * stride_cb + (slot % block_size) * HEAD_DIM
+    dst = entry + kv_heads * stride_ch + half
+    tl.store(k_cache + dst, k_lo.to(k_cache.dtype.element_ty), mask=kv_mask)
+    tl.store(k_cache + dst + HEAD_DIM // 2, k_hi.to(k_cache.dtype.element_ty), mask=kv_mask)
+    v_ptrs = row + (num_q_heads + num_kv_heads + kv_heads) * HEAD_DIM + half
+    tl.store(v_cache + dst, tl.load(v_ptrs, mask=kv_mask), mask=kv_mask)
+    tl.store(v_cache + dst + HEAD_DIM // 2, tl.load(v_ptrs + HEAD_DIM // 2, mask=kv_mask),
+             mask=kv_mask)  # fmt: skip
+
+
+def rope_store_kv_triton(
+    qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache, v_cache, slot_mapping,
+    q_cache=None, query_rows=None,
+) -> torch.Tensor:  # fmt: skip
+    num_tokens, num_heads, head_dim = qkv.shape
+    _, num_kv_heads, block_size, cache_dim = k_cache.shape
+    num_q_heads = num_heads - 2 * num_kv_heads
+    assert cache_dim == head_dim and v_cache.shape == k_cache.shape and num_q_heads > 0
+    assert qkv.stride(2) == 1 and qkv.stride(1) == head_dim, "heads must be contiguous rows"
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert qkv.dtype == k_cache.dtype == v_cache.dtype
+    assert cos_sin.shape[1] == head_dim and cos_sin.stride(1) == 1
+    assert slot_mapping.shape == positions.shape == (num_tokens,)
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
+    assert (q_weight is None) == (k_weight is None)
+    store_queries = query_rows is not None
+    if store_queries:
+        assert q_cache.shape[1:] == (num_q_heads, head_dim) and q_cache.dtype == qkv.dtype
+        assert q_cache.stride(2) == 1 and q_cache.stride(1) == head_dim
+        assert query_rows.shape == (num_tokens,)
+    else:  # unused pointers: the kernel does not read them
+        q_cache, query_rows = k_cache, slot_mapping
+    q = torch.empty(num_tokens, num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if num_tokens == 0:
+        return q
+    norm = q_weight is not None
+    _rope_store_kv_kernel[(num_tokens,)](
+        qkv, q, positions, cos_sin, q_weight if norm else cos_sin, k_weight if norm else cos_sin,
+        k_cache, v_cache, slot_mapping, q_cache, query_rows, eps,
+        qkv.stride(0), cos_sin.stride(0), k_cache.stride(0), k_cache.stride(1), q_cache.stride(0),
+        num_q_heads, num_kv_heads, block_size,
+        HEAD_DIM=head_dim, BLOCK_QH=triton.next_power_of_2(num_q_heads),
+        BLOCK_KH=triton.next_power_of_2(num_kv_heads), NORM=norm, STORE_QUERIES=store_queries,
+    )  # fmt: skip
+    return q
+
+
+def rope_store_kv_ref(
+    qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache, v_cache, slot_mapping,
+    q_cache=None, query_rows=None,
+) -> torch.Tensor:  # fmt: skip
+    num_kv_heads = k_cache.shape[1]
+    q, k, v = qkv.split([qkv.shape[1] - 2 * num_kv_heads, num_kv_heads, num_kv_heads], dim=1)
+    q, k = q.float(), k.float()
+    if q_weight is not None:  # RMSNorm of each head (Qwen3)
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + eps) * q_weight.float()
+        k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + eps) * k_weight.float()
+    cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+
+    def rotate(x):  # RoPE in the rotate-half layout of HF Llama/Qwen
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(qkv.dtype)
+
+    q, k = rotate(q), rotate(k)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    block_size = k_cache.shape[2]
+    k_cache[slots // block_size, :, slots % block_size] = k[keep]
+    v_cache[slots // block_size, :, slots % block_size] = v[keep]
+    if query_rows is not None:
+        window = query_rows >= 0
+        q_cache[query_rows[window]] = q[window]
+    return q
+
+
+def rope_store_kv(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    q_cache: torch.Tensor | None = None,
+    query_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`qkv` `[N, q_heads + 2 * kv_heads, head_dim]` (q heads, then k, then v) at `positions`
+    `[N]`; `cos_sin` `[max_positions, head_dim]` float32 (cos | sin of each frequency).
+    With `q_weight`/`k_weight` `[head_dim]`, RMSNorm each q and k head first (eps). k and v go
+    to `slot_mapping` `[N]` (-1: padding, skipped); with `query_rows` `[N]`, q also goes to
+    those rows of `q_cache` `[rows, q_heads, head_dim]` (-1: not a window query). Computes in
+    float32 and rounds once. Returns the rotated q `[N, q_heads, head_dim]`."""
+    args = (qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache, v_cache, slot_mapping,
+            q_cache, query_rows)  # fmt: skip
+    if qkv.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return rope_store_kv_triton(*args)
+    return rope_store_kv_ref(*args)
