@@ -1,22 +1,31 @@
 """Benchmarks: `python bench.py [--task throughput|decode-step|compress-cost] [--workload nano|r1]
-[--mode full|zipage|both] [--kv-budget N[,N...]] [--sync-compression] [--model DIR] [--plot PNG]`.
+[--mode full|zipage|both] [--kv-budget N[,N...]] [--sync-compression] [--model DIR |
+--model-shape qwen3-0.6b|qwen3-8b] [--tensor-parallel-size N] [--decode-shapes BxC[,BxC...]]
+[--plot PNG]`.
 
 throughput (default) runs a workload in full-KV mode, in zipage mode (Compressed
 PagedAttention, once for each budget of --kv-budget), or both in one process, and reports for
-each: output tok/s (output tokens over wall time, prefill included, after a warm-up), peak and
-mean number of requests per decode step, preemptions, compressions and their GPU time as a
-share of wall time (overlapped with decoding when asynchronous); and each budget's ratio to
-full KV.
+each: output tok/s (output tokens over wall time, prefill included, after a warm-up), and next
+to it the roofline: bound_tok_s, the output tok/s of a perfect engine running the same steps
+on this device, and of_bound = tok/s / bound_tok_s; peak and mean number of requests per
+decode step, preemptions, compressions and their GPU time as a share of wall time (overlapped
+with decoding when asynchronous); and each budget's ratio to full KV.
 Workloads: nano (default): nano-vllm's published benchmark, 256 requests, prompt and output
 lengths uniform in [100, 1024]. r1: long reasoning, 32 requests, prompts in [128, 512], outputs
 in [8192, 16384], KV pool capped at 256 blocks of 256 tokens in both modes. Both use random
 token ids, temperature 0.6, ignore_eos, seed 0.
-decode-step: wall time of one engine decode step (scheduling, inputs, forward, sampling) at
-batch 1 and 256, with CUDA graphs and eager.
+decode-step: one engine decode step of B requests with C cached tokens each, for each BxC of
+--decode-shapes (default 1x512 and 28x2350, R1's steady state at budget 2048), full KV:
+wall_ms (median `llm.step()`, CUDA graphs), gpu_ms (the GPU time of its work), the host time
+not hidden behind it, bound_ms and of_bound = bound / wall, and eager_wall_ms for reference.
 compress-cost: GPU time of one compression of one request against one decode step of --batch
 requests, and that step's time after a synchronous or beside an asynchronous compression.
-With no --model, the Qwen3-0.6B architecture with random weights is written once to a cache
-folder, so that the benchmark needs no download. Prints a table, then one JSON line.
+Roofline: each step's bound is its bytes (weights, and the K/V of its batch) at the copy
+bandwidth or its FLOPs at the matmul rate, whichever takes longer (`step_cost`), both measured
+here at start (`device_rates`; times --tensor-parallel-size); off the GPU they are None.
+With no --model, --model-shape (default qwen3-0.6b) writes only the architecture's config.json
+to a cache folder and the engine makes random weights on the device (load_format="dummy"), so
+that the benchmark needs no download. Prints a table, then one JSON line.
 """
 
 import argparse
