@@ -1,22 +1,31 @@
 """Benchmarks: `python bench.py [--task throughput|decode-step|compress-cost] [--workload nano|r1]
-[--mode full|zipage|both] [--kv-budget N[,N...]] [--sync-compression] [--model DIR] [--plot PNG]`.
+[--mode full|zipage|both] [--kv-budget N[,N...]] [--sync-compression] [--model DIR |
+--model-shape qwen3-0.6b|qwen3-8b] [--tensor-parallel-size N] [--decode-shapes BxC[,BxC...]]
+[--plot PNG]`.
 
 throughput (default) runs a workload in full-KV mode, in zipage mode (Compressed
 PagedAttention, once for each budget of --kv-budget), or both in one process, and reports for
-each: output tok/s (output tokens over wall time, prefill included, after a warm-up), peak and
-mean number of requests per decode step, preemptions, compressions and their GPU time as a
-share of wall time (overlapped with decoding when asynchronous); and each budget's ratio to
-full KV.
+each: output tok/s (output tokens over wall time, prefill included, after a warm-up), and next
+to it the roofline: bound_tok_s, the output tok/s of a perfect engine running the same steps
+on this device, and of_bound = tok/s / bound_tok_s; peak and mean number of requests per
+decode step, preemptions, compressions and their GPU time as a share of wall time (overlapped
+with decoding when asynchronous); and each budget's ratio to full KV.
 Workloads: nano (default): nano-vllm's published benchmark, 256 requests, prompt and output
 lengths uniform in [100, 1024]. r1: long reasoning, 32 requests, prompts in [128, 512], outputs
 in [8192, 16384], KV pool capped at 256 blocks of 256 tokens in both modes. Both use random
 token ids, temperature 0.6, ignore_eos, seed 0.
-decode-step: wall time of one engine decode step (scheduling, inputs, forward, sampling) at
-batch 1 and 256, with CUDA graphs and eager.
+decode-step: one engine decode step of B requests with C cached tokens each, for each BxC of
+--decode-shapes (default 1x512 and 28x2350, R1's steady state at budget 2048), full KV:
+wall_ms (median `llm.step()`, CUDA graphs), gpu_ms (the GPU time of its work), the host time
+not hidden behind it, bound_ms and of_bound = bound / wall, and eager_wall_ms for reference.
 compress-cost: GPU time of one compression of one request against one decode step of --batch
 requests, and that step's time after a synchronous or beside an asynchronous compression.
-With no --model, the Qwen3-0.6B architecture with random weights is written once to a cache
-folder, so that the benchmark needs no download. Prints a table, then one JSON line.
+Roofline: each step's bound is its bytes (weights, and the K/V of its batch) at the copy
+bandwidth or its FLOPs at the matmul rate, whichever takes longer (`step_cost`), both measured
+here at start (`device_rates`; times --tensor-parallel-size); off the GPU they are None.
+With no --model, --model-shape (default qwen3-0.6b) writes only the architecture's config.json
+to a cache folder and the engine makes random weights on the device (load_format="dummy"), so
+that the benchmark needs no download. Prints a table, then one JSON line.
 """
 
 import argparse
@@ -28,9 +37,10 @@ import time
 from dataclasses import replace
 
 import torch
-from safetensors.torch import save_file
 
 from nanozipage import LLM, SamplingParams
+from nanozipage.context import reset_context
+from nanozipage.sampler import sample
 from nanozipage.sequence import Sequence
 
 QWEN3_0_6B = {
@@ -53,45 +63,95 @@ QWEN3_0_6B = {
 }
 
 
-def random_qwen3(hf: dict, name: str) -> str:
-    """Write a Qwen3 config with random weights (seed 0) once; return its directory."""
-    path = os.path.join(os.path.expanduser("~/.cache/nanozipage"), name)
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return path
-    h, inter, d = hf["hidden_size"], hf["intermediate_size"], hf["head_dim"]
-    q, kv = hf["num_attention_heads"] * d, hf["num_key_value_heads"] * d
-    shapes = {"model.embed_tokens.weight": (hf["vocab_size"], h), "model.norm.weight": (h,)}
-    for i in range(hf["num_hidden_layers"]):
-        shapes.update(
-            {
-                f"model.layers.{i}.{name}": shape
-                for name, shape in {
-                    "self_attn.q_proj.weight": (q, h),
-                    "self_attn.k_proj.weight": (kv, h),
-                    "self_attn.v_proj.weight": (kv, h),
-                    "self_attn.o_proj.weight": (h, q),
-                    "self_attn.q_norm.weight": (d,),
-                    "self_attn.k_norm.weight": (d,),
-                    "mlp.gate_proj.weight": (inter, h),
-                    "mlp.up_proj.weight": (inter, h),
-                    "mlp.down_proj.weight": (h, inter),
-                    "input_layernorm.weight": (h,),
-                    "post_attention_layernorm.weight": (h,),
-                }.items()
-            }
-        )
-    gen = torch.Generator().manual_seed(0)
-    weights = {
-        name: (
-            torch.randn(shape, generator=gen) * 0.02 if len(shape) == 2 else torch.ones(shape)
-        ).bfloat16()
-        for name, shape in shapes.items()
-    }
+QWEN3_8B = {**QWEN3_0_6B, "hidden_size": 4096, "intermediate_size": 12288,
+            "num_hidden_layers": 36, "num_attention_heads": 32, "tie_word_embeddings": False}  # fmt: skip
+MODEL_SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-8b": QWEN3_8B}
+
+
+def config_only_model(shape: str) -> str:
+    """A directory holding only the architecture's config.json, which the engine runs with
+    load_format="dummy" (random weights made in place on the GPU): no checkpoint to download
+    or write. Rewritten each run (a few hundred bytes), so it never goes stale."""
+    root = os.environ.get("NANOZIPAGE_CACHE") or "~/.cache/nanozipage"
+    path = os.path.join(os.path.expanduser(root), shape)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf, f, indent=1)
-    save_file(weights, os.path.join(path, "model.safetensors"))
+        json.dump(MODEL_SHAPES[shape], f, indent=1)
     return path
+
+
+def device_rates(num_gpus: int) -> tuple[float, float] | None:
+    """(bytes/s, FLOP/s) of `num_gpus` GPUs like this one, as measured here; None off the GPU.
+
+    Bandwidth: a 1 GiB device-to-device copy, counting the bytes read plus the bytes written
+    (2 GiB a copy), as benchmarks/kernels.py does. HBM's bandwidth is shared by reads and
+    writes, so this is also the rate at which a kernel that only reads can read: the decode
+    attention kernel reads K/V at 96% of it (BENCHMARKS.md). Counting only the bytes read
+    would halve it, and a good engine would then beat its own bound. Matmul: bf16 8192^3.
+    """
+    if not torch.cuda.is_available():
+        return None
+    from triton.testing import do_bench  # median milliseconds, L2 flushed between runs
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.nbytes / do_bench(lambda: dst.copy_(src), return_mode="median") * 1e3
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    flop_rate = 2 * 8192**3 / do_bench(lambda: a @ a, return_mode="median") * 1e3
+    # The buffers are freed on return; the engine empties the allocator's cache before it
+    # sizes its KV pool from the free memory.
+    return num_gpus * bandwidth, num_gpus * flop_rate
+
+
+def step_cost(hf: dict, dtype_bytes: int, seqs: list[tuple[int, int, bool]]) -> tuple[int, int]:
+    """(bytes, FLOPs) that a perfect engine must read and compute for one forward step of
+    `seqs`: per request, (new tokens, context length including them, whether it samples).
+
+    Bytes: every weight matrix once (the input embedding's rows are negligible; a tied
+    embedding is the lm_head, read once) plus the K/V of every token of the batch's contexts
+    once (a new token's K/V is written once instead). Norm weights and biases (under 0.1%) are
+    left out. FLOPs: 2 per matmul weight per token fed, the lm_head only for the rows that
+    sample, and attention's two matmuls (q.k and p.v: 4 * head_dim FLOPs per query head,
+    layer and (query, key) pair) over the pairs the causal mask keeps: n new tokens at the end
+    of a context of c tokens see n * c - n * (n - 1) / 2 keys in all.
+    """
+    h, layers, q_heads = hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads", q_heads)
+    d = hf.get("head_dim") or h // q_heads
+    layer_params = h * d * (2 * q_heads + 2 * kv_heads) + 3 * h * hf["intermediate_size"]
+    head_params = h * hf["vocab_size"]
+    kv_bytes_per_token = layers * 2 * kv_heads * d * dtype_bytes
+    tokens, rows = sum(n for n, _, _ in seqs), sum(samples for *_, samples in seqs)
+    pairs = sum(n * c - n * (n - 1) // 2 for n, c, _ in seqs)
+    num_bytes = dtype_bytes * (layers * layer_params + head_params)
+    num_bytes += kv_bytes_per_token * sum(c for _, c, _ in seqs)
+    flops = 2 * layers * layer_params * tokens + 2 * head_params * rows
+    return num_bytes, flops + 4 * layers * q_heads * d * pairs
+
+
+def bound_seconds(llm: LLM, steps: list, rates: tuple[float, float]) -> list[float]:
+    """Each step's least time on this device: its bytes at the copy bandwidth or its FLOPs at
+    the matmul rate, whichever takes longer (compressions are our overhead, not the bound's)."""
+    hf, dtype_bytes = llm.config.hf_config, llm.model_runner.dtype.itemsize
+    costs = (step_cost(hf, dtype_bytes, step) for step in steps)
+    return [max(num_bytes / rates[0], flops / rates[1]) for num_bytes, flops in costs]
+
+
+def record_steps(runner) -> list:
+    """Wrap `runner.run` to record each step as it is launched: per request, (new tokens,
+    context length, samples). Undo with `del runner.run` (the method shows again)."""
+    run_step, steps = runner.run, []
+
+    def recorded_run(seqs: list[Sequence], is_prefill: bool):
+        if is_prefill:
+            ends = [seq.num_computed_tokens + seq.num_new_tokens for seq in seqs]
+            steps.append([(s.num_new_tokens, end, end == len(s)) for s, end in zip(seqs, ends)])
+        else:
+            steps.append([(seq.num_new_tokens, seq.cache_len, True) for seq in seqs])
+        return run_step(seqs, is_prefill)
+
+    runner.run = recorded_run
+    return steps
 
 
 WORKLOADS = {
@@ -116,9 +176,10 @@ def workload(name: str, seed: int, vocab: int):
     return prompts, params, config
 
 
-def run(llm: LLM, prompts, params) -> dict:
+def run(llm: LLM, prompts, params, rates: tuple[float, float] | None) -> dict:
     """Generate step by step. Compressions are timed on the stream they run on, with CUDA events
-    read at the end, so that timing them does not make asynchronous compression synchronous."""
+    read at the end, so that timing them does not make asynchronous compression synchronous.
+    Each step's shape is recorded as it is launched, for the roofline (`bound_seconds`)."""
     runner = llm.model_runner
     compress, spans = runner._compress, []
 
@@ -128,6 +189,7 @@ def run(llm: LLM, prompts, params) -> dict:
         spans[-1].stop()
 
     runner._compress = timed_compress
+    steps = record_steps(runner)
     for prompt, p in zip(prompts, params):
         llm.add_request(prompt, p)
     timeline, start = [], time.perf_counter()
@@ -137,10 +199,14 @@ def run(llm: LLM, prompts, params) -> dict:
             timeline.append((time.perf_counter() - start, -num_tokens))
     elapsed = time.perf_counter() - start
     runner._compress = compress
+    del runner.run
     batches = [b for _, b in timeline]
     output_tokens = sum(p.max_tokens for p in params)
+    bound = sum(bound_seconds(llm, steps, rates)) if rates else None
     return {"output_tokens": output_tokens, "seconds": elapsed,
-            "tok_per_s": output_tokens / elapsed, "peak_running": max(batches),
+            "tok_per_s": output_tokens / elapsed,
+            "bound_tok_s": output_tokens / bound if bound else None,
+            "of_bound": bound / elapsed if bound else None, "peak_running": max(batches),
             "mean_running": sum(batches) / len(batches),
             "preemptions": llm.scheduler.num_preemptions, "compressions": len(spans),
             "compress_share": sum(span.seconds() for span in spans) / elapsed,
@@ -182,13 +248,13 @@ def throughput(model: str, args) -> dict:
             vocab = json.load(f)["vocab_size"]
         prompts, params, config = workload(args.workload, args.seed, vocab)
         llm = LLM(model, enforce_eager=args.enforce_eager, kv_budget=kv_budget,
-                  async_compression=not args.sync_compression, **config)  # fmt: skip
+                  async_compression=not args.sync_compression, **args.engine, **config)  # fmt: skip
         # Warm-up: compile the kernels, and with compression run one compression too.
         warm = (kv_budget or 0) + 2 * llm.config.block_size
         llm.generate(prompts[:4], [replace(p, max_tokens=min(p.max_tokens, warm)) for p in params[:4]],
                      use_tqdm=False)  # fmt: skip
         llm.scheduler.num_preemptions = 0
-        results[mode] = run(llm, prompts, params)
+        results[mode] = run(llm, prompts, params, args.rates)
         results[mode]["kv_blocks"] = llm.model_runner.num_blocks
         results[mode]["query_slots"] = llm.model_runner.num_query_slots
         print(mode, {k: v for k, v in results[mode].items() if k != "timeline"}, flush=True)
@@ -226,31 +292,96 @@ def plot(results: dict, modes: list[str], path: str):
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
+def median_seconds(fn, repeat: int = 30) -> float:
+    """Median wall time of `fn` over `repeat` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeat // 2]
+
+
+def decode_gpu_seconds(llm: LLM, repeat: int = 20) -> float:
+    """GPU time of the next decode step's work: its forward pass (the captured graph) and its
+    sampling, enqueued `repeat` times back to back between two CUDA events, after one more
+    that fills the queue, so that the GPU never waits for the host. Each repeat feeds the same
+    tokens at the same positions, so it rewrites the same K/V; then the step runs as usual."""
+    runner, run_step, times = llm.model_runner, llm.model_runner.run, []
+
+    @torch.inference_mode()
+    def timed_run(seqs: list[Sequence], is_prefill: bool):
+        input_ids, positions = runner.prepare_decode(seqs)
+        temperatures = [seq.sampling_params.temperature for seq in seqs]
+        temperatures = runner._tensor(temperatures, torch.float32)
+
+        def step():  # what `runner.run` does on the GPU for requests without top-k/p or seeds
+            logits = runner.model.compute_logits(runner.run_decode(input_ids, positions))
+            sample(logits, temperatures, None, None, [None] * len(seqs), False, False)
+
+        step()
+        timer = Timer().start()
+        for _ in range(repeat):
+            step()
+        timer.stop()
+        times.append(timer.seconds() / repeat)
+        reset_context()
+        return run_step(seqs, is_prefill)
+
+    runner.run = timed_run
+    llm.step()
+    del runner.run
+    return times[0]
+
+
 def decode_step(model: str, args) -> dict:
-    results, prompt_len, steps = {}, 512, 32
-    for eager in (False, True):
-        for batch in (1, 256):
-            blocks = batch * -(-(prompt_len + 2 * steps) // 256)
-            llm = LLM(model, enforce_eager=eager, max_num_seqs=256, num_kvcache_blocks=blocks,
-                      kv_budget=None)  # fmt: skip
-            rng, vocab = random.Random(args.seed), llm.config.hf_config["vocab_size"]
-            prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(batch)]
-            for p in prompts:
-                llm.add_request(
-                    p, SamplingParams(temperature=0.6, max_tokens=2 * steps, ignore_eos=True)
-                )
-            while llm.scheduler.waiting or any(s.in_prefill for s in llm.scheduler.running):
-                llm.step()
-            times = []
-            for _ in range(steps):
-                start = time.perf_counter()
-                llm.step()  # returns sampled ids to the host, so it waits for the GPU
-                times.append(time.perf_counter() - start)
-            times.sort()
-            results[f"{'eager' if eager else 'graph'}_bs{batch}_ms"] = 1000 * times[len(times) // 2]
-            del llm
-            gc.collect()
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    """One engine decode step of `batch` requests with `context` cached tokens each, for each
+    BxC of --decode-shapes; full KV, so that no compression interferes.
+
+    wall_ms: median `llm.step()` over consecutive steps, through CUDA graphs (the engine's own
+    sync, the sampled tokens coming back to the host, is the only one). gpu_ms: the GPU time
+    of that step's work (`decode_gpu_seconds`). host_ms_not_hidden = max(0, wall - gpu): host
+    time the GPU waits for. bound_ms: the step's least time on this device (`bound_seconds`:
+    the weights and the batch's K/V at the copy bandwidth); of_bound = bound / wall.
+    eager_wall_ms: the same step without CUDA graphs. max_tokens covers every step measured,
+    so the batch never shrinks, and the contexts grow by under 100 tokens meanwhile.
+    """
+    results, steps, max_tokens = {}, 32, 96
+    for batch, context in args.decode_shapes:
+        blocks = batch * -(-(context + max_tokens) // 256)
+        llm = LLM(model, **args.engine, max_num_seqs=max(batch, 256), num_kvcache_blocks=blocks,
+                  kv_budget=None)  # fmt: skip
+        rng, vocab = random.Random(args.seed), llm.config.hf_config["vocab_size"]
+        params = SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True)
+        for _ in range(batch):
+            llm.add_request([rng.randrange(vocab) for _ in range(context)], params)
+        while llm.scheduler.waiting or any(s.in_prefill for s in llm.scheduler.running):
+            llm.step()
+        for _ in range(3):
+            llm.step()
+        runner, steps_run = llm.model_runner, record_steps(llm.model_runner)
+        wall = median_seconds(llm.step, steps)
+        del runner.run
+        gpu = decode_gpu_seconds(llm)
+        bound = (
+            sorted(bound_seconds(llm, steps_run, args.rates))[steps // 2] if args.rates else None
+        )
+        graphs, runner.graphs = runner.graphs, {}  # eager: run_decode finds no graph to replay
+        for _ in range(3):
+            llm.step()
+        eager = median_seconds(llm.step, 16)
+        runner.graphs = graphs
+        assert len(llm.scheduler.running) == batch, "a request finished while being measured"
+        results[f"batch{batch}_context{context}"] = {
+            "wall_ms": 1000 * wall, "gpu_ms": 1000 * gpu,
+            "host_ms_not_hidden": 1000 * max(0.0, wall - gpu),
+            "bound_ms": 1000 * bound if bound else None,
+            "of_bound": bound / wall if bound else None, "eager_wall_ms": 1000 * eager,
+        }  # fmt: skip
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return results
 
 
@@ -268,7 +399,7 @@ def compress_cost(model: str, args) -> dict:
     """
     budget, b = args.kv_budget[0], 256
     n_max, length = budget // b + 1, budget + b - 64
-    llm = LLM(model, kv_budget=budget, block_size=b, max_num_seqs=args.batch + 1,
+    llm = LLM(model, **args.engine, kv_budget=budget, block_size=b, max_num_seqs=args.batch + 1,
               num_kvcache_blocks=(args.batch + 2) * n_max)  # fmt: skip
     runner, blocks = llm.model_runner, llm.scheduler.block_manager
     rng, vocab = random.Random(args.seed), llm.config.hf_config["vocab_size"]
@@ -284,15 +415,6 @@ def compress_cost(model: str, args) -> dict:
         seq.num_computed_tokens = len(seq)
     target.token_ids.append(0)  # the token whose decode step triggers the compression
     job = [(target, blocks.compress(target))]
-
-    def median_seconds(fn, repeat=30) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return sorted(times)[repeat // 2]
 
     def compression_gpu_seconds() -> float:
         timers = []
@@ -336,7 +458,13 @@ def main():
     parser.add_argument(
         "--task", choices=["throughput", "decode-step", "compress-cost"], default="throughput"
     )
-    parser.add_argument("--model", help="checkpoint dir (default: Qwen3-0.6B, random weights)")
+    parser.add_argument("--model", help="checkpoint dir (default: --model-shape, random weights)")
+    parser.add_argument(
+        "--model-shape",
+        choices=list(MODEL_SHAPES),
+        help="architecture run with random weights (default qwen3-0.6b when no --model)",
+    )
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model")
     parser.add_argument("--workload", choices=list(WORKLOADS), default="nano")
     parser.add_argument("--mode", choices=["full", "zipage", "both"], default="both")
     parser.add_argument(
@@ -351,16 +479,34 @@ def main():
         help="compress before the decode step, on the same stream",
     )
     parser.add_argument("--batch", type=int, default=28, help="compress-cost: requests decoding")
+    parser.add_argument(
+        "--decode-shapes",
+        type=lambda v: [tuple(int(x) for x in shape.split("x")) for shape in v.split(",")],
+        default=[(1, 512), (28, 2350)],
+        help="decode-step: BATCHxCONTEXT[,...] (default 1x512,28x2350)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--plot", help="save a PNG of running requests over time (matplotlib)")
     args = parser.parse_args()
-    model = args.model or random_qwen3(QWEN3_0_6B, "qwen3-0.6b-random")
+    if args.model and args.model_shape:
+        parser.error("--model and --model-shape exclude each other")
+    shape = None if args.model else args.model_shape or "qwen3-0.6b"
+    model = args.model or config_only_model(shape)
+    # What every task passes to LLM beyond its own keys, and the device's roofline rates.
+    args.engine = {"load_format": "dummy"} if shape else {}
+    if args.tensor_parallel_size > 1:
+        args.engine["tensor_parallel_size"] = args.tensor_parallel_size
+    args.rates = device_rates(args.tensor_parallel_size)
     result = {
         "task": args.task,
-        "model": args.model or "Qwen3-0.6B (random weights)",
+        "model": args.model or f"{shape} (random weights)",
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "copy_TB_s": args.rates[0] / 1e12 if args.rates else None,
+        "matmul_TFLOP_s": args.rates[1] / 1e12 if args.rates else None,
     }
+    if args.rates is None:
+        print("roofline: unavailable off the GPU, bound_tok_s, bound_ms and of_bound are None")
     tasks = {"throughput": throughput, "decode-step": decode_step, "compress-cost": compress_cost}
     result.update(tasks[args.task](model, args))
     for key, value in result.items():

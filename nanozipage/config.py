@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+LOAD_FORMATS = ("safetensors", "dummy")
 
 
 @dataclass(slots=True)
@@ -26,6 +27,9 @@ class Config:
     overlap_scheduling: bool = True
     dtype: str | None = None  # None: the checkpoint's dtype on GPU, float32 on CPU
     device: str | None = None  # None: cuda if available, else cpu
+    # "safetensors": the checkpoint's weights. "dummy" (vLLM's name): read only config.json and
+    # fill every parameter with seeded random values, to benchmark an architecture without it.
+    load_format: str = "safetensors"
     # Compressed PagedAttention (DESIGN.md section 2). kv_budget=None: the plain full-KV engine.
     kv_budget: int | None = 2048  # tokens kept per (layer, KV head) after a compression
     window: int = 16  # observation window: the last queries before a block boundary
@@ -89,6 +93,10 @@ class Config:
                 )
             if not (isinstance(self.pool_kernel, int) and self.pool_kernel % 2 == 1):
                 raise ValueError(f"pool_kernel must be an odd integer, got {self.pool_kernel!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(
+                f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
+            )
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 

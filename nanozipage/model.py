@@ -3,7 +3,8 @@
 Qwen3 normalises q and k per head (q/k RMSNorm); Qwen2 has a bias on q, k and v; Llama has
 neither. Attention reads and writes the paged KV cache through the kernels; everything else is
 plain PyTorch. Weights load from the checkpoint's safetensors through a `weight_loader` attached
-to each parameter, which also packs q/k/v into one matrix and gate/up into another.
+to each parameter, which also packs q/k/v into one matrix and gate/up into another; with
+`load_format="dummy"` they are seeded random values instead (benchmarks of an architecture).
 """
 
 import functools
@@ -242,3 +243,16 @@ class CausalLM(nn.Module):
                             break
                     else:
                         params[name].copy_(f.get_tensor(name))
+
+    @torch.no_grad()
+    def init_dummy_weights(self, seed: int = 0):
+        """Weights for `load_format="dummy"`, made in place on each parameter's device: matrices
+        normal(0, 0.02), norm weights one, biases zero. Each parameter draws from its own
+        generator (seeded by its index), so the values do not depend on other parameters' sizes,
+        and a parameter holding only a shard of a matrix is filled all the same."""
+        for i, (name, param) in enumerate(self.named_parameters()):  # a tied matrix once
+            if param.dim() == 2:
+                generator = torch.Generator(param.device).manual_seed(seed + i)
+                param.normal_(0, 0.02, generator=generator)
+            else:
+                param.fill_(0 if name.endswith("bias") else 1)

@@ -62,7 +62,10 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = CausalLM(hf)
         torch.set_default_dtype(default_dtype)
-        self.model.load_weights(config.model)
+        if config.load_format == "dummy":
+            self.model.init_dummy_weights()
+        else:
+            self.model.load_weights(config.model)
         self.model.eval()
         attn = self.model.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim

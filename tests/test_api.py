@@ -1,5 +1,8 @@
 """The public API: bad input is refused before any work starts, incremental use, seeds."""
 
+import os
+import shutil
+
 import pytest
 from helpers import make_tiny_model
 
@@ -71,6 +74,7 @@ def test_request_larger_than_the_kv_pool_raises(tmp_path):
         ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
         ({"max_model_len": 10**9}, "max_model_len"),
         ({"dtype": "int8"}, "dtype"),
+        ({"load_format": "pt"}, "load_format must be one of safetensors, dummy"),
     ],
 )
 def test_bad_config_raises(tmp_path, config, message):
@@ -117,3 +121,25 @@ def test_generation_stops_at_eos_unless_ignored(llm):
     finally:
         llm.scheduler.eos = saved
     assert stopped == free[: free.index(eos) + 1]
+
+
+def test_dummy_load_format_builds_a_seeded_random_model_from_config_json_alone(tmp_path):
+    only_config = tmp_path / "config-only"
+    only_config.mkdir()
+    shutil.copy(
+        os.path.join(make_tiny_model("qwen2", tmp_path / "full"), "config.json"), only_config
+    )
+    with pytest.raises(ValueError, match="safetensors"):  # the default reads weight files
+        LLM(str(only_config), kv_budget=None)
+    config = {"load_format": "dummy", "kv_budget": None, "block_size": 16, "num_kvcache_blocks": 40}
+    llm = LLM(str(only_config), **config)
+    params = dict(llm.model_runner.model.named_parameters())
+    assert params["model.layers.0.self_attn.qkv_proj.bias"].eq(0).all()
+    assert params["model.layers.1.post_attention_layernorm.weight"].eq(1).all()
+    assert 0.019 < params["lm_head.weight"].std().item() < 0.021
+    assert params["lm_head.weight"].ne(params["model.embed_tokens.weight"]).any()
+    prompt, greedy = [[1, 2, 3]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tokens = llm.generate(prompt, greedy, use_tqdm=False)[0]["token_ids"]
+    assert len(tokens) == 8
+    again = LLM(str(only_config), **config).generate(prompt, greedy, use_tqdm=False)
+    assert again[0]["token_ids"] == tokens  # the seed fixes the weights

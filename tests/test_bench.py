@@ -1,0 +1,31 @@
+"""bench.py's roofline: the bytes and FLOPs a perfect engine needs for a step, by hand."""
+
+from bench import QWEN3_0_6B, step_cost
+
+# hidden 4, one layer, 2 query heads of dim 2, 1 KV head, MLP 8, vocab 10. Matmul weights of the
+# layer: q 4x4, k 4x2, v 4x2, o 4x4, gate/up/down 4x8 each = 16+8+8+16+96 = 144; lm_head 40.
+TINY = {"hidden_size": 4, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 2, "intermediate_size": 8, "vocab_size": 10}  # fmt: skip
+
+
+def test_decode_step_reads_weights_once_and_every_cached_kv_of_the_batch():
+    # Two requests decoding at contexts 5 and 7, bf16 (2 bytes).
+    num_bytes, flops = step_cost(TINY, 2, [(1, 5, True), (1, 7, True)])
+    weights, kv = 2 * (144 + 40), 12 * (1 * 2 * 1 * 2 * 2)  # 12 tokens of K and V, 1 head of 2
+    assert num_bytes == weights + kv == 464
+    # 2 tokens through 144 weights and the lm_head; q.k and p.v over 12 (query, key) pairs.
+    assert flops == 2 * 144 * 2 + 2 * 40 * 2 + 4 * 1 * 2 * 2 * 12 == 928
+
+
+def test_prefill_chunk_counts_causal_pairs_and_skips_the_lm_head_when_not_sampling():
+    # A 3-token chunk ending a 5-token context: its queries see 3 + 4 + 5 = 12 keys.
+    num_bytes, flops = step_cost(TINY, 2, [(3, 5, False)])
+    assert num_bytes == 368 + 5 * 8
+    assert flops == 2 * 144 * 3 + 4 * 2 * 2 * 12 == 1056
+
+
+def test_qwen3_0_6b_reads_its_published_kv_bytes_per_token():
+    # DESIGN.md: 114,688 bytes of K/V per token; a decode step of one request adds them once.
+    one, _ = step_cost(QWEN3_0_6B, 2, [(1, 1, True)])
+    two, _ = step_cost(QWEN3_0_6B, 2, [(1, 2, True)])
+    assert two - one == 114_688
