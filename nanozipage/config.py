@@ -8,6 +8,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+import torch
+
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 
 
@@ -23,6 +25,8 @@ class Config:
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     dtype: str | None = None  # None: the checkpoint's dtype on GPU, float32 on CPU
     device: str | None = None  # None: cuda if available, else cpu
+    # Processes (GPUs) one model is split over (README "Several GPUs"); rank r uses cuda:r.
+    tensor_parallel_size: int = 1
     # Compressed PagedAttention (DESIGN.md section 2). kv_budget=None: the plain full-KV engine.
     kv_budget: int | None = 2048  # tokens kept per (layer, KV head) after a compression
     window: int = 16  # observation window: the last queries before a block boundary
@@ -88,6 +92,25 @@ class Config:
                 raise ValueError(f"pool_kernel must be an odd integer, got {self.pool_kernel!r}")
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._check_tensor_parallel_size()
+
+    def _check_tensor_parallel_size(self):
+        """Every rank holds whole heads, and KV heads are split, never replicated."""
+        tp, hf = self.tensor_parallel_size, self.hf_config
+        gpus = torch.cuda.device_count() if self.device.startswith("cuda") else None
+        _check_int("tensor_parallel_size", tp, 1, gpus)
+        sizes = {
+            "num_attention_heads": hf["num_attention_heads"],
+            "num_key_value_heads": hf.get("num_key_value_heads", hf["num_attention_heads"]),
+            "intermediate_size": hf["intermediate_size"],
+        }
+        for name, size in sizes.items():
+            if size % tp:
+                raise ValueError(
+                    f"tensor_parallel_size={tp} must divide the model's {name}={size} "
+                    "(KV heads are split over the ranks, not replicated)"
+                )
 
 
 def check_kv_budget(name: str, budget, block_size: int, window: int):

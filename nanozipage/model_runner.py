@@ -1,18 +1,26 @@
 """Tensors start here: the KV pool, per-step inputs, the forward pass, CUDA graphs, sampling.
 
-`run(seqs, is_prefill)` turns the scheduler's requests into flat tensors (token ids, positions,
-the cache slot of every new token, cumulative query lengths, context lengths, block tables),
-publishes them through the `Context`, runs the model and samples one token for every request
-that reached its last token. Decode steps replay a CUDA graph captured for the next larger
-batch size; prefill steps run eagerly (their shapes vary too much to capture).
+`run(seqs, is_prefill)` turns the scheduler's requests into a `StepPlan` of flat lists (token
+ids, positions, the cache slot of every new token, cumulative query lengths, context lengths,
+block tables), which `execute` publishes as tensors through the `Context` before running the
+model; `run` then samples one token for every request that reached its last token. Decode steps
+replay a CUDA graph captured for the next larger batch size; prefill steps run eagerly (their
+shapes vary too much to capture).
+
+Under tensor parallelism every rank has a model runner over its shard; rank 0's forwards the
+plans (`step`) and compactions (`compact`) to the others through `parallel.Workers`.
 """
 
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
 
 from nanozipage.config import Config
-from nanozipage.context import get_context, reset_context, set_context
+from nanozipage.context import StepPlan, get_context, reset_context, set_context
 from nanozipage.kernels import compact
 from nanozipage.model import CausalLM
+from nanozipage.parallel import Workers
 from nanozipage.policy import POLICIES, CacheState, select
 from nanozipage.sampler import sample
 from nanozipage.sampling_params import SamplingParams
@@ -22,15 +30,28 @@ CPU_KV_CACHE_BYTES = 1 << 30  # with no GPU to size from, give the KV pool 1 GiB
 _GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 
 
+@dataclass(slots=True)
+class Compaction:
+    """One request's compaction, as every rank needs it (planned by the block manager)."""
+
+    old_table: list[int]  # the request's blocks before the compression
+    new_table: list[int]  # the blocks its kept tokens go to
+    first: bool  # its first compression (pooling, no stored scores)
+    query_slot: int  # its window queries' slot in the query cache
+
+
 class ModelRunner:
-    def __init__(self, config: Config):
-        self.config = config
+    def __init__(self, config: Config, rank: int = 0):
+        self.config, self.rank = config, rank
         self.block_size = config.block_size
         hf = config.hf_config
-        self.device = torch.device(
-            config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        self.device = torch.device(config.device)
         self.use_cuda = self.device.type == "cuda"
+        tp = config.tensor_parallel_size > 1
+        if tp and self.use_cuda:
+            self.device = torch.device("cuda", rank)
+        # Rank 0 starts the other ranks (and joins the process group) before building its shard.
+        self.workers = Workers(config) if tp and rank == 0 else None
         dtype_name = config.dtype or (
             hf.get("dtype") or hf.get("torch_dtype") or "bfloat16" if self.use_cuda else "float32"
         )
@@ -87,9 +108,10 @@ class ModelRunner:
         while budget > 0 and len(seqs) < self.config.max_num_seqs:
             seq = Sequence([0] * min(budget, self.config.max_model_len), _GREEDY)
             seq.num_new_tokens, budget = len(seq), budget - len(seq)
-            seq.block_table = [0] * seq.num_blocks
+            # Counted here: a worker process never sets Sequence.block_size from the config.
+            seq.block_table = [0] * -(-len(seq) // self.block_size)
             seqs.append(seq)
-        self.run(seqs, is_prefill=True)
+        self.execute(self.prepare_prefill(seqs))  # on every rank at once: no plan to forward
         torch.cuda.synchronize()
 
     def allocate_kv_cache(self):
@@ -112,7 +134,12 @@ class ModelRunner:
             )
         else:
             spare = CPU_KV_CACHE_BYTES
-        num_slots, num_q_heads = 0, self.config.hf_config["num_attention_heads"]
+        if self.config.tensor_parallel_size > 1:  # the same pool on every rank: the least memory
+            spare = torch.tensor([spare], dtype=torch.float64, device=self.device)
+            dist.all_reduce(spare, dist.ReduceOp.MIN)
+            spare = spare.item()
+        attn = self.model.model.layers[0].self_attn
+        num_slots, num_q_heads = 0, attn.num_heads
         if config.kv_budget:
             block_bytes += num_layers * self.num_kv_heads * self.block_size * 4
             n_max = config.kv_budget // self.block_size + 1
@@ -151,12 +178,6 @@ class ModelRunner:
         self.kv_cache = self._empty_kv_cache(num_blocks)
         self._set_kv_cache(self.kv_cache)
 
-    def _block_tables(self, seqs: list[Sequence], width: int | None = None) -> torch.Tensor:
-        width = width or max(len(seq.block_table) for seq in seqs)
-        return self._tensor(
-            [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
-        )
-
     def _slot(self, seq: Sequence, index: int) -> int:
         return seq.block_table[index // self.block_size] * self.block_size + index % self.block_size
 
@@ -168,7 +189,7 @@ class ModelRunner:
             return -1
         return seq.query_slot * w + index % b - (b - w)
 
-    def prepare_prefill(self, seqs: list[Sequence]):
+    def prepare_prefill(self, seqs: list[Sequence]) -> StepPlan:
         input_ids, positions, slots, cu_seqlens_q, context_lens, sample_rows = (
             [],
             [],
@@ -191,50 +212,84 @@ class ModelRunner:
             context_lens.append(end)
             if end == len(seq):
                 sample_rows.append(cu_seqlens_q[-1] - 1)
-        set_context(
-            is_prefill=True,
-            slot_mapping=self._tensor(slots),
-            context_lens=self._tensor(context_lens),
-            block_tables=self._block_tables(seqs),
-            cu_seqlens_q=self._tensor(cu_seqlens_q),
+        return StepPlan(
+            True, input_ids, positions, slots, context_lens,
+            block_tables=[seq.block_table for seq in seqs],
+            query_rows=query_rows or None,
+            sample_rows=sample_rows,
+            cu_seqlens_q=cu_seqlens_q,
             max_seqlen_q=max(seq.num_new_tokens for seq in seqs),
-            query_rows=self._tensor(query_rows, torch.long) if query_rows else None,
-        )
-        return self._tensor(input_ids, torch.long), self._tensor(positions, torch.long), sample_rows
+        )  # fmt: skip
 
-    def prepare_decode(self, seqs: list[Sequence]):
+    def prepare_decode(self, seqs: list[Sequence]) -> StepPlan:
         """The last token of each request: at position len - 1, but at cache index
         cache_len - 1 (they differ once the request has been compressed)."""
         index = [seq.cache_len - 1 for seq in seqs]
         query_rows = None
         if self.q_cache is not None:
-            rows = [self._query_row(s, i, i // self.block_size) for s, i in zip(seqs, index)]
-            query_rows = self._tensor(rows, torch.long)
-        set_context(
-            slot_mapping=self._tensor([self._slot(seq, i) for seq, i in zip(seqs, index)]),
-            context_lens=self._tensor([i + 1 for i in index]),
-            block_tables=self._block_tables(seqs),
+            query_rows = [self._query_row(s, i, i // self.block_size) for s, i in zip(seqs, index)]
+        return StepPlan(
+            False,
+            input_ids=[seq.last_token for seq in seqs],
+            positions=[len(seq) - 1 for seq in seqs],
+            slot_mapping=[self._slot(seq, i) for seq, i in zip(seqs, index)],
+            context_lens=[i + 1 for i in index],
+            block_tables=[seq.block_table for seq in seqs],
             query_rows=query_rows,
-        )
-        return (
-            self._tensor([seq.last_token for seq in seqs], torch.long),
-            self._tensor([len(seq) - 1 for seq in seqs], torch.long),
+            sample_rows=None,
         )
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool):
-        """One forward pass; returns (token ids, logprobs) of the requests that sample."""
+        """Rank 0: one step; returns (token ids, logprobs) of the requests that sample."""
+        plan = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
+        if self.workers:
+            self.workers.call("step", plan)
+        logits = self.execute(plan)
         if is_prefill:
-            input_ids, positions, sample_rows = self.prepare_prefill(seqs)
-            hidden = self.model(input_ids, positions)[sample_rows]
             seqs = [seq for seq in seqs if seq.num_computed_tokens + seq.num_new_tokens == len(seq)]
-        else:
-            input_ids, positions = self.prepare_decode(seqs)
-            hidden = self.run_decode(input_ids, positions)
-        reset_context()
         if not seqs:
             return [], None
-        return self.sample(seqs, self.model.compute_logits(hidden))
+        tokens, logprobs = self.sample(seqs, logits)
+        if self.workers:
+            dist.broadcast(tokens, 0)
+            if self.use_cuda:
+                self.workers.wait_on_gpu()
+        return tokens.tolist(), None if logprobs is None else logprobs.tolist()
+
+    @torch.inference_mode()
+    def step(self, plan: StepPlan):
+        """Ranks 1..N-1: rank 0's step on this rank's shard, then the sampled ids that rank 0
+        broadcasts. Nothing reads them yet; with the sampled ids kept on the device from one
+        step to the next, a rank can build the next step's input ids on its own."""
+        self.execute(plan)
+        num_sampled = len(plan.input_ids if plan.sample_rows is None else plan.sample_rows)
+        if num_sampled:
+            dist.broadcast(torch.empty(num_sampled, dtype=torch.long, device=self.device), 0)
+
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        """Every rank: the forward pass of one step; returns the logits of the rows that sample
+        (None when none does, and on every rank but 0)."""
+        width = max(len(table) for table in plan.block_tables)
+        set_context(
+            is_prefill=plan.is_prefill,
+            slot_mapping=self._tensor(plan.slot_mapping),
+            context_lens=self._tensor(plan.context_lens),
+            block_tables=self._tensor([t + [-1] * (width - len(t)) for t in plan.block_tables]),
+            cu_seqlens_q=self._tensor(plan.cu_seqlens_q) if plan.is_prefill else None,
+            max_seqlen_q=plan.max_seqlen_q,
+            query_rows=None
+            if plan.query_rows is None
+            else self._tensor(plan.query_rows, torch.long),
+        )
+        input_ids = self._tensor(plan.input_ids, torch.long)
+        positions = self._tensor(plan.positions, torch.long)
+        if plan.is_prefill:
+            hidden = self.model(input_ids, positions)[plan.sample_rows]
+        else:
+            hidden = self.run_decode(input_ids, positions)
+        reset_context()
+        return self.model.compute_logits(hidden) if len(hidden) else None
 
     def run_decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         bs = input_ids.shape[0]
@@ -256,46 +311,81 @@ class ModelRunner:
         return buf["hidden"][:bs]
 
     def compress(self, jobs: list[tuple[Sequence, list[int]]]):
-        """Run the compactions; asynchronous ones go on a side stream after the work already
-        queued on the main stream (the requests' last K/V), and are handed back by
-        `finished_compressions` once their event has fired."""
+        """Rank 0: compress each request from its old block table (given) into its new one."""
+        plans = [  # num_compressions was counted when the compression was planned
+            Compaction(old, seq.block_table[: seq.kv_budget // self.block_size],
+                       first=seq.num_compressions == 1, query_slot=seq.query_slot)
+            for seq, old in jobs
+        ]  # fmt: skip
+        if self.workers:
+            self.workers.call("compact", plans)
+        self.compact(plans, jobs)
+
+    def compact(self, plans: list[Compaction], jobs: list | None = None):
+        """Every rank: run the compactions; asynchronous ones go on a side stream after the work
+        already queued on the main stream (the requests' last K/V), and rank 0's `jobs` are
+        handed back by `finished_compressions` once their event has fired."""
         if not (self.config.async_compression and self.use_cuda):
-            self._compress(jobs)
+            self._compress(plans)
             if self.config.async_compression:  # no side stream off the GPU: done at once
                 self.pending.append((None, jobs))
             return
         self.compress_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.compress_stream):
-            self._compress(jobs)
+            self._compress(plans)
             done = torch.cuda.Event()
             done.record()
         self.pending.append((done, jobs))
 
     def finished_compressions(self) -> list[tuple[Sequence, list[int]]]:
+        """Rank 0: the compressions whose compaction has finished on rank 0; their replaced
+        blocks will be freed, so every other rank must finish its own compaction of them before
+        its next use of a block: it orders its main stream after it (`wait_for_compactions`)."""
         done = [event is None or event.query() for event, _ in self.pending]
+        if self.workers and any(done):
+            self.workers.call("wait_for_compactions", done)
         finished = [job for (_, jobs), d in zip(self.pending, done) if d for job in jobs]
         self.pending = [entry for entry, d in zip(self.pending, done) if not d]
         return finished
+
+    def wait_for_compactions(self, done: list[bool]):
+        """Ranks 1..N-1: the compactions that rank 0 has seen finish (its pending entries, in the
+        same order as here), which this rank's later work must follow."""
+        for (event, _), d in zip(self.pending, done):
+            if d and event is not None:
+                torch.cuda.current_stream().wait_event(event)
+        self.pending = [entry for entry, d in zip(self.pending, done) if not d]
+
+    def gather_kv_cache(self) -> torch.Tensor | None:
+        """The KV pool with every rank's KV heads, on rank 0 (None elsewhere): lets the tests
+        compare a tensor-parallel engine's cache with a single-rank engine's."""
+        if self.workers:
+            self.workers.call("gather_kv_cache")
+        ranks = self.config.tensor_parallel_size
+        if ranks == 1:
+            return self.kv_cache
+        parts = [torch.empty_like(self.kv_cache) for _ in range(ranks)] if self.rank == 0 else None
+        dist.gather(self.kv_cache, parts, dst=0)
+        return None if parts is None else torch.cat(parts, dim=3)  # [2, L, blocks, kvh, b, d]
 
     def wait_for_compressions(self):
         if self.use_cuda:
             self.compress_stream.synchronize()
 
     @torch.inference_mode()
-    def _compress(self, jobs: list[tuple[Sequence, list[int]]]):
-        """Compress each request from its old block table into its new one (already planned by
-        the block manager): score every cached token with the policy, keep `kv_budget` per
-        (layer, KV head) in position order, and compact K, V and this compression's scores
-        into the first blocks of the new table, a group of layers at a time."""
+    def _compress(self, plans: list[Compaction]):
+        """Compress each request from its old block table into its new one: score every cached
+        token with the policy, keep `kv_budget` per (layer, KV head) in position order, and
+        compact K, V and this compression's scores into the first blocks of the new table, a
+        group of layers at a time. Each rank does its own KV heads, with no communication: a
+        GQA group, whose queries score its KV head, never spans two ranks."""
         config, b = self.config, self.block_size
         policy, num_layers = POLICIES[config.policy], len(self.model.model.layers)
-        for seq, old_table in jobs:
-            keep = seq.kv_budget
-            old = self._tensor(old_table)
-            new = self._tensor(seq.block_table[: keep // b])
-            first = seq.num_compressions == 1  # counted when it was planned
+        for plan in plans:
+            keep = len(plan.new_table) * b
+            old, new = self._tensor(plan.old_table), self._tensor(plan.new_table)
             window_rows = slice(
-                seq.query_slot * config.window, (seq.query_slot + 1) * config.window
+                plan.query_slot * config.window, (plan.query_slot + 1) * config.window
             )
             for start in range(0, num_layers, config.compress_layers):
                 layers = slice(start, min(start + config.compress_layers, num_layers))
@@ -304,8 +394,8 @@ class ModelRunner:
                 # The request's keys and stored scores, dense: [layers, kvh, T, ...]
                 keys = k_cache[:, old].transpose(1, 2).flatten(2, 3)
                 prev = score_cache[:, old].transpose(1, 2).flatten(2)
-                prev[..., 0 if first else keep :] = 0  # newer tokens were never scored
-                state = CacheState(keys, self.q_cache[layers, window_rows], prev, first, b)
+                prev[..., 0 if plan.first else keep :] = 0  # newer tokens were never scored
+                state = CacheState(keys, self.q_cache[layers, window_rows], prev, plan.first, b)
                 score, stored = policy(state, config)
                 kept = select(score, keep, config.window, config.num_sinks)  # [L, kvh, keep]
                 compact(k_cache, old, new, kept)
@@ -315,6 +405,7 @@ class ModelRunner:
                 score_cache[:, new] = kept_scores.transpose(1, 2)
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor):
+        """Rank 0: the sampled token ids and their logprobs (or None), on the device."""
         params = [seq.sampling_params for seq in seqs]
         for seq in seqs:
             if seq.sampling_params.seed is not None and seq.generator is None:
@@ -329,7 +420,7 @@ class ModelRunner:
             greedy=all(p.temperature == 0 for p in params),
             want_logprobs=any(p.logprobs for p in params),
         )
-        return tokens.tolist(), None if logprobs is None else logprobs.tolist()
+        return tokens, logprobs
 
     @torch.inference_mode()
     def capture_cudagraphs(self):
