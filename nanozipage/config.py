@@ -93,20 +93,12 @@ class Config:
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self._check_tensor_parallel_size()
-
-    def _check_tensor_parallel_size(self):
-        """Every rank holds whole heads, and KV heads are split, never replicated."""
         tp, hf = self.tensor_parallel_size, self.hf_config
         gpus = torch.cuda.device_count() if self.device.startswith("cuda") else None
         _check_int("tensor_parallel_size", tp, 1, gpus)
-        sizes = {
-            "num_attention_heads": hf["num_attention_heads"],
-            "num_key_value_heads": hf.get("num_key_value_heads", hf["num_attention_heads"]),
-            "intermediate_size": hf["intermediate_size"],
-        }
-        for name, size in sizes.items():
-            if size % tp:
+        for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            size = hf.get(name, hf["num_attention_heads"])  # no num_key_value_heads: MHA
+            if size % tp:  # every rank holds whole heads: KV heads are split, never replicated
                 raise ValueError(
                     f"tensor_parallel_size={tp} must divide the model's {name}={size} "
                     "(KV heads are split over the ranks, not replicated)"

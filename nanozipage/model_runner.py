@@ -2,13 +2,11 @@
 
 `run(seqs, is_prefill)` turns the scheduler's requests into a `StepPlan` of flat lists (token
 ids, positions, the cache slot of every new token, cumulative query lengths, context lengths,
-block tables), which `execute` publishes as tensors through the `Context` before running the
-model; `run` then samples one token for every request that reached its last token. Decode steps
-replay a CUDA graph captured for the next larger batch size; prefill steps run eagerly (their
-shapes vary too much to capture).
-
-Under tensor parallelism every rank has a model runner over its shard; rank 0's forwards the
-plans (`step`) and compactions (`compact`) to the others through `parallel.Workers`.
+block tables); `execute` publishes them as tensors through the `Context` and runs the model;
+`run` samples one token for every request that reached its last token. Decode steps replay a
+CUDA graph captured for the next larger batch size; prefill steps run eagerly (their shapes
+vary too much to capture). Under tensor parallelism every rank has a model runner over its
+shard, and rank 0's forwards plans and compactions to the others (`parallel.Workers`).
 """
 
 from dataclasses import dataclass
@@ -190,15 +188,8 @@ class ModelRunner:
         return seq.query_slot * w + index % b - (b - w)
 
     def prepare_prefill(self, seqs: list[Sequence]) -> StepPlan:
-        input_ids, positions, slots, cu_seqlens_q, context_lens, sample_rows = (
-            [],
-            [],
-            [],
-            [0],
-            [],
-            [],
-        )
-        query_rows = []
+        input_ids, positions, slots, context_lens, sample_rows, query_rows = [], [], [], [], [], []
+        cu_seqlens_q = [0]
         for seq in seqs:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_new_tokens
             input_ids += seq[start:end]
@@ -243,19 +234,24 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], is_prefill: bool):
         """Rank 0: one step; returns (token ids, logprobs) of the requests that sample."""
         plan = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
-        if self.workers:
-            self.workers.call("step", plan)
-        logits = self.execute(plan)
         if is_prefill:
             seqs = [seq for seq in seqs if seq.num_computed_tokens + seq.num_new_tokens == len(seq)]
-        if not seqs:
-            return [], None
-        tokens, logprobs = self.sample(seqs, logits)
         if self.workers:
-            dist.broadcast(tokens, 0)
-            if self.use_cuda:
-                self.workers.wait_on_gpu()
-        return tokens.tolist(), None if logprobs is None else logprobs.tolist()
+            self.workers.call("step", plan)
+        try:
+            logits = self.execute(plan)
+            if not seqs:
+                return [], None
+            tokens, logprobs = self.sample(seqs, logits)
+            if self.workers:
+                dist.broadcast(tokens, 0)
+                if self.use_cuda:
+                    self.workers.wait_on_gpu()
+            return tokens.tolist(), None if logprobs is None else logprobs.tolist()
+        except BaseException:
+            if self.workers:  # the other ranks may be left mid-step: end them, not desynchronise
+                self.workers.close()
+            raise
 
     @torch.inference_mode()
     def step(self, plan: StepPlan):
@@ -278,9 +274,7 @@ class ModelRunner:
             block_tables=self._tensor([t + [-1] * (width - len(t)) for t in plan.block_tables]),
             cu_seqlens_q=self._tensor(plan.cu_seqlens_q) if plan.is_prefill else None,
             max_seqlen_q=plan.max_seqlen_q,
-            query_rows=None
-            if plan.query_rows is None
-            else self._tensor(plan.query_rows, torch.long),
+            query_rows=plan.query_rows and self._tensor(plan.query_rows, torch.long),
         )
         input_ids = self._tensor(plan.input_ids, torch.long)
         positions = self._tensor(plan.positions, torch.long)

@@ -10,7 +10,8 @@ go through torch.distributed (NCCL on GPUs, gloo on the CPU).
 
 Pipes rather than shared memory make lifetimes simple: closing rank 0's end (the `LLM` is
 deleted, the program exits, or rank 0 dies) ends a worker's loop, and nothing is left to
-unlink. A dead worker is seen before every call and while rank 0 waits on the GPU.
+unlink. A dead worker is seen before every call and while rank 0 waits on the GPU, and an
+exception on rank 0 inside a step ends the workers (they could no longer follow it).
 """
 
 import multiprocessing as mp
@@ -60,10 +61,9 @@ def _worker(config: Config, rank: int, port: int, conn):
         while True:
             method, args = pickle.loads(conn.recv_bytes())
             getattr(runner, method)(*args)
-    except EOFError:
-        pass
-    finally:
+    except EOFError:  # rank 0 is done with this LLM
         dist.destroy_process_group()
+        os._exit(0)  # skips the interpreter's teardown: seconds with torch loaded, nothing to save
 
 
 class Workers:
@@ -113,11 +113,11 @@ class Workers:
 
 def _shut_down(conns, processes):
     for conn in conns:
-        conn.close()  # a worker waiting for a call sees EOF and exits
+        conn.close()  # a worker waiting for its next call sees EOF and exits
     if dist.is_initialized():
-        dist.destroy_process_group()  # a worker inside a collective sees its peer go
+        dist.destroy_process_group()
     for process in processes:
-        process.join(timeout=10)
-        if process.exitcode is None:
+        process.join(timeout=5)
+        if process.exitcode is None:  # stuck in a collective that rank 0 left: no use waiting
             process.kill()
             process.join()

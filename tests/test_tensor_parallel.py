@@ -7,6 +7,7 @@ compression.
 """
 
 import gc
+import json
 import multiprocessing
 import os
 import random
@@ -77,10 +78,14 @@ def test_two_ranks_match_one(model_dir, kv_budget):
     assert num_cached > 0 and (num_compared > 10 or kv_budget is None)
 
 
-def test_heads_that_ranks_do_not_divide_raise_before_any_process_starts(tmp_path):
-    model = make_tiny_model("qwen3", tmp_path)  # 4 query heads, 2 KV heads
-    with pytest.raises(ValueError, match="tensor_parallel_size"):
-        LLM(model, tensor_parallel_size=3)
+def test_kv_heads_that_ranks_do_not_divide_raise_before_any_process_starts(tmp_path):
+    model = make_tiny_model("qwen3", tmp_path)
+    with open(tmp_path / "config.json") as f:
+        hf = json.load(f)
+    with open(tmp_path / "config.json", "w") as f:  # one KV head: two ranks cannot split it
+        json.dump({**hf, "num_key_value_heads": 1}, f)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 must divide .*_heads=1"):
+        LLM(model, tensor_parallel_size=2)
     assert not multiprocessing.active_children() and not dist.is_initialized()
 
 
@@ -101,22 +106,35 @@ def test_deleting_the_llm_ends_its_worker(tmp_path):
     assert shared_memory_segments() <= shm
 
 
-def test_a_killed_worker_raises_in_the_caller(tmp_path):
-    llm = LLM(
-        make_tiny_model("qwen2", tmp_path),
-        tensor_parallel_size=2,
-        kv_budget=None,
-        num_kvcache_blocks=8,
-    )
+@pytest.mark.parametrize("failure", ["a worker is killed", "rank 0 raises"])
+def test_a_failure_mid_step_raises_and_ends_the_worker(tmp_path, monkeypatch, failure):
+    """Either side failing inside a step (here: while rank 0 samples the third step) raises in
+    the caller within seconds, never hangs; the worker ends, and a later call raises at once."""
+    llm = LLM(make_tiny_model("qwen2", tmp_path), tensor_parallel_size=2, kv_budget=None,
+              num_kvcache_blocks=8)  # fmt: skip
+    worker, sample, calls = llm.model_runner.workers.processes[0], llm.model_runner.sample, []
+
+    def failing_sample(*args):
+        calls.append(args)
+        if len(calls) == 3 and failure == "a worker is killed":
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join()
+        elif len(calls) == 3:
+            raise ZeroDivisionError("rank 0 fails")
+        return sample(*args)
+
+    monkeypatch.setattr(llm.model_runner, "sample", failing_sample)
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
-    assert len(llm.generate([[1, 2, 3]], params, use_tqdm=False)[0]["token_ids"]) == 5
-    worker = llm.model_runner.workers.processes[0]
-    os.kill(worker.pid, signal.SIGKILL)
-    worker.join(timeout=10)
     start = time.perf_counter()
+    # A dead peer: gloo raises at once ("Connection reset by peer"); with NCCL, rank 0 sees the
+    # worker's exit while it waits for the GPU.
+    with pytest.raises(RuntimeError if failure == "a worker is killed" else ZeroDivisionError):
+        llm.generate([[1, 2, 3]], params, use_tqdm=False)
+    worker.join(timeout=20)
+    assert time.perf_counter() - start < 20 and worker.exitcode is not None
+    assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="worker 1 exited"):
         llm.generate([[1, 2, 3]], params, use_tqdm=False)
-    assert time.perf_counter() - start < 10 and not dist.is_initialized()
 
 
 EXITING_PROGRAM = """
