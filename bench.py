@@ -39,7 +39,6 @@ from dataclasses import replace
 import torch
 
 from nanozipage import LLM, SamplingParams
-from nanozipage.context import reset_context
 from nanozipage.sampler import sample
 from nanozipage.sequence import Sequence
 
@@ -304,20 +303,20 @@ def median_seconds(fn, repeat: int = 30) -> float:
 
 
 def decode_gpu_seconds(llm: LLM, repeat: int = 20) -> float:
-    """GPU time of the next decode step's work: its forward pass (the captured graph) and its
-    sampling, enqueued `repeat` times back to back between two CUDA events, after one more
+    """GPU time of the next decode step's work: its inputs' copies to the device, its forward
+    pass (the captured graph) and its sampling, enqueued `repeat` times back to back between two CUDA events, after one more
     that fills the queue, so that the GPU never waits for the host. Each repeat feeds the same
     tokens at the same positions, so it rewrites the same K/V; then the step runs as usual."""
     runner, run_step, times = llm.model_runner, llm.model_runner.run, []
 
     @torch.inference_mode()
     def timed_run(seqs: list[Sequence], is_prefill: bool, pending=None):
-        input_ids, positions = runner.prepare_decode(seqs, pending)
+        plan = runner.prepare_decode(seqs)
         temperatures = [seq.sampling_params.temperature for seq in seqs]
         temperatures = runner._tensor(temperatures, torch.float32)
 
         def step():  # what `runner.run` does on the GPU for requests without top-k/p or seeds
-            logits = runner.model.compute_logits(runner.run_decode(input_ids, positions))
+            logits = runner.execute(plan, pending)
             sample(logits, temperatures, None, None, [None] * len(seqs), False, False)
 
         step()
@@ -326,7 +325,6 @@ def decode_gpu_seconds(llm: LLM, repeat: int = 20) -> float:
             step()
         timer.stop()
         times.append(timer.seconds() / repeat)
-        reset_context()
         return run_step(seqs, is_prefill, pending)
 
     runner.run = timed_run

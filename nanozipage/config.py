@@ -8,6 +8,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+import torch
+
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 LOAD_FORMATS = ("safetensors", "dummy")
 
@@ -30,6 +32,8 @@ class Config:
     # "safetensors": the checkpoint's weights. "dummy" (vLLM's name): read only config.json and
     # fill every parameter with seeded random values, to benchmark an architecture without it.
     load_format: str = "safetensors"
+    # Processes (GPUs) one model is split over (README "Several GPUs"); rank r uses cuda:r.
+    tensor_parallel_size: int = 1
     # Compressed PagedAttention (DESIGN.md section 2). kv_budget=None: the plain full-KV engine.
     kv_budget: int | None = 2048  # tokens kept per (layer, KV head) after a compression
     window: int = 16  # observation window: the last queries before a block boundary
@@ -99,6 +103,17 @@ class Config:
             )
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        tp, hf = self.tensor_parallel_size, self.hf_config
+        gpus = torch.cuda.device_count() if self.device.startswith("cuda") else None
+        _check_int("tensor_parallel_size", tp, 1, gpus)
+        for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            size = hf.get(name, hf["num_attention_heads"])  # no num_key_value_heads: MHA
+            if size % tp:  # every rank holds whole heads: KV heads are split, never replicated
+                raise ValueError(
+                    f"tensor_parallel_size={tp} must divide the model's {name}={size} "
+                    "(KV heads are split over the ranks, not replicated)"
+                )
 
 
 def check_kv_budget(name: str, budget, block_size: int, window: int):

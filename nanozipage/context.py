@@ -33,3 +33,23 @@ def set_context(**fields):
 
 def reset_context():
     set_context()
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """One step as flat host lists, from which each rank builds its Context on its own device:
+    what rank 0 sends to the other ranks under tensor parallelism (a few ints per token)."""
+
+    is_prefill: bool
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]  # unpadded
+    query_rows: list[int] | None
+    sample_rows: list[int] | None  # rows whose logits are sampled; None: all (decode)
+    # Decode, overlapped loop: per request, its row in the samples of the step launched before
+    # when its input id is PENDING there, else -1; None when no input id is PENDING.
+    pending_rows: list[int] | None = None
+    cu_seqlens_q: list[int] | None = None  # prefill only
+    max_seqlen_q: int = 0  # prefill only

@@ -2,9 +2,13 @@
 
 Qwen3 normalises q and k per head (q/k RMSNorm); Qwen2 has a bias on q, k and v; Llama has
 neither. Attention reads and writes the paged KV cache through the kernels; everything else is
-plain PyTorch. Weights load from the checkpoint's safetensors through a `weight_loader` attached
-to each parameter, which also packs q/k/v into one matrix and gate/up into another; with
+plain PyTorch. Weights load from the checkpoint's safetensors through the `weight_loader` of
+each sharded layer, which also packs q/k/v into one matrix and gate/up into another; with
 `load_format="dummy"` they are seeded random values instead (benchmarks of an architecture).
+
+Tensor parallelism (`parallel.py`) splits every layer the usual way: q/k/v and gate/up by output
+rows (column-parallel, whole heads per rank), o_proj and down_proj by input columns (row-parallel,
+one all-reduce each), embedding and LM head by vocabulary. With one rank they are plain linears.
 """
 
 import functools
@@ -14,12 +18,14 @@ import os
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
 from nanozipage.context import get_context
 from nanozipage.kernels import decode_attention, prefill_attention, rope_store_kv
+from nanozipage.parallel import rank_and_size
 
 
 def fused_on_gpu(fn):
@@ -90,36 +96,108 @@ class Rotary(nn.Module):
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
 
 
-def packed_linear(in_features: int, shards: list[int], bias: bool) -> nn.Linear:
-    """A Linear whose output rows are several checkpoint matrices stacked (q|k|v, gate|up)."""
-    linear = nn.Linear(in_features, sum(shards), bias=bias)
-    offsets = [sum(shards[:i]) for i in range(len(shards))]
-    for param in linear.parameters():
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W's rows split over the ranks: each rank computes its slice of y, with
+    no communication. W stacks checkpoint matrices (q|k|v, gate|up), each split evenly, so that
+    a rank holds its share of each: its heads of q, k and v, its features of gate and up."""
 
-        def loader(param, weight, shard, param_offsets=offsets, sizes=shards):
-            param.data[param_offsets[shard] : param_offsets[shard] + sizes[shard]].copy_(weight)
+    def __init__(self, in_features: int, shards: list[int], bias: bool):
+        super().__init__()
+        self.rank, ranks = rank_and_size()
+        self.sizes = [size // ranks for size in shards]
+        self.weight = nn.Parameter(torch.empty(sum(self.sizes), in_features))
+        self.bias = nn.Parameter(torch.empty(sum(self.sizes))) if bias else None
 
-        param.weight_loader = loader
-    return linear
+    def weight_loader(self, param: nn.Parameter, tensor, shard: int):
+        """tensor: a safetensors slice, of which only this rank's rows are read."""
+        start, size = sum(self.sizes[:shard]), self.sizes[shard]
+        param[start : start + size].copy_(tensor[self.rank * size : (self.rank + 1) * size])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W's columns split over the ranks: each rank multiplies the slice of x
+    it computed (its heads, its MLP features), and one all-reduce sums the partial products."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.rank, self.ranks = rank_and_size()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // self.ranks))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, tensor, shard: int = 0):
+        if param is self.bias:
+            param.copy_(tensor[:])
+        else:
+            size = param.shape[1]
+            param.copy_(tensor[:, self.rank * size : (self.rank + 1) * size])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias if self.rank == 0 else None)  # the bias once
+        if self.ranks > 1:
+            dist.all_reduce(y)
+        return y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The embedding's rows (token ids) split over the ranks: each rank looks up the ids it
+    holds, zeros for the others, and one all-reduce assembles the vectors. The last rank's
+    share is padded with zero rows when the ranks do not divide the vocabulary."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.rank, self.ranks = rank_and_size()
+        self.vocab_size, self.rows = vocab_size, -(-vocab_size // self.ranks)
+        self.start = self.rank * self.rows
+        self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size))
+
+    def weight_loader(self, param: nn.Parameter, tensor, shard: int = 0):
+        rows = tensor[self.start : self.start + self.rows]
+        param[: len(rows)].copy_(rows)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.ranks == 1:
+            return F.embedding(input_ids, self.weight)
+        ids = input_ids - self.start
+        mine = (ids >= 0) & (ids < self.rows)
+        x = F.embedding(ids.clamp(0, self.rows - 1), self.weight).masked_fill(~mine[:, None], 0)
+        dist.all_reduce(x)
+        return x
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection, split like the embedding: each rank computes the logits of the
+    tokens it holds, gathered on rank 0 (the only rank that samples); None elsewhere."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = F.linear(hidden, self.weight)
+        if self.ranks == 1:
+            return logits
+        parts = [torch.empty_like(logits) for _ in range(self.ranks)] if self.rank == 0 else None
+        dist.gather(logits, parts, dst=0)
+        return None if parts is None else torch.cat(parts, -1)[:, : self.vocab_size]
 
 
 class Attention(nn.Module):
     def __init__(self, hf: dict, rotary: Rotary):
         super().__init__()
-        hidden, self.num_heads = hf["hidden_size"], hf["num_attention_heads"]
-        self.num_kv_heads = hf.get("num_key_value_heads", self.num_heads)
-        self.head_dim = hf.get("head_dim") or hidden // self.num_heads
-        self.q_size, self.kv_size = (
-            self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-        )
+        hidden, num_heads = hf["hidden_size"], hf["num_attention_heads"]
+        num_kv_heads = hf.get("num_key_value_heads", num_heads)
+        self.head_dim = hf.get("head_dim") or hidden // num_heads
+        q_size, kv_size = num_heads * self.head_dim, num_kv_heads * self.head_dim
         qwen2 = hf["architectures"][0] == "Qwen2ForCausalLM"
         bias = qwen2 or hf.get("attention_bias", False)
-        self.qkv_proj = packed_linear(hidden, [self.q_size, self.kv_size, self.kv_size], bias)
-        self.o_proj = nn.Linear(
-            self.q_size, hidden, bias=hf.get("attention_bias", False) and not qwen2
+        self.qkv_proj = ColumnParallelLinear(hidden, [q_size, kv_size, kv_size], bias)
+        self.o_proj = RowParallelLinear(
+            q_size, hidden, bias=hf.get("attention_bias", False) and not qwen2
         )
         self.eps = hf["rms_norm_eps"]
+        # This rank's heads: a GQA group never spans two ranks (the config checks divisibility).
+        ranks = rank_and_size()[1]
+        self.num_heads, self.num_kv_heads = num_heads // ranks, num_kv_heads // ranks
+        self.q_size, self.kv_size = q_size // ranks, kv_size // ranks
         self.qk_norm = hf["architectures"][0] == "Qwen3ForCausalLM"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, self.eps)
@@ -159,8 +237,8 @@ class MLP(nn.Module):
     def __init__(self, hf: dict):
         super().__init__()
         inter = hf["intermediate_size"]
-        self.gate_up_proj = packed_linear(hf["hidden_size"], [inter, inter], bias=False)
-        self.down_proj = nn.Linear(inter, hf["hidden_size"], bias=False)
+        self.gate_up_proj = ColumnParallelLinear(hf["hidden_size"], [inter, inter], bias=False)
+        self.down_proj = RowParallelLinear(inter, hf["hidden_size"], bias=False)
 
     def forward(self, x):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -190,7 +268,7 @@ class Decoder(nn.Module):
         super().__init__()
         head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
         rotary = Rotary(hf, head_dim, hf.get("max_position_embeddings", 32768))
-        self.embed_tokens = nn.Embedding(hf["vocab_size"], hf["hidden_size"])
+        self.embed_tokens = VocabParallelEmbedding(hf["vocab_size"], hf["hidden_size"])
         self.layers = nn.ModuleList(
             DecoderLayer(hf, rotary) for _ in range(hf["num_hidden_layers"])
         )
@@ -215,14 +293,14 @@ class CausalLM(nn.Module):
     def __init__(self, hf: dict):
         super().__init__()
         self.model = Decoder(hf)
-        self.lm_head = nn.Linear(hf["hidden_size"], hf["vocab_size"], bias=False)
+        self.lm_head = ParallelLMHead(hf["vocab_size"], hf["hidden_size"])
         if hf.get("tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head(hidden)
 
     @torch.no_grad()
@@ -236,13 +314,17 @@ class CausalLM(nn.Module):
                 for name in f.keys():  # noqa: SIM118 (a safetensors file is not iterable)
                     if "rotary_emb" in name:
                         continue
-                    for part, (packed_name, shard) in self.packed.items():
+                    target, shard = name, 0
+                    for part, (packed_name, packed_shard) in self.packed.items():
                         if f".{part}." in name:
-                            param = params[name.replace(part, packed_name)]
-                            param.weight_loader(param, f.get_tensor(name), shard)
+                            target, shard = name.replace(part, packed_name), packed_shard
                             break
+                    # A sharded layer reads its rank's rows or columns of the slice, no more.
+                    module = self.get_submodule(target.rpartition(".")[0])
+                    if hasattr(module, "weight_loader"):
+                        module.weight_loader(params[target], f.get_slice(name), shard)
                     else:
-                        params[name].copy_(f.get_tensor(name))
+                        params[target].copy_(f.get_tensor(name))
 
     @torch.no_grad()
     def init_dummy_weights(self, seed: int = 0):

@@ -1,18 +1,24 @@
 """Tensors start here: the KV pool, per-step inputs, the forward pass, CUDA graphs, sampling.
 
-`run(seqs, is_prefill)` turns the scheduler's requests into flat tensors (token ids, positions,
-the cache slot of every new token, cumulative query lengths, context lengths, block tables),
-publishes them through the `Context`, runs the model and samples one token for every request
-that reached its last token. Decode steps replay a CUDA graph captured for the next larger
-batch size; prefill steps run eagerly (their shapes vary too much to capture).
+`run(seqs, is_prefill)` turns the scheduler's requests into a `StepPlan` of flat lists (token
+ids, positions, the cache slot of every new token, cumulative query lengths, context lengths,
+block tables); `execute` publishes them as tensors through the `Context` and runs the model;
+`run` samples one token for every request that reached its last token. Decode steps replay a
+CUDA graph captured for the next larger batch size; prefill steps run eagerly (their shapes
+vary too much to capture). Under tensor parallelism every rank has a model runner over its
+shard, and rank 0's forwards plans and compactions to the others (`parallel.Workers`).
 """
 
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
 
 from nanozipage.config import Config
-from nanozipage.context import get_context, reset_context, set_context
+from nanozipage.context import StepPlan, get_context, reset_context, set_context
 from nanozipage.kernels import compact
 from nanozipage.model import CausalLM
+from nanozipage.parallel import Workers
 from nanozipage.policy import POLICIES, CacheState, select
 from nanozipage.sampler import sample
 from nanozipage.sampling_params import SamplingParams
@@ -26,8 +32,8 @@ class Samples:
     """One step's sampled tokens: on the device, where the next step reads its input ids, and
     on their way to the host, where `tolist` waits for that copy only."""
 
-    def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor | None):
-        self.tokens = tokens
+    def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, workers=None):
+        self.tokens, self.workers = tokens, workers
         self._host = [self._to_host(t) for t in (tokens, logprobs) if t is not None]
         self._copied = torch.cuda.Event() if tokens.is_cuda else None
         if self._copied:
@@ -38,21 +44,36 @@ class Samples:
         return torch.empty_like(t, device="cpu", pin_memory=t.is_cuda).copy_(t, non_blocking=True)
 
     def tolist(self) -> tuple[list[int], list[float] | None]:
-        if self._copied:
+        if self.workers:  # a dead worker would leave NCCL waiting: check them while waiting
+            self.workers.wait_on_gpu(self._copied)
+        elif self._copied:
             self._copied.synchronize()
         tokens, *logprobs = (t.tolist() for t in self._host)
         return tokens, logprobs[0] if logprobs else None
 
 
+@dataclass(slots=True)
+class Compaction:
+    """One request's compaction, as every rank needs it (planned by the block manager)."""
+
+    old_table: list[int]  # the request's blocks before the compression
+    new_table: list[int]  # the blocks its kept tokens go to
+    first: bool  # its first compression (pooling, no stored scores)
+    query_slot: int  # its window queries' slot in the query cache
+
+
 class ModelRunner:
-    def __init__(self, config: Config):
-        self.config = config
+    def __init__(self, config: Config, rank: int = 0):
+        self.config, self.rank = config, rank
         self.block_size = config.block_size
         hf = config.hf_config
-        self.device = torch.device(
-            config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        self.device = torch.device(config.device)
         self.use_cuda = self.device.type == "cuda"
+        tp = config.tensor_parallel_size > 1
+        if tp and self.use_cuda:
+            self.device = torch.device("cuda", rank)
+        # Rank 0 starts the other ranks (and joins the process group) before building its shard.
+        self.workers = Workers(config) if tp and rank == 0 else None
         dtype_name = config.dtype or (
             hf.get("dtype") or hf.get("torch_dtype") or "bfloat16" if self.use_cuda else "float32"
         )
@@ -72,6 +93,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.q_cache = self.score_cache = None
         self.pending = []  # (event, jobs) of compactions under way
+        self.pending_tokens = None  # ranks 1..N-1: the last step's samples, broadcast by rank 0
         self.compress_stream = torch.cuda.Stream() if self.use_cuda else None
         if self.use_cuda:
             self.warmup()
@@ -112,9 +134,10 @@ class ModelRunner:
         while budget > 0 and len(seqs) < self.config.max_num_seqs:
             seq = Sequence([0] * min(budget, self.config.max_model_len), _GREEDY)
             seq.num_new_tokens, budget = len(seq), budget - len(seq)
-            seq.block_table = [0] * seq.num_blocks
+            # Counted here: a worker process never sets Sequence.block_size from the config.
+            seq.block_table = [0] * -(-len(seq) // self.block_size)
             seqs.append(seq)
-        self.run(seqs, is_prefill=True)
+        self.execute(self.prepare_prefill(seqs))  # on every rank at once: no plan to forward
         torch.cuda.synchronize()
 
     def allocate_kv_cache(self):
@@ -137,7 +160,12 @@ class ModelRunner:
             )
         else:
             spare = CPU_KV_CACHE_BYTES
-        num_slots, num_q_heads = 0, self.config.hf_config["num_attention_heads"]
+        if self.config.tensor_parallel_size > 1:  # the same pool on every rank: the least memory
+            spare = torch.tensor([spare], dtype=torch.float64, device=self.device)
+            dist.all_reduce(spare, dist.ReduceOp.MIN)
+            spare = spare.item()
+        attn = self.model.model.layers[0].self_attn
+        num_slots, num_q_heads = 0, attn.num_heads
         if config.kv_budget:
             block_bytes += num_layers * self.num_kv_heads * self.block_size * 4
             n_max = config.kv_budget // self.block_size + 1
@@ -176,12 +204,6 @@ class ModelRunner:
         self.kv_cache = self._empty_kv_cache(num_blocks)
         self._set_kv_cache(self.kv_cache)
 
-    def _block_tables(self, seqs: list[Sequence], width: int | None = None) -> torch.Tensor:
-        width = width or max(len(seq.block_table) for seq in seqs)
-        return self._tensor(
-            [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
-        )
-
     def _slot(self, seq: Sequence, index: int) -> int:
         return seq.block_table[index // self.block_size] * self.block_size + index % self.block_size
 
@@ -193,16 +215,9 @@ class ModelRunner:
             return -1
         return seq.query_slot * w + index % b - (b - w)
 
-    def prepare_prefill(self, seqs: list[Sequence]):
-        input_ids, positions, slots, cu_seqlens_q, context_lens, sample_rows = (
-            [],
-            [],
-            [],
-            [0],
-            [],
-            [],
-        )
-        query_rows = []
+    def prepare_prefill(self, seqs: list[Sequence]) -> StepPlan:
+        input_ids, positions, slots, context_lens, sample_rows, query_rows = [], [], [], [], [], []
+        cu_seqlens_q = [0]
         for seq in seqs:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_new_tokens
             input_ids += seq[start:end]
@@ -216,55 +231,96 @@ class ModelRunner:
             context_lens.append(end)
             if end == len(seq):
                 sample_rows.append(cu_seqlens_q[-1] - 1)
-        set_context(
-            is_prefill=True,
-            slot_mapping=self._tensor(slots),
-            context_lens=self._tensor(context_lens),
-            block_tables=self._block_tables(seqs),
-            cu_seqlens_q=self._tensor(cu_seqlens_q),
+        return StepPlan(
+            True, input_ids, positions, slots, context_lens,
+            block_tables=[seq.block_table for seq in seqs],
+            query_rows=query_rows or None,
+            sample_rows=sample_rows,
+            cu_seqlens_q=cu_seqlens_q,
             max_seqlen_q=max(seq.num_new_tokens for seq in seqs),
-            query_rows=self._tensor(query_rows, torch.long) if query_rows else None,
-        )
-        return self._tensor(input_ids, torch.long), self._tensor(positions, torch.long), sample_rows
+        )  # fmt: skip
 
-    def prepare_decode(self, seqs: list[Sequence], pending: torch.Tensor | None):
+    def prepare_decode(self, seqs: list[Sequence]) -> StepPlan:
         """The last token of each request: at position len - 1, but at cache index
         cache_len - 1 (they differ once the request has been compressed). A PENDING last token
-        is read from `pending`, the samples of the step still in flight, on the device."""
+        is read on the device from the samples of the step launched before, at its row."""
         index = [seq.cache_len - 1 for seq in seqs]
+        pending_rows = [s.sample_row if s.last_token == PENDING else -1 for s in seqs]
         query_rows = None
         if self.q_cache is not None:
-            rows = [self._query_row(s, i, i // self.block_size) for s, i in zip(seqs, index)]
-            query_rows = self._tensor(rows, torch.long)
-        set_context(
-            slot_mapping=self._tensor([self._slot(seq, i) for seq, i in zip(seqs, index)]),
-            context_lens=self._tensor([i + 1 for i in index]),
-            block_tables=self._block_tables(seqs),
+            query_rows = [self._query_row(s, i, i // self.block_size) for s, i in zip(seqs, index)]
+        return StepPlan(
+            False,
+            input_ids=[seq.last_token for seq in seqs],
+            positions=[len(seq) - 1 for seq in seqs],
+            slot_mapping=[self._slot(seq, i) for seq, i in zip(seqs, index)],
+            context_lens=[i + 1 for i in index],
+            block_tables=[seq.block_table for seq in seqs],
             query_rows=query_rows,
+            pending_rows=pending_rows if max(pending_rows) >= 0 else None,
+            sample_rows=None,
         )
-        input_ids = self._tensor([seq.last_token for seq in seqs], torch.long)
-        if pending is not None:
-            rows = self._tensor([s.sample_row if s.last_token == PENDING else -1 for s in seqs])
-            input_ids = torch.where(rows >= 0, pending[rows.clamp(min=0)], input_ids)
-        return input_ids, self._tensor([len(seq) - 1 for seq in seqs], torch.long)
 
     @torch.inference_mode()
     def run(
         self, seqs: list[Sequence], is_prefill: bool, pending: torch.Tensor | None = None
-    ) -> "Samples | None":
-        """Launch one forward pass and the sampling of the requests that reach their last token;
+    ) -> Samples | None:
+        """Rank 0: launch one step and the sampling of the requests that reach their last token;
         returns their samples without waiting for the GPU (None if no request samples)."""
+        plan = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
         if is_prefill:
-            input_ids, positions, sample_rows = self.prepare_prefill(seqs)
-            hidden = self.model(input_ids, positions)[sample_rows]
             seqs = [seq for seq in seqs if seq.num_computed_tokens + seq.num_new_tokens == len(seq)]
+        if self.workers:
+            self.workers.call("step", plan)
+        try:
+            logits = self.execute(plan, pending)
+            if not seqs:
+                return None
+            tokens, logprobs = self.sample(seqs, logits)
+            if self.workers:
+                dist.broadcast(tokens, 0)
+            return Samples(tokens, logprobs, self.workers if self.use_cuda else None)
+        except BaseException:
+            if self.workers:  # the other ranks may be left mid-step: end them, not desynchronise
+                self.workers.close()
+            raise
+
+    @torch.inference_mode()
+    def step(self, plan: StepPlan):
+        """Ranks 1..N-1: rank 0's step on this rank's shard, then the sampled ids that rank 0
+        broadcasts, kept on the device: the next step's PENDING input ids are read there."""
+        self.execute(plan, self.pending_tokens)
+        num_sampled = len(plan.input_ids if plan.sample_rows is None else plan.sample_rows)
+        self.pending_tokens = None
+        if num_sampled:
+            self.pending_tokens = torch.empty(num_sampled, dtype=torch.long, device=self.device)
+            dist.broadcast(self.pending_tokens, 0)
+
+    def execute(self, plan: StepPlan, pending: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Every rank: the forward pass of one step; returns the logits of the rows that sample
+        (None when none does, and on every rank but 0). A PENDING input id is read from
+        `pending`, the samples of the step launched before, on the device."""
+        width = max(len(table) for table in plan.block_tables)
+        set_context(
+            is_prefill=plan.is_prefill,
+            slot_mapping=self._tensor(plan.slot_mapping),
+            context_lens=self._tensor(plan.context_lens),
+            block_tables=self._tensor([t + [-1] * (width - len(t)) for t in plan.block_tables]),
+            cu_seqlens_q=self._tensor(plan.cu_seqlens_q) if plan.is_prefill else None,
+            max_seqlen_q=plan.max_seqlen_q,
+            query_rows=plan.query_rows and self._tensor(plan.query_rows, torch.long),
+        )
+        input_ids = self._tensor(plan.input_ids, torch.long)
+        if pending is not None and plan.pending_rows is not None:
+            rows = self._tensor(plan.pending_rows)
+            input_ids = torch.where(rows >= 0, pending[rows.clamp(min=0)], input_ids)
+        positions = self._tensor(plan.positions, torch.long)
+        if plan.is_prefill:
+            hidden = self.model(input_ids, positions)[plan.sample_rows]
         else:
-            input_ids, positions = self.prepare_decode(seqs, pending)
             hidden = self.run_decode(input_ids, positions)
         reset_context()
-        if not seqs:
-            return None
-        return self.sample(seqs, self.model.compute_logits(hidden))
+        return self.model.compute_logits(hidden) if len(hidden) else None
 
     def run_decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         bs = input_ids.shape[0]
@@ -286,46 +342,81 @@ class ModelRunner:
         return buf["hidden"][:bs]
 
     def compress(self, jobs: list[tuple[Sequence, list[int]]]):
-        """Run the compactions; asynchronous ones go on a side stream after the work already
-        queued on the main stream (the requests' last K/V), and are handed back by
-        `finished_compressions` once their event has fired."""
+        """Rank 0: compress each request from its old block table (given) into its new one."""
+        plans = [  # num_compressions was counted when the compression was planned
+            Compaction(old, seq.block_table[: seq.kv_budget // self.block_size],
+                       first=seq.num_compressions == 1, query_slot=seq.query_slot)
+            for seq, old in jobs
+        ]  # fmt: skip
+        if self.workers:
+            self.workers.call("compact", plans)
+        self.compact(plans, jobs)
+
+    def compact(self, plans: list[Compaction], jobs: list | None = None):
+        """Every rank: run the compactions; asynchronous ones go on a side stream after the work
+        already queued on the main stream (the requests' last K/V), and rank 0's `jobs` are
+        handed back by `finished_compressions` once their event has fired."""
         if not (self.config.async_compression and self.use_cuda):
-            self._compress(jobs)
+            self._compress(plans)
             if self.config.async_compression:  # no side stream off the GPU: done at once
                 self.pending.append((None, jobs))
             return
         self.compress_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.compress_stream):
-            self._compress(jobs)
+            self._compress(plans)
             done = torch.cuda.Event()
             done.record()
         self.pending.append((done, jobs))
 
     def finished_compressions(self) -> list[tuple[Sequence, list[int]]]:
+        """Rank 0: the compressions whose compaction has finished on rank 0; their replaced
+        blocks will be freed, so every other rank must finish its own compaction of them before
+        its next use of a block: it orders its main stream after it (`wait_for_compactions`)."""
         done = [event is None or event.query() for event, _ in self.pending]
+        if self.workers and any(done):
+            self.workers.call("wait_for_compactions", done)
         finished = [job for (_, jobs), d in zip(self.pending, done) if d for job in jobs]
         self.pending = [entry for entry, d in zip(self.pending, done) if not d]
         return finished
+
+    def wait_for_compactions(self, done: list[bool]):
+        """Ranks 1..N-1: the compactions that rank 0 has seen finish (its pending entries, in the
+        same order as here), which this rank's later work must follow."""
+        for (event, _), d in zip(self.pending, done):
+            if d and event is not None:
+                torch.cuda.current_stream().wait_event(event)
+        self.pending = [entry for entry, d in zip(self.pending, done) if not d]
+
+    def gather_kv_cache(self) -> torch.Tensor | None:
+        """The KV pool with every rank's KV heads, on rank 0 (None elsewhere): lets the tests
+        compare a tensor-parallel engine's cache with a single-rank engine's."""
+        if self.workers:
+            self.workers.call("gather_kv_cache")
+        ranks = self.config.tensor_parallel_size
+        if ranks == 1:
+            return self.kv_cache
+        parts = [torch.empty_like(self.kv_cache) for _ in range(ranks)] if self.rank == 0 else None
+        dist.gather(self.kv_cache, parts, dst=0)
+        return None if parts is None else torch.cat(parts, dim=3)  # [2, L, blocks, kvh, b, d]
 
     def wait_for_compressions(self):
         if self.use_cuda:
             self.compress_stream.synchronize()
 
     @torch.inference_mode()
-    def _compress(self, jobs: list[tuple[Sequence, list[int]]]):
-        """Compress each request from its old block table into its new one (already planned by
-        the block manager): score every cached token with the policy, keep `kv_budget` per
-        (layer, KV head) in position order, and compact K, V and this compression's scores
-        into the first blocks of the new table, a group of layers at a time."""
+    def _compress(self, plans: list[Compaction]):
+        """Compress each request from its old block table into its new one: score every cached
+        token with the policy, keep `kv_budget` per (layer, KV head) in position order, and
+        compact K, V and this compression's scores into the first blocks of the new table, a
+        group of layers at a time. Each rank does its own KV heads, with no communication: a
+        GQA group, whose queries score its KV head, never spans two ranks."""
         config, b = self.config, self.block_size
         policy, num_layers = POLICIES[config.policy], len(self.model.model.layers)
-        for seq, old_table in jobs:
-            keep = seq.kv_budget
-            old = self._tensor(old_table)
-            new = self._tensor(seq.block_table[: keep // b])
-            first = seq.num_compressions == 1  # counted when it was planned
+        for plan in plans:
+            keep = len(plan.new_table) * b
+            old, new = self._tensor(plan.old_table), self._tensor(plan.new_table)
             window_rows = slice(
-                seq.query_slot * config.window, (seq.query_slot + 1) * config.window
+                plan.query_slot * config.window, (plan.query_slot + 1) * config.window
             )
             for start in range(0, num_layers, config.compress_layers):
                 layers = slice(start, min(start + config.compress_layers, num_layers))
@@ -334,8 +425,8 @@ class ModelRunner:
                 # The request's keys and stored scores, dense: [layers, kvh, T, ...]
                 keys = k_cache[:, old].transpose(1, 2).flatten(2, 3)
                 prev = score_cache[:, old].transpose(1, 2).flatten(2)
-                prev[..., 0 if first else keep :] = 0  # newer tokens were never scored
-                state = CacheState(keys, self.q_cache[layers, window_rows], prev, first, b)
+                prev[..., 0 if plan.first else keep :] = 0  # newer tokens were never scored
+                state = CacheState(keys, self.q_cache[layers, window_rows], prev, plan.first, b)
                 score, stored = policy(state, config)
                 kept = select(score, keep, config.window, config.num_sinks)  # [L, kvh, keep]
                 compact(k_cache, old, new, kept)
@@ -345,6 +436,7 @@ class ModelRunner:
                 score_cache[:, new] = kept_scores.transpose(1, 2)
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor):
+        """Rank 0: the sampled token ids and their logprobs (or None), on the device."""
         params = [seq.sampling_params for seq in seqs]
         for seq in seqs:
             if seq.sampling_params.seed is not None and seq.generator is None:
@@ -359,7 +451,7 @@ class ModelRunner:
             greedy=all(p.temperature == 0 for p in params),
             want_logprobs=any(p.logprobs for p in params),
         )
-        return Samples(tokens, logprobs)
+        return tokens, logprobs
 
     @torch.inference_mode()
     def capture_cudagraphs(self):

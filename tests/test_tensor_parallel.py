@@ -1,0 +1,163 @@
+"""Tensor parallelism: two ranks compute what one does, and their processes end cleanly.
+
+On the CPU the ranks talk through gloo, on GPUs through NCCL; the tests are the same. Every
+tensor-parallel engine starts a process (a few seconds), so each comparison covers several
+features at once: prefix-cache hits, chunked prefill and preemption, with and without
+compression.
+"""
+
+import gc
+import json
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import ARCHS, make_tiny_model
+
+from nanozipage import LLM, SamplingParams
+
+ON_GPU = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(
+    ON_GPU and torch.cuda.device_count() < 2, reason="tensor parallelism needs two GPUs"
+)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUDGET = 32  # block size 16: compresses at 48 cached tokens, then every 16 (test_compression.py)
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def model_dir(request, tmp_path_factory):
+    return make_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def shared_memory_segments() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.mark.parametrize("kv_budget", [None, BUDGET])
+def test_two_ranks_match_one(model_dir, kv_budget):
+    """Greedy tokens equal and logprobs close, step by step, with prefix hits, chunked prefill
+    and preemption. With compression, after every compaction the compacted blocks of both
+    ranks (each rank scored and compacted its own KV head) hold what the single-rank engine's
+    hold, whose kept indices test_compression.py checks against the dense reference."""
+    config = {"block_size": 16, "kv_budget": kv_budget, "window": 4,
+              "max_num_batched_tokens": 64, "num_kvcache_blocks": 16}  # fmt: skip
+    # The single-rank engine first: a model built while a process group exists is sharded.
+    engines = [LLM(model_dir, **config), LLM(model_dir, tensor_parallel_size=2, **config)]
+    rng = random.Random(0)
+    shared = [rng.randrange(256) for _ in range(40)]
+    prompts = [shared + [rng.randrange(256) for _ in range(n)] for n in (3, 30, 70, 9, 20)]
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, logprobs=True)
+    for llm in engines:  # cache the shared prefix, then queue the batch
+        llm.generate([shared + [1]], SamplingParams(max_tokens=1), use_tqdm=False)
+        for prompt in prompts:
+            llm.add_request(prompt, params)
+    num_compared = num_cached = 0
+    while not engines[0].is_finished():
+        (ours, _), (theirs, _) = engines[0].step(), engines[1].step()
+        assert [o["token_ids"] for o in ours] == [o["token_ids"] for o in theirs]
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a["logprobs"], b["logprobs"], atol=1e-4, rtol=0)
+            assert a["num_cached_tokens"] == b["num_cached_tokens"]
+            num_cached += a["num_cached_tokens"]
+        running = [list(llm.scheduler.running) for llm in engines]
+        assert [s.block_table for s in running[0]] == [s.block_table for s in running[1]]
+        compressed = [s.block_table[: BUDGET // 16] for s in running[0] if s.num_compressions]
+        if compressed:
+            blocks = sorted(b for table in compressed for b in table)
+            kv_caches = [llm.model_runner.gather_kv_cache()[:, :, blocks] for llm in engines]
+            torch.testing.assert_close(kv_caches[1], kv_caches[0], atol=1e-5, rtol=1e-4)
+            num_compared += len(compressed)
+    assert engines[1].scheduler.num_preemptions == engines[0].scheduler.num_preemptions > 0
+    assert num_cached > 0 and (num_compared > 10 or kv_budget is None)
+
+
+def test_kv_heads_that_ranks_do_not_divide_raise_before_any_process_starts(tmp_path):
+    model = make_tiny_model("qwen3", tmp_path)
+    with open(tmp_path / "config.json") as f:
+        hf = json.load(f)
+    with open(tmp_path / "config.json", "w") as f:  # one KV head: two ranks cannot split it
+        json.dump({**hf, "num_key_value_heads": 1}, f)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 must divide .*_heads=1"):
+        LLM(model, tensor_parallel_size=2)
+    assert not multiprocessing.active_children() and not dist.is_initialized()
+
+
+def test_deleting_the_llm_ends_its_worker(tmp_path):
+    shm = shared_memory_segments()
+    llm = LLM(
+        make_tiny_model("llama", tmp_path),
+        tensor_parallel_size=2,
+        kv_budget=None,
+        num_kvcache_blocks=8,
+    )
+    worker = llm.model_runner.workers.processes[0]
+    assert worker.is_alive()
+    del llm
+    gc.collect()
+    worker.join(timeout=10)
+    assert worker.exitcode == 0 and not dist.is_initialized()
+    assert shared_memory_segments() <= shm
+
+
+@pytest.mark.parametrize("failure", ["a worker is killed", "rank 0 raises"])
+def test_a_failure_mid_step_raises_and_ends_the_worker(tmp_path, monkeypatch, failure):
+    """Either side failing inside a step (here: while rank 0 samples the third step) raises in
+    the caller within seconds, never hangs; the worker ends, and a later call raises at once."""
+    llm = LLM(make_tiny_model("qwen2", tmp_path), tensor_parallel_size=2, kv_budget=None,
+              num_kvcache_blocks=8)  # fmt: skip
+    worker, sample, calls = llm.model_runner.workers.processes[0], llm.model_runner.sample, []
+
+    def failing_sample(*args):
+        calls.append(args)
+        if len(calls) == 3 and failure == "a worker is killed":
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join()
+        elif len(calls) == 3:
+            raise ZeroDivisionError("rank 0 fails")
+        return sample(*args)
+
+    monkeypatch.setattr(llm.model_runner, "sample", failing_sample)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    start = time.perf_counter()
+    # A dead peer: gloo raises at once ("Connection reset by peer"); with NCCL, rank 0 sees the
+    # worker's exit while it waits for the GPU.
+    with pytest.raises(RuntimeError if failure == "a worker is killed" else ZeroDivisionError):
+        llm.generate([[1, 2, 3]], params, use_tqdm=False)
+    worker.join(timeout=20)
+    assert time.perf_counter() - start < 20 and worker.exitcode is not None
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="worker 1 exited"):
+        llm.generate([[1, 2, 3]], params, use_tqdm=False)
+
+
+EXITING_PROGRAM = """
+import sys
+from nanozipage import LLM
+llm = LLM(sys.argv[1], tensor_parallel_size=2, kv_budget=None, num_kvcache_blocks=8)
+print(llm.model_runner.workers.processes[0].pid, flush=True)
+raise SystemExit(3) if sys.argv[2] == "exit" else RuntimeError("rank 0 fails")
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "raise"])
+def test_program_end_ends_the_worker(tmp_path, how):
+    """A program that exits, or dies of an exception, with its LLM alive leaves no worker."""
+    shm = shared_memory_segments()
+    model = make_tiny_model("qwen3", tmp_path)
+    env = {**os.environ, "PYTHONPATH": REPO}
+    run = subprocess.run([sys.executable, "-c", EXITING_PROGRAM, model, how], env=env,
+                         capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert run.returncode == (3 if how == "exit" else 1), run.stderr
+    pid = int(run.stdout.split()[-1])
+    deadline = time.time() + 10
+    while os.path.exists(f"/proc/{pid}") and time.time() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}")
+    assert shared_memory_segments() <= shm
