@@ -343,14 +343,17 @@ class ModelRunner:
 
     def compress(self, jobs: list[tuple[Sequence, list[int]]]):
         """Rank 0: compress each request from its old block table (given) into its new one."""
-        plans = [  # num_compressions was counted when the compression was planned
+        plans = self.compaction_plans(jobs)
+        if self.workers:
+            self.workers.call("compact", plans)
+        self.compact(plans, jobs)
+
+    def compaction_plans(self, jobs: list[tuple[Sequence, list[int]]]) -> list[Compaction]:
+        return [  # num_compressions was counted when the compression was planned
             Compaction(old, seq.block_table[: seq.kv_budget // self.block_size],
                        first=seq.num_compressions == 1, query_slot=seq.query_slot)
             for seq, old in jobs
         ]  # fmt: skip
-        if self.workers:
-            self.workers.call("compact", plans)
-        self.compact(plans, jobs)
 
     def compact(self, plans: list[Compaction], jobs: list | None = None):
         """Every rank: run the compactions; asynchronous ones go on a side stream after the work
