@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from nanozipage.config import Config, check_kv_budget
-from nanozipage.model_runner import ModelRunner
+from nanozipage.model_runner import ModelRunner, Samples
 from nanozipage.sampling_params import SamplingParams
 from nanozipage.scheduler import Scheduler
 from nanozipage.sequence import Sequence
@@ -37,6 +37,15 @@ def _eos_token_id(model: str, hf_config: dict, tokenizer) -> int:
     return -1 if eos is None else eos
 
 
+@dataclasses.dataclass(slots=True)
+class InFlight:
+    """A launched step whose samples have not been read back yet."""
+
+    seqs: list[Sequence]
+    sampling: list[tuple[Sequence, int]]  # requests that sample, with their placeholder index
+    samples: Samples | None  # None when no request samples (a prefill chunk mid-prompt)
+
+
 class LLMEngine:
     def __init__(self, model: str, **config):
         unknown = set(config) - USER_CONFIG_KEYS
@@ -56,7 +65,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.config, self.model_runner.num_blocks, self.model_runner.num_query_slots
         )
-        self.in_flight = None  # (seqs, sampling, samples) of a launched step not yet collected
+        self.in_flight: InFlight | None = None  # the step launched last, if not yet collected
 
     def make_sequence(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
         """Check one request against the engine's limits; nothing is queued here."""
@@ -125,18 +134,19 @@ class LLMEngine:
             self.model_runner.compress(compressions)
         launched = None
         if seqs:
-            pending = self.in_flight[2].tokens if self.in_flight and self.in_flight[2] else None
-            samples = self.model_runner.run(seqs, is_prefill, pending)
-            launched = (seqs, self.scheduler.launch(seqs), samples)
+            previous = self.in_flight and self.in_flight.samples
+            samples = self.model_runner.run(seqs, is_prefill, previous and previous.tokens)
+            launched = InFlight(seqs, self.scheduler.launch(seqs), samples)
         elif not self.in_flight:  # every request that could run is under compression
             self.model_runner.wait_for_compressions()
         if self.config.overlap_scheduling:
             launched, self.in_flight = self.in_flight, launched
         outputs = []
         if launched:
-            seqs_done, sampling, samples = launched
-            token_ids, logprobs = samples.tolist() if samples else ([], None)
-            finished = self.scheduler.postprocess(seqs_done, sampling, token_ids, logprobs)
+            token_ids, logprobs = launched.samples.tolist() if launched.samples else ([], None)
+            finished = self.scheduler.postprocess(
+                launched.seqs, launched.sampling, token_ids, logprobs
+            )
             outputs = [self._output(seq) for seq in finished]
         num_tokens = sum(seq.num_new_tokens for seq in seqs) if is_prefill else -len(seqs)
         return outputs, num_tokens
