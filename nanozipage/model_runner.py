@@ -3,7 +3,8 @@
 `run(seqs, is_prefill)` turns the scheduler's requests into a `StepPlan` of flat lists (token
 ids, positions, the cache slot of every new token, cumulative query lengths, context lengths,
 block tables); `execute` publishes them as tensors through the `Context` and runs the model;
-`run` samples one token for every request that reached its last token. Decode steps replay a
+`run` then samples one token for every request that reached its last token and returns them
+as `Samples` without waiting for the GPU (the engine's overlapped loop). Decode steps replay a
 CUDA graph captured for the next larger batch size; prefill steps run eagerly (their shapes
 vary too much to capture). Under tensor parallelism every rank has a model runner over its
 shard, and rank 0's forwards plans and compactions to the others (`parallel.Workers`).
