@@ -37,7 +37,9 @@ class Scheduler:
         self.num_preemptions = 0
 
     def is_finished(self) -> bool:
-        return not self.waiting and not self.running
+        """Nothing queued, nothing running, and no compaction holding blocks (a request that
+        finished while compacting is freed when its compaction ends)."""
+        return not self.waiting and not self.running and not self.num_compress_blocks
 
     def add(self, seq: Sequence):
         self.waiting.append(seq)
@@ -53,7 +55,9 @@ class Scheduler:
             if seqs or compressions:
                 self.last_step_was_prefill = is_prefill
                 return seqs, is_prefill, compressions
-        if not self.num_compress_blocks and not self.num_steps_in_flight:
+        if (self.waiting or self.running) and not (
+            self.num_compress_blocks or self.num_steps_in_flight
+        ):
             raise RuntimeError("no request can make progress")
         return [], False, []  # every request that could run waits for a compaction or a token
 

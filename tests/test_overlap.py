@@ -63,3 +63,26 @@ def test_overlapped_loop_equals_plain_loop(tmp_path, arch, kv_budget):
     assert [o["token_ids"] for o in overlapped] == [o["token_ids"] for o in plain]
     for ours, ref in zip(overlapped, plain):
         assert ours["logprobs"] == pytest.approx(ref["logprobs"], abs=1e-5)
+
+
+def test_request_ending_while_its_compaction_runs_is_freed_before_generate_returns(tmp_path):
+    """Overlapped, a request's compression is planned while its last token is still on the
+    GPU; if that token is EOS, the request finishes during its compaction, and its blocks must
+    still be free when `generate` returns."""
+    model_dir = make_tiny_model("qwen3", tmp_path)
+    config = {**CONFIG, "kv_budget": 32, "num_kvcache_blocks": 40}
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    rng = random.Random(0)
+    for _ in range(20):  # a prompt whose token at the compression point is new in its output
+        prompt = [rng.randrange(256) for _ in range(rng.randint(20, 40))]
+        llm = LLM(model_dir, **config)
+        tokens = llm.generate([prompt], greedy, use_tqdm=False)[0]["token_ids"]
+        trigger = 3 * 16 - len(prompt)  # its last token sits at index 48: N_max * block_size
+        if tokens[trigger] not in tokens[:trigger]:
+            break
+    with open(os.path.join(model_dir, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": tokens[trigger]}, f)
+    llm = LLM(model_dir, **config)
+    out = llm.generate([prompt], replace(greedy, ignore_eos=False), use_tqdm=False)[0]
+    assert out["token_ids"] == tokens[: trigger + 1]
+    assert llm.scheduler.block_manager.num_free_blocks == llm.model_runner.num_blocks
