@@ -93,7 +93,7 @@ class ModelRunner:
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.q_cache = self.score_cache = None
-        self.pending = []  # (event, jobs) of compactions under way
+        self.compactions = []  # (event, jobs) of compactions under way
         self.pending_tokens = None  # ranks 1..N-1: the last step's samples, broadcast by rank 0
         self.compress_stream = torch.cuda.Stream() if self.use_cuda else None
         if self.use_cuda:
@@ -363,33 +363,33 @@ class ModelRunner:
         if not (self.config.async_compression and self.use_cuda):
             self._compress(plans)
             if self.config.async_compression:  # no side stream off the GPU: done at once
-                self.pending.append((None, jobs))
+                self.compactions.append((None, jobs))
             return
         self.compress_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.compress_stream):
             self._compress(plans)
             done = torch.cuda.Event()
             done.record()
-        self.pending.append((done, jobs))
+        self.compactions.append((done, jobs))
 
     def finished_compressions(self) -> list[tuple[Sequence, list[int]]]:
         """Rank 0: the compressions whose compaction has finished on rank 0; their replaced
         blocks will be freed, so every other rank must finish its own compaction of them before
         its next use of a block: it orders its main stream after it (`wait_for_compactions`)."""
-        done = [event is None or event.query() for event, _ in self.pending]
+        done = [event is None or event.query() for event, _ in self.compactions]
         if self.workers and any(done):
             self.workers.call("wait_for_compactions", done)
-        finished = [job for (_, jobs), d in zip(self.pending, done) if d for job in jobs]
-        self.pending = [entry for entry, d in zip(self.pending, done) if not d]
+        finished = [job for (_, jobs), d in zip(self.compactions, done) if d for job in jobs]
+        self.compactions = [entry for entry, d in zip(self.compactions, done) if not d]
         return finished
 
     def wait_for_compactions(self, done: list[bool]):
         """Ranks 1..N-1: the compactions that rank 0 has seen finish (its pending entries, in the
         same order as here), which this rank's later work must follow."""
-        for (event, _), d in zip(self.pending, done):
+        for (event, _), d in zip(self.compactions, done):
             if d and event is not None:
                 torch.cuda.current_stream().wait_event(event)
-        self.pending = [entry for entry, d in zip(self.pending, done) if not d]
+        self.compactions = [entry for entry, d in zip(self.compactions, done) if not d]
 
     def gather_kv_cache(self) -> torch.Tensor | None:
         """The KV pool with every rank's KV heads, on rank 0 (None elsewhere): lets the tests
