@@ -197,7 +197,6 @@ class Attention(nn.Module):
         # This rank's heads: a GQA group never spans two ranks (the config checks divisibility).
         ranks = rank_and_size()[1]
         self.num_heads, self.num_kv_heads = num_heads // ranks, num_kv_heads // ranks
-        self.q_size, self.kv_size = q_size // ranks, kv_size // ranks
         self.qk_norm = hf["architectures"][0] == "Qwen3ForCausalLM"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, self.eps)
