@@ -179,15 +179,15 @@ def run(llm: LLM, prompts, params, rates: tuple[float, float] | None) -> dict:
     """Generate step by step. Compressions are timed on the stream they run on, with CUDA events
     read at the end, so that timing them does not make asynchronous compression synchronous.
     Each step's shape is recorded as it is launched, for the roofline (`bound_seconds`)."""
-    runner = llm.model_runner
-    compress, spans = runner._compress, []
+    runner, compressor = llm.model_runner, llm.model_runner.compressor
+    compress, spans = compressor.run, []
 
-    def timed_compress(jobs):
+    def timed_compress(plans):
         spans.append(Timer().start())
-        compress(jobs)
+        compress(plans)
         spans[-1].stop()
 
-    runner._compress = timed_compress
+    compressor.run = timed_compress
     steps = record_steps(runner)
     for prompt, p in zip(prompts, params):
         llm.add_request(prompt, p)
@@ -197,7 +197,7 @@ def run(llm: LLM, prompts, params, rates: tuple[float, float] | None) -> dict:
         if num_tokens < 0:  # a decode step: its batch is the number of requests decoding
             timeline.append((time.perf_counter() - start, -num_tokens))
     elapsed = time.perf_counter() - start
-    runner._compress = compress
+    del compressor.run
     del runner.run
     batches = [b for _, b in timeline]
     output_tokens = sum(p.max_tokens for p in params)
@@ -401,11 +401,12 @@ def compress_cost(model: str, args) -> dict:
     llm = LLM(model, **args.engine, kv_budget=budget, block_size=b, max_num_seqs=args.batch + 1,
               num_kvcache_blocks=(args.batch + 2) * n_max)  # fmt: skip
     runner, blocks = llm.model_runner, llm.scheduler.block_manager
+    compressor = runner.compressor
     rng, vocab = random.Random(args.seed), llm.config.hf_config["vocab_size"]
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=b)
-    batch = [Sequence([rng.randrange(vocab) for _ in range(length)], params)
+    batch = [Sequence([rng.randrange(vocab) for _ in range(length)], params, b)
              for _ in range(args.batch)]  # fmt: skip
-    target = Sequence([rng.randrange(vocab) for _ in range(n_max * b)], params)
+    target = Sequence([rng.randrange(vocab) for _ in range(n_max * b)], params, b)
     target.query_slot = 0
     for seq in [*batch, target]:
         seq.kv_budget, seq.num_new_tokens = budget, len(seq)
@@ -419,7 +420,7 @@ def compress_cost(model: str, args) -> dict:
         timers = []
         for _ in range(10):
             timers.append(Timer().start())
-            runner._compress(runner.compaction_plans(job))
+            compressor.run(compressor.plan(job))
             timers[-1].stop()
         return sorted(t.seconds() for t in timers)[5]
 
@@ -435,8 +436,7 @@ def compress_cost(model: str, args) -> dict:
             previous.tolist()
             previous = launched
         previous.tolist()
-        runner.wait_for_compressions()
-        runner.finished_compressions()
+        compressor.poll(wait=True)
         return (time.perf_counter() - start) / repeat
 
     results = {"batch": args.batch, "kv_budget": budget,
@@ -445,9 +445,9 @@ def compress_cost(model: str, args) -> dict:
     results["compression_ms"] = 1000 * compression_gpu_seconds()
     step_seconds()  # warm-up
     results["decode_step_ms"] = 1000 * step_seconds()
-    sync = lambda job: runner._compress(runner.compaction_plans(job))
+    sync = lambda job: compressor.run(compressor.plan(job))
     results["decode_step_sync_compression_ms"] = 1000 * step_seconds(sync)
-    results["decode_step_async_compression_ms"] = 1000 * step_seconds(runner.compress)
+    results["decode_step_async_compression_ms"] = 1000 * step_seconds(compressor.launch)
     results["async_slowdown"] = (
         results["decode_step_async_compression_ms"] / results["decode_step_ms"] - 1
     )

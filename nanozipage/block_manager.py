@@ -118,6 +118,9 @@ class BlockManager:
         old blocks left over stay seq's until `release_replaced`, since the compaction reads
         them.
         """
+        filled = (seq.cache_len - 1) // self.block_size
+        while len(seq.block_table) > filled:  # a block given for a prompt's last token, unwritten
+            self._release(seq.block_table.pop())
         old = seq.block_table
         targets = [b if b != -1 else self._take_free_block() for b in self._targets(seq)]
         for block_id in targets:  # overwritten by the compaction: no longer a cached prefix

@@ -53,7 +53,6 @@ class Config:
     async_compression: bool = True
     max_compress_blocks: int = 600  # blocks being compressed at once (bounds temporary memory)
     hf_config: dict = field(default_factory=dict)  # the checkpoint's config.json (filled here)
-    eos: int = -1  # filled from the tokenizer
 
     def __post_init__(self):
         path = os.path.join(self.model, "config.json")

@@ -1,9 +1,11 @@
-"""The engine loop: requests in, `step()` until done, texts out.
+"""The engine loop: requests in, `step()` until done, results out.
 
 `generate` validates every prompt first (a bad one raises before any work starts), queues them,
 and calls `step()`: the scheduler picks the requests, the model runner runs them, and the
-scheduler applies the sampled tokens. `add_request` / `step` / `is_finished` are the same loop
-for callers who feed requests incrementally.
+scheduler applies the sampled tokens. `add_request` / `step` / `abort` / `is_finished` are the
+same loop for callers who feed requests incrementally. Whatever goes wrong inside a step (an
+error, Ctrl-C), the engine stays usable: the requests that step touched are aborted, their
+blocks and compactions freed, and the others carry on.
 """
 
 import dataclasses
@@ -15,35 +17,26 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from nanozipage.config import Config, check_kv_budget
-from nanozipage.model_runner import ModelRunner, Samples
+from nanozipage.model_runner import ModelRunner
+from nanozipage.overlap import InFlight, launch
 from nanozipage.sampling_params import SamplingParams
 from nanozipage.scheduler import Scheduler
-from nanozipage.sequence import Sequence
+from nanozipage.sequence import PENDING, Sequence
+from nanozipage.stop import StopConditions
 
-USER_CONFIG_KEYS = {f.name for f in dataclasses.fields(Config)} - {"model", "hf_config", "eos"}
+USER_CONFIG_KEYS = {f.name for f in dataclasses.fields(Config)} - {"model", "hf_config"}
 
 
-def _eos_token_id(model: str, hf_config: dict, tokenizer) -> int:
-    path = os.path.join(model, "generation_config.json")
-    generation = {}
+def eos_token_ids(model: str, hf_config: dict, tokenizer) -> set[int]:
+    """Every EOS id: generation_config.json's, else config.json's, else the tokenizer's."""
+    path, generation = os.path.join(model, "generation_config.json"), {}
     if os.path.isfile(path):
         with open(path) as f:
             generation = json.load(f)
     eos = generation.get("eos_token_id", hf_config.get("eos_token_id"))
-    if isinstance(eos, list):
-        eos = eos[0]
     if eos is None and tokenizer is not None:
         eos = tokenizer.eos_token_id
-    return -1 if eos is None else eos
-
-
-@dataclasses.dataclass(slots=True)
-class InFlight:
-    """A launched step whose samples have not been read back yet."""
-
-    seqs: list[Sequence]
-    sampling: list[tuple[Sequence, int]]  # requests that sample, with their placeholder index
-    samples: Samples | None  # None when no request samples (a prefill chunk mid-prompt)
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
 class LLMEngine:
@@ -54,21 +47,29 @@ class LLMEngine:
                 f"unknown config keys {sorted(unknown)}; allowed: {sorted(USER_CONFIG_KEYS)}"
             )
         self.config = Config(model, **config)
+        model = self.config.model  # a directory, also when given as a Hugging Face id
         has_tokenizer = any(
             os.path.isfile(os.path.join(model, name))
             for name in ("tokenizer.json", "tokenizer_config.json")
         )
         self.tokenizer = AutoTokenizer.from_pretrained(model) if has_tokenizer else None
-        self.config.eos = _eos_token_id(model, self.config.hf_config, self.tokenizer)
-        Sequence.block_size = self.config.block_size
+        eos = eos_token_ids(model, self.config.hf_config, self.tokenizer)
         self.model_runner = ModelRunner(self.config)
         self.scheduler = Scheduler(
-            self.config, self.model_runner.num_blocks, self.model_runner.num_query_slots
+            self.config,
+            self.model_runner.num_blocks,
+            self.model_runner.num_query_slots,
+            StopConditions(eos, self.tokenizer),
         )
         self.in_flight: InFlight | None = None  # the step launched last, if not yet collected
+        self.requests: dict[int, list[Sequence]] = {}  # unfinished requests, by request id
+        self.unclaimed: list[dict] = []  # results that the next `step()` returns
 
-    def make_sequence(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
-        """Check one request against the engine's limits; nothing is queued here."""
+    def make_sequences(self, prompt: str | list[int], params: SamplingParams) -> list[Sequence]:
+        """Check one request against the engine's limits: one sequence per sample, nothing
+        queued here."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params: expected SamplingParams, got {params!r}")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(
@@ -76,30 +77,41 @@ class LLMEngine:
                     "pass token ids instead"
                 )
             prompt = self.tokenizer.encode(prompt)
+        if not isinstance(prompt, list):
+            raise TypeError(f"prompt: expected a string or a list of token ids, got {prompt!r}")
         if len(prompt) == 0:
             raise ValueError("prompt: must hold at least one token, got an empty prompt")
         vocab = self.config.hf_config["vocab_size"]
-        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt: token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        for name, ids in (("prompt", prompt), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if type(t) is not int or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(
+                    f"{name}: token ids must be integers in [0, {vocab}), got {bad[:5]}"
+                )
         max_len = self.config.max_model_len
         if len(prompt) + params.max_tokens > max_len:
             raise ValueError(
                 f"prompt: {len(prompt)} tokens plus max_tokens={params.max_tokens} "
                 f"exceed max_model_len={max_len}"
             )
-        seq = Sequence(prompt, params)
-        seq.kv_budget = self.config.kv_budget
+        b = self.config.block_size
+        seqs = [Sequence(prompt, params, b) for _ in range(params.n)]
+        for i, seq in enumerate(seqs):
+            seq.request_id, seq.sample_index = seqs[0].seq_id, i
+            seq.first_sample = seqs[0] if i else None
+            if params.seed is not None:  # every sample its own stream, reproducible
+                seq.seed = (params.seed + i * 0x9E3779B97F4A7C15) % 2**64
+            seq.kv_budget = self.config.kv_budget
         if params.kv_budget is not None:
             if self.config.kv_budget is None or params.kv_budget > self.config.kv_budget:
                 raise ValueError(
                     f"kv_budget: a request may only lower the engine's kv_budget="
                     f"{self.config.kv_budget}, got {params.kv_budget}"
                 )
-            b = self.config.block_size
             check_kv_budget("kv_budget", params.kv_budget, b, self.config.window)
-            seq.kv_budget = params.kv_budget
-        b, total = self.config.block_size, len(prompt) + params.max_tokens
+            for seq in seqs:
+                seq.kv_budget = params.kv_budget
+        seq, total = seqs[0], len(prompt) + params.max_tokens
         # Blocks at the request's peak: all its tokens, or N_max once it compresses.
         num_blocks = min(-(-total // b), max(seq.max_blocks, -(-len(prompt) // b) + 1))
         if num_blocks > self.model_runner.num_blocks:
@@ -107,73 +119,118 @@ class LLMEngine:
                 f"prompt: {len(prompt)} tokens plus max_tokens={params.max_tokens} "
                 f"need {num_blocks} KV blocks, the pool has {self.model_runner.num_blocks}"
             )
-        return seq
+        return seqs
+
+    def _add(self, seqs: list[Sequence]) -> int:
+        self.requests[seqs[0].request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return seqs[0].request_id
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> int:
-        seq = self.make_sequence(prompt, sampling_params)
-        self.scheduler.add(seq)
-        return seq.seq_id
+        """Queue one request; returns its id, which its results carry as `request_id`."""
+        return self._add(self.make_sequences(prompt, sampling_params))
+
+    def abort(self, request_id: int):
+        """End a request (all its samples) now; it returns no result. Unknown ids are ignored,
+        so that aborting a request that has just finished is harmless."""
+        for seq in self.requests.pop(request_id, []):
+            self.scheduler.abort(seq)
 
     def step(self) -> tuple[list[dict], int]:
         """Launch one step and collect the results of the one before; returns the requests that
         finished, and the tokens fed by the launched step (negative for a decode step, so that
         callers can tell prefill and decode throughput apart).
 
-        The overlap is the engine loop's one trick. The GPU runs asynchronously, so the step is
-        launched before the previous step's sampled tokens are read back: while the GPU runs
-        step N, the host collects step N-1's tokens and plans step N+1. Planning needs no
-        token values, only lengths (every running request gains exactly one token per step),
-        and step N+1's input ids are read from step N's samples on the GPU. A request that
-        finishes at step N (EOS) has already been launched in step N+1: that token is dropped.
+        The overlap is the engine loop's one trick (`overlap.py`). The GPU runs asynchronously,
+        so the step is launched before the previous step's sampled tokens are read back: while
+        the GPU runs step N, the host collects step N-1's tokens and plans step N+1. A request
+        that stops at step N has already been launched in step N+1: that token is dropped.
         With `overlap_scheduling=False` each step is collected right after its launch.
+
+        If anything raises in here, the requests this step touched are aborted (they come back
+        from the next `step()` with finish_reason "abort") and the exception propagates.
         """
-        for seq, old_table in self.model_runner.finished_compressions():
-            self.scheduler.finish_compression(seq, old_table)
-        seqs, is_prefill, compressions = self.scheduler.schedule()
-        if compressions:
-            self.model_runner.compress(compressions)
-        launched = None
-        if seqs:
-            previous = self.in_flight and self.in_flight.samples
-            samples = self.model_runner.run(seqs, is_prefill, previous and previous.tokens)
-            launched = InFlight(seqs, self.scheduler.launch(seqs), samples)
-        elif not self.in_flight:  # every request that could run is under compression
-            self.model_runner.wait_for_compressions()
-        if self.config.overlap_scheduling:
-            launched, self.in_flight = self.in_flight, launched
-        outputs = []
-        if launched:
-            token_ids, logprobs = launched.samples.tolist() if launched.samples else ([], None)
-            finished = self.scheduler.postprocess(
-                launched.seqs, launched.sampling, token_ids, logprobs
-            )
-            outputs = [self._output(seq) for seq in finished]
+        touched, compressions = list(self.scheduler.running), []  # until the schedule says
+        try:
+            for seq, old_table in self.model_runner.compressor.poll():
+                self.scheduler.finish_compression(seq, old_table)
+            seqs, is_prefill, compressions = self.scheduler.schedule()
+            touched = seqs + [seq for seq, _ in compressions]
+            if compressions:
+                self.model_runner.compressor.launch(compressions)
+            launched = None
+            if seqs:
+                previous = self.in_flight and self.in_flight.samples
+                samples = self.model_runner.run(seqs, is_prefill, previous and previous.tokens)
+                launched = launch(seqs, samples)
+            elif not self.in_flight and not compressions:
+                if self.model_runner.compressor.under_way:
+                    self.model_runner.compressor.wait()
+                elif not self.scheduler.is_finished():
+                    raise RuntimeError("no request can make progress")
+            if self.config.overlap_scheduling:
+                launched, self.in_flight = self.in_flight, launched
+            outputs, self.unclaimed = self.unclaimed, []
+            if launched:
+                touched += launched.seqs
+                finished = self.scheduler.postprocess(launched.seqs, launched.collect())
+                outputs += [self._finish(seq) for seq in finished]
+        except BaseException:
+            self._recover(touched, compressions)
+            raise
         num_tokens = sum(seq.num_new_tokens for seq in seqs) if is_prefill else -len(seqs)
         return outputs, num_tokens
 
-    def _output(self, seq: Sequence) -> dict:
-        token_ids = seq.completion_token_ids
+    def _recover(self, touched: list[Sequence], compressions: list):
+        """After a failed step: wait for every compaction, then abort the touched requests."""
+        self._finish_compactions()
+        for seq, old_table in compressions:
+            if seq.compressing:  # planned, never launched
+                self.scheduler.finish_compression(seq, old_table)
+        for seq in touched:
+            if not seq.is_finished:
+                self.scheduler.abort(seq)
+                self.unclaimed.append(self._finish(seq))
+
+    def _finish_compactions(self):
+        for seq, old_table in self.model_runner.compressor.poll(wait=True):
+            self.scheduler.finish_compression(seq, old_table)
+
+    def _finish(self, seq: Sequence) -> dict:
+        """The result of a finished sample."""
+        samples = self.requests.get(seq.request_id, [])
+        if all(s.is_finished for s in samples):
+            self.requests.pop(seq.request_id, None)
         output = {
-            "seq_id": seq.seq_id,
-            "token_ids": token_ids,
+            "request_id": seq.request_id,
+            "index": seq.sample_index,
+            "text": self.scheduler.stop.text(seq),
+            "token_ids": [t for t in seq.completion_token_ids if t != PENDING],
+            "prompt_token_ids": seq.token_ids[: seq.num_prompt_tokens],
+            "finish_reason": seq.finish_reason,
+            "stop_reason": seq.stop_reason,
             "num_cached_tokens": seq.num_cached_tokens,
-            "text": self.tokenizer.decode(token_ids, skip_special_tokens=True)
-            if self.tokenizer
-            else None,
         }
         if seq.sampling_params.logprobs:
             output["logprobs"] = seq.logprobs
         return output
 
     def is_finished(self) -> bool:
-        return self.scheduler.is_finished() and not self.in_flight
+        return self.scheduler.is_finished() and not self.in_flight and not self.unclaimed
 
     def generate(
         self,
-        prompts: list[str] | list[list[int]],
-        sampling_params: SamplingParams | list[SamplingParams],
+        prompts: str | list[int] | list[str] | list[list[int]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[dict]:
+        """Run the prompts to the end; returns one result per sample, in prompt order (the `n`
+        samples of a prompt side by side). Results of other requests (`add_request`) are kept
+        for `step()`. Interrupted (Ctrl-C, an error), it aborts its own requests."""
+        if isinstance(prompts, str) or (prompts and type(prompts[0]) is int):
+            prompts = [prompts]  # one prompt, as text or token ids
+        sampling_params = SamplingParams() if sampling_params is None else sampling_params
         if not isinstance(sampling_params, list):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
@@ -181,27 +238,68 @@ class LLMEngine:
                 f"sampling_params: got {len(sampling_params)} for "
                 f"{len(prompts)} prompts; pass one, or one per prompt"
             )
-        seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, sampling_params)]
-        for seq in seqs:
-            self.scheduler.add(seq)
-        order = {seq.seq_id: i for i, seq in enumerate(seqs)}
-        results = [None] * len(seqs)
-        bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        prefill_tps = decode_tps = 0.0
-        while not self.is_finished():
-            start = time.perf_counter()
-            outputs, num_tokens = self.step()
-            rate = abs(num_tokens) / (time.perf_counter() - start)
-            prefill_tps, decode_tps = (rate, decode_tps) if num_tokens > 0 else (prefill_tps, rate)
-            bar.set_postfix(
-                running=len(self.scheduler.running),
-                prefill=f"{prefill_tps:.0f}tok/s",
-                decode=f"{decode_tps:.0f}tok/s",
-                refresh=False,
-            )
-            for output in outputs:
-                if output["seq_id"] in order:
-                    results[order[output.pop("seq_id")]] = output
+        requests = [self.make_sequences(p, sp) for p, sp in zip(prompts, sampling_params)]
+        samples = [(seq.request_id, seq.sample_index) for seqs in requests for seq in seqs]
+        order = {sample: i for i, sample in enumerate(samples)}
+        results, others, remaining = [None] * len(order), [], len(order)
+        ids = {self._add(seqs) for seqs in requests}
+        bar = tqdm(total=len(order), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        rates = {"prefill": 0.0, "decode": 0.0}
+        try:
+            while remaining:
+                start = time.perf_counter()
+                outputs, num_tokens = self.step()
+                if num_tokens:
+                    kind = "prefill" if num_tokens > 0 else "decode"
+                    rates[kind] = abs(num_tokens) / (time.perf_counter() - start)
+                bar.set_postfix(
+                    running=len(self.scheduler.running),
+                    **{kind: f"{rate:.0f}tok/s" for kind, rate in rates.items()},
+                    refresh=False,
+                )
+                for output in outputs:
+                    if output["request_id"] not in ids:
+                        others.append(output)
+                        continue
+                    results[order[output["request_id"], output["index"]]] = output
+                    remaining -= 1
                     bar.update(1)
-        bar.close()
+            if any(seq.compressing for seqs in requests for seq in seqs):
+                self._finish_compactions()  # a finished request's blocks are free on return
+        except BaseException:
+            for request_id in ids:
+                self.abort(request_id)
+            self.unclaimed = [o for o in self.unclaimed if o["request_id"] not in ids]
+            raise
+        finally:
+            self.unclaimed = others + self.unclaimed
+            bar.close()
         return results
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[dict]:
+        """`generate` on conversations: one (a list of {"role", "content"} messages) or a list of
+        them. The tokenizer's chat template is applied once, with the generation prompt, and its
+        text encoded without adding special tokens, so none is doubled (a template writes its own
+        BOS). `chat_template_kwargs` go to the template (Qwen3: `enable_thinking`)."""
+        if self.tokenizer is None:
+            raise ValueError("chat: needs a tokenizer with a chat template in the model directory")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            self.tokenizer.encode(
+                self.tokenizer.apply_chat_template(
+                    conversation,
+                    tokenize=False,
+                    add_generation_prompt=True,
+                    **(chat_template_kwargs or {}),
+                ),
+                add_special_tokens=False,
+            )
+            for conversation in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)

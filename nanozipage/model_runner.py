@@ -4,63 +4,28 @@
 ids, positions, the cache slot of every new token, cumulative query lengths, context lengths,
 block tables); `execute` publishes them as tensors through the `Context` and runs the model;
 `run` then samples one token for every request that reached its last token and returns them
-as `Samples` without waiting for the GPU (the engine's overlapped loop). Decode steps replay a
-CUDA graph captured for the next larger batch size; prefill steps run eagerly (their shapes
-vary too much to capture). Under tensor parallelism every rank has a model runner over its
-shard, and rank 0's forwards plans and compactions to the others (`parallel.Workers`).
+as `Samples` without waiting for the GPU (the engine's overlapped loop, `overlap.py`). Decode
+steps replay a CUDA graph captured for the next larger batch size; prefill steps run eagerly
+(their shapes vary too much to capture). The compressor (`compressor.py`) works beside the
+runner on the tensors it allocates. Under tensor parallelism every rank has a model runner
+over its shard, and rank 0's forwards plans and compactions to the others (`parallel.Workers`).
 """
-
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from nanozipage.compressor import Compressor
 from nanozipage.config import Config
 from nanozipage.context import StepPlan, get_context, reset_context, set_context
-from nanozipage.kernels import compact
 from nanozipage.model import CausalLM
+from nanozipage.overlap import Samples, pending_rows
 from nanozipage.parallel import Workers
-from nanozipage.policy import POLICIES, CacheState, select
 from nanozipage.sampler import sample
 from nanozipage.sampling_params import SamplingParams
-from nanozipage.sequence import PENDING, Sequence
+from nanozipage.sequence import Sequence
 
 CPU_KV_CACHE_BYTES = 1 << 30  # with no GPU to size from, give the KV pool 1 GiB by default
 _GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-
-
-class Samples:
-    """One step's sampled tokens: on the device, where the next step reads its input ids, and
-    on their way to the host, where `tolist` waits for that copy only."""
-
-    def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, workers=None):
-        self.tokens, self.workers = tokens, workers
-        self._host = [self._to_host(t) for t in (tokens, logprobs) if t is not None]
-        self._copied = torch.cuda.Event() if tokens.is_cuda else None
-        if self._copied:
-            self._copied.record()
-
-    @staticmethod
-    def _to_host(t: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(t, device="cpu", pin_memory=t.is_cuda).copy_(t, non_blocking=True)
-
-    def tolist(self) -> tuple[list[int], list[float] | None]:
-        if self.workers:  # a dead worker would leave NCCL waiting: check them while waiting
-            self.workers.wait_on_gpu(self._copied)
-        elif self._copied:
-            self._copied.synchronize()
-        tokens, *logprobs = (t.tolist() for t in self._host)
-        return tokens, logprobs[0] if logprobs else None
-
-
-@dataclass(slots=True)
-class Compaction:
-    """One request's compaction, as every rank needs it (planned by the block manager)."""
-
-    old_table: list[int]  # the request's blocks before the compression
-    new_table: list[int]  # the blocks its kept tokens go to
-    first: bool  # its first compression (pooling, no stored scores)
-    query_slot: int  # its window queries' slot in the query cache
 
 
 class ModelRunner:
@@ -93,9 +58,8 @@ class ModelRunner:
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.q_cache = self.score_cache = None
-        self.compactions = []  # (event, jobs) of compactions under way
         self.pending_tokens = None  # ranks 1..N-1: the last step's samples, broadcast by rank 0
-        self.compress_stream = torch.cuda.Stream() if self.use_cuda else None
+        self.compressor = Compressor(self, self.workers)
         if self.use_cuda:
             self.warmup()
         self.allocate_kv_cache()
@@ -103,7 +67,7 @@ class ModelRunner:
         if self.use_cuda and not config.enforce_eager:
             self.capture_cudagraphs()
 
-    def _tensor(self, data, dtype=torch.int32) -> torch.Tensor:
+    def tensor(self, data, dtype=torch.int32) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, pin_memory=self.use_cuda).to(
             self.device, non_blocking=True
         )
@@ -133,10 +97,9 @@ class ModelRunner:
         self._set_kv_cache(self._empty_kv_cache(1))  # every block id in the dummy tables is 0
         seqs, budget = [], self.config.max_num_batched_tokens
         while budget > 0 and len(seqs) < self.config.max_num_seqs:
-            seq = Sequence([0] * min(budget, self.config.max_model_len), _GREEDY)
+            seq = Sequence([0] * min(budget, self.config.max_model_len), _GREEDY, self.block_size)
             seq.num_new_tokens, budget = len(seq), budget - len(seq)
-            # Counted here: a worker process never sets Sequence.block_size from the config.
-            seq.block_table = [0] * -(-len(seq) // self.block_size)
+            seq.block_table = [0] * seq.num_blocks
             seqs.append(seq)
         self.execute(self.prepare_prefill(seqs))  # on every rank at once: no plan to forward
         torch.cuda.synchronize()
@@ -246,7 +209,6 @@ class ModelRunner:
         cache_len - 1 (they differ once the request has been compressed). A PENDING last token
         is read on the device from the samples of the step launched before, at its row."""
         index = [seq.cache_len - 1 for seq in seqs]
-        pending_rows = [s.sample_row if s.last_token == PENDING else -1 for s in seqs]
         query_rows = None
         if self.q_cache is not None:
             query_rows = [self._query_row(s, i, i // self.block_size) for s, i in zip(seqs, index)]
@@ -258,7 +220,7 @@ class ModelRunner:
             context_lens=[i + 1 for i in index],
             block_tables=[seq.block_table for seq in seqs],
             query_rows=query_rows,
-            pending_rows=pending_rows if max(pending_rows) >= 0 else None,
+            pending_rows=pending_rows(seqs),
             sample_rows=None,
         )
 
@@ -272,19 +234,22 @@ class ModelRunner:
         if is_prefill:
             seqs = [seq for seq in seqs if seq.num_computed_tokens + seq.num_new_tokens == len(seq)]
         if self.workers:
-            self.workers.call("step", plan)
+            self.workers.call(ModelRunner.step, plan)
         try:
             logits = self.execute(plan, pending)
-            if not seqs:
-                return None
-            tokens, logprobs = self.sample(seqs, logits)
-            if self.workers:
-                dist.broadcast(tokens, 0)
-            return Samples(tokens, logprobs, self.workers if self.use_cuda else None)
         except BaseException:
-            if self.workers:  # the other ranks may be left mid-step: end them, not desynchronise
+            if self.workers:  # the other ranks are left mid-step: end them, not desynchronise
                 self.workers.close()
             raise
+        if not seqs:
+            return None
+        tokens = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
+        try:
+            tokens, logprobs = self.sample(seqs, logits)
+        finally:  # the other ranks wait for the samples: send them, zeros after a failure
+            if self.workers:
+                dist.broadcast(tokens, 0)
+        return Samples(tokens, logprobs, self.workers if self.use_cuda else None)
 
     @torch.inference_mode()
     def step(self, plan: StepPlan):
@@ -304,18 +269,18 @@ class ModelRunner:
         width = max(len(table) for table in plan.block_tables)
         set_context(
             is_prefill=plan.is_prefill,
-            slot_mapping=self._tensor(plan.slot_mapping),
-            context_lens=self._tensor(plan.context_lens),
-            block_tables=self._tensor([t + [-1] * (width - len(t)) for t in plan.block_tables]),
-            cu_seqlens_q=self._tensor(plan.cu_seqlens_q) if plan.is_prefill else None,
+            slot_mapping=self.tensor(plan.slot_mapping),
+            context_lens=self.tensor(plan.context_lens),
+            block_tables=self.tensor([t + [-1] * (width - len(t)) for t in plan.block_tables]),
+            cu_seqlens_q=self.tensor(plan.cu_seqlens_q) if plan.is_prefill else None,
             max_seqlen_q=plan.max_seqlen_q,
-            query_rows=plan.query_rows and self._tensor(plan.query_rows, torch.long),
+            query_rows=plan.query_rows and self.tensor(plan.query_rows, torch.long),
         )
-        input_ids = self._tensor(plan.input_ids, torch.long)
+        input_ids = self.tensor(plan.input_ids, torch.long)
         if pending is not None and plan.pending_rows is not None:
-            rows = self._tensor(plan.pending_rows)
+            rows = self.tensor(plan.pending_rows)
             input_ids = torch.where(rows >= 0, pending[rows.clamp(min=0)], input_ids)
-        positions = self._tensor(plan.positions, torch.long)
+        positions = self.tensor(plan.positions, torch.long)
         if plan.is_prefill:
             hidden = self.model(input_ids, positions)[plan.sample_rows]
         else:
@@ -342,115 +307,18 @@ class ModelRunner:
         self.graphs[graph_bs].replay()
         return buf["hidden"][:bs]
 
-    def compress(self, jobs: list[tuple[Sequence, list[int]]]):
-        """Rank 0: compress each request from its old block table (given) into its new one."""
-        plans = self.compaction_plans(jobs)
-        if self.workers:
-            self.workers.call("compact", plans)
-        self.compact(plans, jobs)
-
-    def compaction_plans(self, jobs: list[tuple[Sequence, list[int]]]) -> list[Compaction]:
-        return [  # num_compressions was counted when the compression was planned
-            Compaction(old, seq.block_table[: seq.kv_budget // self.block_size],
-                       first=seq.num_compressions == 1, query_slot=seq.query_slot)
-            for seq, old in jobs
-        ]  # fmt: skip
-
-    def compact(self, plans: list[Compaction], jobs: list | None = None):
-        """Every rank: run the compactions; asynchronous ones go on a side stream after the work
-        already queued on the main stream (the requests' last K/V), and rank 0's `jobs` are
-        handed back by `finished_compressions` once their event has fired."""
-        if not (self.config.async_compression and self.use_cuda):
-            self._compress(plans)
-            if self.config.async_compression:  # no side stream off the GPU: done at once
-                self.compactions.append((None, jobs))
-            return
-        self.compress_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.compress_stream):
-            self._compress(plans)
-            done = torch.cuda.Event()
-            done.record()
-        self.compactions.append((done, jobs))
-
-    def finished_compressions(self) -> list[tuple[Sequence, list[int]]]:
-        """Rank 0: the compressions whose compaction has finished on rank 0; their replaced
-        blocks will be freed, so every other rank must finish its own compaction of them before
-        its next use of a block: it orders its main stream after it (`wait_for_compactions`)."""
-        done = [event is None or event.query() for event, _ in self.compactions]
-        if self.workers and any(done):
-            self.workers.call("wait_for_compactions", done)
-        finished = [job for (_, jobs), d in zip(self.compactions, done) if d for job in jobs]
-        self.compactions = [entry for entry, d in zip(self.compactions, done) if not d]
-        return finished
-
-    def wait_for_compactions(self, done: list[bool]):
-        """Ranks 1..N-1: the compactions that rank 0 has seen finish (its pending entries, in the
-        same order as here), which this rank's later work must follow."""
-        for (event, _), d in zip(self.compactions, done):
-            if d and event is not None:
-                torch.cuda.current_stream().wait_event(event)
-        self.compactions = [entry for entry, d in zip(self.compactions, done) if not d]
-
-    def gather_kv_cache(self) -> torch.Tensor | None:
-        """The KV pool with every rank's KV heads, on rank 0 (None elsewhere): lets the tests
-        compare a tensor-parallel engine's cache with a single-rank engine's."""
-        if self.workers:
-            self.workers.call("gather_kv_cache")
-        ranks = self.config.tensor_parallel_size
-        if ranks == 1:
-            return self.kv_cache
-        parts = [torch.empty_like(self.kv_cache) for _ in range(ranks)] if self.rank == 0 else None
-        dist.gather(self.kv_cache, parts, dst=0)
-        return None if parts is None else torch.cat(parts, dim=3)  # [2, L, blocks, kvh, b, d]
-
-    def wait_for_compressions(self):
-        if self.use_cuda:
-            self.compress_stream.synchronize()
-
-    @torch.inference_mode()
-    def _compress(self, plans: list[Compaction]):
-        """Compress each request from its old block table into its new one: score every cached
-        token with the policy, keep `kv_budget` per (layer, KV head) in position order, and
-        compact K, V and this compression's scores into the first blocks of the new table, a
-        group of layers at a time. Each rank does its own KV heads, with no communication: a
-        GQA group, whose queries score its KV head, never spans two ranks."""
-        config, b = self.config, self.block_size
-        policy, num_layers = POLICIES[config.policy], len(self.model.model.layers)
-        for plan in plans:
-            keep = len(plan.new_table) * b
-            old, new = self._tensor(plan.old_table), self._tensor(plan.new_table)
-            window_rows = slice(
-                plan.query_slot * config.window, (plan.query_slot + 1) * config.window
-            )
-            for start in range(0, num_layers, config.compress_layers):
-                layers = slice(start, min(start + config.compress_layers, num_layers))
-                k_cache, v_cache = self.kv_cache[0, layers], self.kv_cache[1, layers]
-                score_cache = self.score_cache[layers]
-                # The request's keys and stored scores, dense: [layers, kvh, T, ...]
-                keys = k_cache[:, old].transpose(1, 2).flatten(2, 3)
-                prev = score_cache[:, old].transpose(1, 2).flatten(2)
-                prev[..., 0 if plan.first else keep :] = 0  # newer tokens were never scored
-                state = CacheState(keys, self.q_cache[layers, window_rows], prev, plan.first, b)
-                score, stored = policy(state, config)
-                kept = select(score, keep, config.window, config.num_sinks)  # [L, kvh, keep]
-                compact(k_cache, old, new, kept)
-                compact(v_cache, old, new, kept)
-                # The scores are this compression's (dense), not the cache's: gather, not compact.
-                kept_scores = stored.gather(2, kept).unflatten(2, (-1, b))
-                score_cache[:, new] = kept_scores.transpose(1, 2)
-
     def sample(self, seqs: list[Sequence], logits: torch.Tensor):
         """Rank 0: the sampled token ids and their logprobs (or None), on the device."""
         params = [seq.sampling_params for seq in seqs]
         for seq in seqs:
-            if seq.sampling_params.seed is not None and seq.generator is None:
-                seq.generator = torch.Generator(self.device).manual_seed(seq.sampling_params.seed)
+            if seq.seed is not None and seq.generator is None:
+                seq.generator = torch.Generator(self.device).manual_seed(seq.seed)
         filtered = any(p.top_k > 0 or p.top_p < 1 for p in params)
         tokens, logprobs = sample(
             logits,
-            temperatures=self._tensor([p.temperature for p in params], torch.float32),
-            top_ks=self._tensor([p.top_k for p in params]) if filtered else None,
-            top_ps=self._tensor([p.top_p for p in params], torch.float32) if filtered else None,
+            temperatures=self.tensor([p.temperature for p in params], torch.float32),
+            top_ks=self.tensor([p.top_k for p in params]) if filtered else None,
+            top_ps=self.tensor([p.top_p for p in params], torch.float32) if filtered else None,
             generators=[seq.generator for seq in seqs],
             greedy=all(p.temperature == 0 for p in params),
             want_logprobs=any(p.logprobs for p in params),

@@ -59,8 +59,8 @@ def _worker(config: Config, rank: int, port: int, conn):
     runner = ModelRunner(config, rank)
     try:
         while True:
-            method, args = pickle.loads(conn.recv_bytes())
-            getattr(runner, method)(*args)
+            function, args = pickle.loads(conn.recv_bytes())
+            function(runner, *args)
     except EOFError:  # rank 0 is done with this LLM
         dist.destroy_process_group()
         os._exit(0)  # skips the interpreter's teardown: seconds with torch loaded, nothing to save
@@ -95,10 +95,11 @@ class Workers:
                     "this LLM can no longer run"
                 )
 
-    def call(self, method: str, *args):
-        """Have every worker run `ModelRunner.<method>(*args)`; does not wait for it."""
+    def call(self, function, *args):
+        """Have every worker run `function(its ModelRunner, *args)`; does not wait for it.
+        The function travels by name, so it must be defined at a module's top level."""
         self.check_alive()
-        message = pickle.dumps((method, args))
+        message = pickle.dumps((function, args))
         for conn in self.conns:
             conn.send_bytes(message)
 

@@ -13,8 +13,15 @@ class SamplingParams:
     logprobs: bool = False  # return the log-probability of each chosen token
     seed: int | None = None  # per-request generator: same seed, same prompt -> same output
     kv_budget: int | None = None  # lower this request's KV budget below the engine's
+    n: int = 1
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self):
+        self.stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        self.stop_token_ids = self.stop_token_ids or []
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -18,22 +18,22 @@ from collections import deque
 from nanozipage.block_manager import BlockManager
 from nanozipage.config import Config
 from nanozipage.sequence import PENDING, Sequence, SequenceStatus
+from nanozipage.stop import StopConditions
 
 
 class Scheduler:
-    def __init__(self, config: Config, num_blocks: int, num_query_slots: int = 0):
+    def __init__(self, config: Config, num_blocks: int, num_query_slots: int, stop: StopConditions):
         self.max_num_seqs = config.max_num_seqs
         self.block_size, self.window = config.block_size, config.window
         self.free_query_slots = list(range(num_query_slots - 1, -1, -1))
         self.async_compression = config.async_compression
         self.max_compress_blocks, self.num_compress_blocks = config.max_compress_blocks, 0
         self.max_num_batched_tokens = config.max_num_batched_tokens
-        self.eos = config.eos
+        self.stop = stop
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.last_step_was_prefill = False
-        self.num_steps_in_flight = 0  # launched, samples not yet read back (`postprocess`)
         self.num_preemptions = 0
 
     def is_finished(self) -> bool:
@@ -55,10 +55,6 @@ class Scheduler:
             if seqs or compressions:
                 self.last_step_was_prefill = is_prefill
                 return seqs, is_prefill, compressions
-        if (self.waiting or self.running) and not (
-            self.num_compress_blocks or self.num_steps_in_flight
-        ):
-            raise RuntimeError("no request can make progress")
         return [], False, []  # every request that could run waits for a compaction or a token
 
     def _assign_query_slots(self):
@@ -90,8 +86,8 @@ class Scheduler:
                 seqs.append(seq)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if seq.last_token == PENDING:  # preempted with its last token still on the GPU
-                break
+            if seq.last_token == PENDING or self._waits_for_prefix(seq):
+                break  # preempted with its last token still on the GPU, or see below
             seq.num_new_tokens = len(seq)  # a prompt reaching its window needs a slot at once
             if self._needs_query_slot(seq):
                 if not self.free_query_slots:
@@ -107,6 +103,17 @@ class Scheduler:
             budget -= seq.num_new_tokens
             seqs.append(seq)
         return seqs, []
+
+    def _waits_for_prefix(self, seq: Sequence) -> bool:
+        """The samples of one prompt (`SamplingParams.n`) share its blocks through the prefix
+        cache: a later sample waits until the first one's prompt blocks are registered."""
+        first, b = seq.first_sample, self.block_size
+        return (
+            first is not None
+            and first.status == SequenceStatus.RUNNING
+            and not first.num_compressions
+            and first.num_hashed_blocks < (first.num_prompt_tokens - 1) // b
+        )
 
     def _schedule_decode(self) -> tuple[list[Sequence], list]:
         seqs, compressions = [], []
@@ -172,53 +179,30 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def launch(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
-        """The step is on its way to the GPU: each request advances by the tokens it was fed,
-        and one that reached its end holds a PENDING place for the token being sampled. The
-        next step is planned on these lengths, before the token is known. Returns the requests
-        that sample, each with the index of its placeholder, in the order of the samples."""
-        sampling = []
-        for seq in seqs:
-            seq.num_computed_tokens += seq.num_new_tokens
-            if seq.num_computed_tokens == len(seq):
-                seq.sample_row = len(sampling)
-                sampling.append((seq, len(seq)))
-                seq.token_ids.append(PENDING)
-        self.num_steps_in_flight += 1
-        return sampling
-
     def postprocess(
-        self,
-        seqs: list[Sequence],
-        sampling: list[tuple[Sequence, int]],
-        token_ids: list[int],
-        logprobs: list[float] | None,
+        self, seqs: list[Sequence], sampled: list[tuple[Sequence, int, float | None]]
     ) -> list[Sequence]:
-        """A launched step's samples reached the host: fill the placeholders, register the
-        blocks now computed in the prefix cache, and finish requests at EOS or max_tokens.
+        """A launched step's samples reached the host (`InFlight.collect`): register the blocks
+        now computed in the prefix cache, and finish the requests that meet a stop condition.
         Returns the requests that finished."""
-        self.num_steps_in_flight -= 1
         finished = []
-        for (seq, index), token_id, logprob in zip(
-            sampling, token_ids, logprobs or [None] * len(token_ids)
-        ):
-            if seq.is_finished:
-                continue  # it finished one step earlier: this token is past its end
-            seq.token_ids[index] = token_id
-            params = seq.sampling_params
-            if params.logprobs:
+        for seq, index, logprob in sampled:
+            if seq.sampling_params.logprobs:
                 seq.logprobs.append(logprob)
-            num_completion = index + 1 - seq.num_prompt_tokens
-            if (
-                not params.ignore_eos and token_id == self.eos
-            ) or num_completion == params.max_tokens:
-                del seq.token_ids[index + 1 :]  # a placeholder of the step launched after it
+            if self.stop.check(seq, index + 1):
+                del seq.token_ids[index + 1 :]  # placeholders of steps launched after its end
                 finished.append(seq)
         for seq in seqs:
             self.block_manager.hash_blocks(seq)
         for seq in finished:
             self._finish(seq)
         return finished
+
+    def abort(self, seq: Sequence, reason: str = "abort"):
+        """Finish seq wherever it is; its blocks are freed (after its compaction, if one runs)."""
+        if not seq.is_finished:
+            seq.finish_reason = reason
+            self._finish(seq)
 
     def _finish(self, seq: Sequence):
         (self.running if seq.status == SequenceStatus.RUNNING else self.waiting).remove(seq)

@@ -18,11 +18,11 @@ class SequenceStatus(Enum):
 
 
 class Sequence:
-    block_size = 256  # set by the engine from the config
-    counter = count()
+    counter = count()  # ids unique in the process, so that two engines' requests never clash
 
-    def __init__(self, token_ids: list[int], sampling_params: SamplingParams):
+    def __init__(self, token_ids: list[int], sampling_params: SamplingParams, block_size: int):
         self.seq_id = next(Sequence.counter)
+        self.block_size = block_size
         self.status = SequenceStatus.WAITING
         self.token_ids = copy(token_ids)
         self.num_prompt_tokens = len(token_ids)
@@ -43,6 +43,12 @@ class Sequence:
         self.block_table: list[int] = []
         self.sampling_params = sampling_params
         self.logprobs: list[float] = []
+        # The request (one prompt's params) and this sample of it (`SamplingParams.n`).
+        self.request_id, self.sample_index = self.seq_id, 0
+        self.first_sample: Sequence | None = None  # the sample whose prompt blocks it shares
+        self.seed = sampling_params.seed  # this sample's own seed
+        self.finish_reason: str | None = None  # "stop", "length" or "abort"
+        self.stop_reason: int | str | None = None  # the stop token id or string that matched
 
     def __len__(self):
         return len(self.token_ids)

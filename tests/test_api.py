@@ -55,7 +55,7 @@ def test_bad_prompts_raise_and_leave_other_requests_alone(llm, prompt, params, m
     finished = []
     while not llm.is_finished():
         finished += llm.step()[0]
-    assert [(o["seq_id"], len(o["token_ids"])) for o in finished] == [(good, 5)]
+    assert [(o["request_id"], len(o["token_ids"])) for o in finished] == [(good, 5)]
 
 
 def test_request_larger_than_the_kv_pool_raises(tmp_path):
@@ -112,14 +112,14 @@ def test_generation_stops_at_eos_unless_ignored(llm):
     free = llm.generate(
         [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False
     )[0]["token_ids"]
-    eos, saved = free[4], llm.scheduler.eos
-    llm.scheduler.eos = eos
+    eos, saved = free[4], llm.scheduler.stop.eos_token_ids
+    llm.scheduler.stop.eos_token_ids = {eos}
     try:
         stopped = llm.generate(
             [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False
         )[0]["token_ids"]
     finally:
-        llm.scheduler.eos = saved
+        llm.scheduler.stop.eos_token_ids = saved
     assert stopped == free[: free.index(eos) + 1]
 
 

@@ -5,13 +5,10 @@ from nanozipage.sampling_params import SamplingParams
 from nanozipage.sequence import Sequence
 
 BS = 4
-Sequence.block_size = BS
 
 
 def seq_of(tokens: list[int]) -> Sequence:
-    seq = Sequence(tokens, SamplingParams())
-    seq.block_size = BS
-    return seq
+    return Sequence(tokens, SamplingParams(), BS)
 
 
 def compute_all(bm: BlockManager, seq: Sequence):

@@ -8,7 +8,7 @@ import transformers
 from dense_reference import dense_generate
 from helpers import ARCHS, make_tiny_model
 
-from nanozipage import LLM, SamplingParams, model_runner
+from nanozipage import LLM, SamplingParams, compressor
 
 BUDGET = 32  # block size 16: N_max = 3, so a request compresses at 48 cached tokens, then every 16
 
@@ -20,21 +20,21 @@ def model_dir(request, tmp_path_factory):
 
 def spy_on_compression(monkeypatch) -> dict:
     """Record the kept cache indices of every compression, per request: [layers, kvh, keep]."""
-    kept, current, select = {}, [], model_runner.select
-    compress = model_runner.ModelRunner.compress
+    kept, current, select = {}, [], compressor.select
+    launch = compressor.Compressor.launch
 
-    def compress_spy(self, jobs):
+    def launch_spy(self, jobs):
         for seq, old in jobs:  # one job at a time, so that select calls can be attributed
             current[:] = [seq.seq_id, []]
-            compress(self, [(seq, old)])
+            launch(self, [(seq, old)])
             kept.setdefault(seq.seq_id, []).append(torch.cat(current[1]))
 
     def select_spy(*args):
         current[1].append(select(*args))
         return current[1][-1]
 
-    monkeypatch.setattr(model_runner.ModelRunner, "compress", compress_spy)
-    monkeypatch.setattr(model_runner, "select", select_spy)
+    monkeypatch.setattr(compressor.Compressor, "launch", launch_spy)
+    monkeypatch.setattr(compressor, "select", select_spy)
     return kept
 
 
@@ -99,7 +99,7 @@ def test_stress_tiny_pool_every_request_finishes(model_dir, kv_budget):
     finished, compressed = {}, set()
     while not llm.is_finished():
         outputs, _ = llm.step()
-        finished.update({o["seq_id"]: len(o["token_ids"]) for o in outputs})
+        finished.update({o["request_id"]: len(o["token_ids"]) for o in outputs})
         for seq in llm.scheduler.running:
             assert not seq.num_compressions or len(seq.block_table) <= seq.max_blocks
             compressed |= {seq.seq_id} if seq.num_compressions else set()

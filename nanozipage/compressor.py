@@ -1,0 +1,127 @@
+"""Compression beside the model runner: plan, launch, poll, wait.
+
+The scheduler decides which requests compress (`Scheduler.schedule`) and the block manager gives
+each its new block table; the compressor then moves their kept tokens. `launch` scores every
+cached token with the policy, keeps `kv_budget` per (layer, KV head) in position order, and
+compacts K, V and the kept tokens' scores into the new blocks. With `async_compression` that
+runs on a side CUDA stream while the other requests decode; `poll` hands back the requests whose
+compaction has finished, so that the scheduler frees their replaced blocks and lets them decode
+again. Under tensor parallelism rank 0 forwards each call to the other ranks, and each rank
+compacts its own KV heads (a GQA group, whose queries score its KV head, never spans two ranks).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from nanozipage.kernels import compact
+from nanozipage.policy import POLICIES, CacheState, select
+from nanozipage.sequence import Sequence
+
+
+@dataclass(slots=True)
+class Compaction:
+    """One request's compaction, as every rank needs it (planned by the block manager)."""
+
+    old_table: list[int]  # the blocks holding the request's cached tokens before the compression
+    new_table: list[int]  # the blocks its kept tokens go to
+    first: bool  # its first compression (pooling, no stored scores)
+    query_slot: int  # its window queries' slot in the query cache
+
+
+def _on_worker(runner, method: str, *args):
+    """Ranks 1..N-1: run one of rank 0's compressor calls on this rank's compressor."""
+    getattr(runner.compressor, method)(*args)
+
+
+class Compressor:
+    def __init__(self, runner, workers=None):
+        """`runner` owns the tensors: the KV pool, the stored scores and the window queries."""
+        self.runner, self.config, self.workers = runner, runner.config, workers
+        self.stream = torch.cuda.Stream() if runner.use_cuda else None
+        self.under_way = []  # (event or None, jobs) of the compactions launched, in order
+
+    def plan(self, jobs: list[tuple[Sequence, list[int]]]) -> list[Compaction]:
+        """Each job is a request, already given its new block table, with its old table."""
+        b = self.config.block_size
+        return [  # num_compressions was counted when the compression was planned
+            Compaction(old, seq.block_table[: seq.kv_budget // b],
+                       first=seq.num_compressions == 1, query_slot=seq.query_slot)
+            for seq, old in jobs
+        ]  # fmt: skip
+
+    def launch(self, jobs: list[tuple[Sequence, list[int]]]):
+        """Rank 0: compact each request from its old block table into its new one."""
+        plans = self.plan(jobs)
+        if self.workers:
+            self.workers.call(_on_worker, "compact", plans)
+        self.compact(plans, jobs)
+
+    def compact(self, plans: list[Compaction], jobs: list | None = None):
+        """Every rank: run the compactions; asynchronous ones go on the side stream after the
+        work already queued on the main stream (the requests' last K/V)."""
+        if not (self.config.async_compression and self.stream):
+            self.run(plans)
+            if self.config.async_compression:  # no side stream off the GPU: done at once
+                self.under_way.append((None, jobs))
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            self.run(plans)
+            done = torch.cuda.Event()
+            done.record()
+        self.under_way.append((done, jobs))
+
+    def poll(self, wait: bool = False) -> list[tuple[Sequence, list[int]]]:
+        """Rank 0: the jobs whose compaction has finished (all of them with `wait`). Their
+        replaced blocks will be freed, so every other rank orders its main stream after its own
+        compaction of them before it uses a block again (`follow`)."""
+        if wait:
+            self.wait()
+        done = [wait or event is None or event.query() for event, _ in self.under_way]
+        if self.workers and any(done):
+            self.workers.call(_on_worker, "follow", done)
+        finished = [job for (_, jobs), d in zip(self.under_way, done) if d for job in jobs]
+        self.under_way = [entry for entry, d in zip(self.under_way, done) if not d]
+        return finished
+
+    def follow(self, done: list[bool]):
+        """Ranks 1..N-1: the compactions that rank 0 has seen finish (its entries, in the same
+        order as here), which this rank's later work must follow."""
+        for (event, _), d in zip(self.under_way, done):
+            if d and event is not None:
+                torch.cuda.current_stream().wait_event(event)
+        self.under_way = [entry for entry, d in zip(self.under_way, done) if not d]
+
+    def wait(self):
+        """Block until every compaction launched so far has finished."""
+        if self.stream:
+            self.stream.synchronize()
+
+    @torch.inference_mode()
+    def run(self, plans: list[Compaction]):
+        """Score, select and compact, a group of layers at a time (bounds temporary memory)."""
+        config, runner, b = self.config, self.runner, self.config.block_size
+        policy, num_layers = POLICIES[config.policy], runner.kv_cache.shape[1]
+        for plan in plans:
+            keep = len(plan.new_table) * b
+            old, new = runner.tensor(plan.old_table), runner.tensor(plan.new_table)
+            window_rows = slice(
+                plan.query_slot * config.window, (plan.query_slot + 1) * config.window
+            )
+            for start in range(0, num_layers, config.compress_layers):
+                layers = slice(start, min(start + config.compress_layers, num_layers))
+                k_cache, v_cache = runner.kv_cache[0, layers], runner.kv_cache[1, layers]
+                score_cache = runner.score_cache[layers]
+                # The request's keys and stored scores, dense: [layers, kvh, T, ...]
+                keys = k_cache[:, old].transpose(1, 2).flatten(2, 3)
+                prev = score_cache[:, old].transpose(1, 2).flatten(2)
+                prev[..., 0 if plan.first else keep :] = 0  # newer tokens were never scored
+                state = CacheState(keys, runner.q_cache[layers, window_rows], prev, plan.first, b)
+                score, stored = policy(state, config)
+                kept = select(score, keep, config.window, config.num_sinks)  # [L, kvh, keep]
+                compact(k_cache, old, new, kept)
+                compact(v_cache, old, new, kept)
+                # Scores to store are this compression's (dense), not the cache's: gathered.
+                kept_scores = stored.gather(2, kept).unflatten(2, (-1, b))
+                score_cache[:, new] = kept_scores.transpose(1, 2)

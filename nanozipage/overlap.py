@@ -1,0 +1,81 @@
+"""The overlapped loop's bookkeeping: tokens that are sampled on the GPU but not yet read back.
+
+The engine launches step N+1 before it reads step N's tokens (`LLMEngine.step`). Planning needs
+no token values, only lengths, so a launched request that samples gets a `PENDING` placeholder
+at once (`launch`) and is planned on as if its token were known. Step N+1 reads that token on the
+device, from step N's `Samples`, at the row that `pending_rows` names; `InFlight.collect` waits
+for step N's copy to the host and fills the placeholders. Everything else sees plain token ids.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from nanozipage.sequence import PENDING, Sequence
+
+
+class Samples:
+    """One step's sampled tokens: on the device, where the next step reads its input ids, and
+    on their way to the host, where `tolist` waits for that copy only."""
+
+    def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, workers=None):
+        self.tokens, self.workers = tokens, workers
+        self._host = [self._to_host(t) for t in (tokens, logprobs) if t is not None]
+        self._copied = torch.cuda.Event() if tokens.is_cuda else None
+        if self._copied:
+            self._copied.record()
+
+    @staticmethod
+    def _to_host(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(t, device="cpu", pin_memory=t.is_cuda).copy_(t, non_blocking=True)
+
+    def tolist(self) -> tuple[list[int], list[float] | None]:
+        if self.workers:  # a dead worker would leave NCCL waiting: check them while waiting
+            self.workers.wait_on_gpu(self._copied)
+        elif self._copied:
+            self._copied.synchronize()
+        tokens, *logprobs = (t.tolist() for t in self._host)
+        return tokens, logprobs[0] if logprobs else None
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A launched step whose samples have not been read back yet."""
+
+    seqs: list[Sequence]
+    sampling: list[tuple[Sequence, int]]  # requests that sample, with their placeholder index
+    samples: Samples | None  # None when no request samples (a prefill chunk mid-prompt)
+
+    def collect(self) -> list[tuple[Sequence, int, float | None]]:
+        """Wait for the samples and fill the placeholders; returns, per request, the index of
+        its new token and its logprob. A request that finished (or was aborted) since the
+        launch keeps nothing: this token is past its end."""
+        token_ids, logprobs = self.samples.tolist() if self.samples else ([], None)
+        sampled = []
+        for (seq, index), token_id, logprob in zip(
+            self.sampling, token_ids, logprobs or [None] * len(token_ids)
+        ):
+            if not seq.is_finished:
+                seq.token_ids[index] = token_id
+                sampled.append((seq, index, logprob))
+        return sampled
+
+
+def launch(seqs: list[Sequence], samples: Samples | None) -> InFlight:
+    """The step is on its way to the GPU: each request advances by the tokens it was fed, and
+    one that reached its end holds a PENDING place for the token being sampled."""
+    sampling = []
+    for seq in seqs:
+        seq.num_computed_tokens += seq.num_new_tokens
+        if seq.num_computed_tokens == len(seq):
+            seq.sample_row = len(sampling)
+            sampling.append((seq, len(seq)))
+            seq.token_ids.append(PENDING)
+    return InFlight(seqs, sampling, samples)
+
+
+def pending_rows(seqs: list[Sequence]) -> list[int] | None:
+    """Per request of a decode step, the row of its PENDING input id in the samples of the step
+    launched before, else -1; None when no input id is PENDING."""
+    rows = [seq.sample_row if seq.last_token == PENDING else -1 for seq in seqs]
+    return rows if max(rows) >= 0 else None

@@ -1,0 +1,61 @@
+"""When a request ends, and the text it returns.
+
+After each sampled token the scheduler asks `check`: the request stops at an id of the model's
+EOS set (unless `ignore_eos`), at one of its `stop_token_ids`, or when its text ends in one of
+its `stop` strings, none of them before `min_tokens`; it ends at `max_tokens` ("length"). Stop
+strings are matched on the decoded text, so a string that spans several tokens is found when
+its last token arrives: only the text of the newest tokens is decoded, and only an occurrence
+that ends inside the newest token counts (an earlier one was seen, or was before `min_tokens`).
+"""
+
+from nanozipage.sequence import Sequence
+
+
+class StopConditions:
+    def __init__(self, eos_token_ids: set[int], tokenizer):
+        self.eos_token_ids, self.tokenizer = eos_token_ids, tokenizer
+
+    def check(self, seq: Sequence, length: int) -> bool:
+        """Whether seq ends with its first `length` tokens; sets its finish and stop reason."""
+        params, token = seq.sampling_params, seq.token_ids[length - 1]
+        num_completion = length - seq.num_prompt_tokens
+        if num_completion >= params.min_tokens:
+            if not params.ignore_eos and token in self.eos_token_ids:
+                seq.finish_reason = "stop"
+            elif token in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+            elif params.stop and self.tokenizer:
+                start = max(seq.num_prompt_tokens, length - self._window(params))
+                match, _ = self._find(params.stop, seq.token_ids[start:length])
+                if match:
+                    seq.finish_reason, seq.stop_reason = "stop", match[1]
+        if seq.finish_reason is None and num_completion == params.max_tokens:
+            seq.finish_reason = "length"
+        return seq.finish_reason is not None
+
+    @staticmethod
+    def _window(params) -> int:
+        """Tokens enough to hold any stop string: a character is at most 4 byte tokens."""
+        return 4 * max(len(stop) for stop in params.stop) + 4
+
+    def _find(self, stops: list[str], ids: list[int]) -> tuple[tuple[int, str] | None, str]:
+        """The decoded text of `ids`, and the stop string (with its start) whose occurrence
+        ends in the text of the last id; the earliest if several do."""
+        text, before = self._decode(ids), self._decode(ids[:-1]).rstrip("\ufffd")
+        found = [(text.find(stop, max(0, len(before) - len(stop) + 1)), stop) for stop in stops]
+        return min(((i, stop) for i, stop in found if i >= 0), default=None), text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def text(self, seq: Sequence) -> str | None:
+        """The completion's text; after a stop string it ends right before it (or after it,
+        with `include_stop_str_in_output`)."""
+        if self.tokenizer is None:
+            return None
+        stop, ids = seq.stop_reason, seq.completion_token_ids
+        if not isinstance(stop, str):
+            return self._decode(ids)
+        match, text = self._find([stop], ids)
+        keep = len(stop) if seq.sampling_params.include_stop_str_in_output else 0
+        return text[: match[0] + keep] if match else text
