@@ -1,14 +1,13 @@
 """Next-token choice for a batch, each row with its own sampling settings, in vLLM's order.
 
-Penalized rows first change their logits: the repetition penalty over prompt and output tokens,
-then the frequency and presence penalties over output tokens. Greedy rows take the argmax.
-Sampled rows divide the logits by their temperature, drop tokens below min_p times the most
-likely one and those outside top-k / top-p, and draw with the exponential-race trick: argmax of
-p / E with E ~ Exp(1), i.e. argmax of (logits / T - log E), which equals drawing from p, needs no
-softmax, and lets seeded rows use their own generator for E. The returned log-probability is
-that of the chosen token under the model's raw distribution (before penalties, temperature and
-filters), which is what evaluation and fidelity checks compare. Nothing waits for the device:
-the penalties' token counts live there and are updated there from the sampled ids.
+Penalties change the logits first (repetition over prompt and output tokens, then frequency and
+presence over output tokens). Greedy rows take the argmax. Sampled rows divide by their
+temperature, drop tokens below min_p times the most likely one and outside top-k / top-p, and
+draw with the exponential race: argmax of (logits / T - log E), E ~ Exp(1), draws from the
+softmax without computing it, and lets seeded rows use their own generator for E. The returned
+logprob is the chosen token's under the model's raw distribution (before penalties, temperature
+and filters), what evaluation compares. The penalties' token counts live on the device and are
+updated there from the sampled ids: nothing here waits for the device.
 """
 
 import torch
@@ -79,12 +78,10 @@ def sample(
     penalties: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [B, V]; temperatures, top_ps, min_ps float [B]; top_ks int [B] (0 or -1: off);
-    rows long [B] (-1: none) and penalties float [B, 3] as in `TokenCounts.penalize`; then the
-    sampled tokens are recorded in `token_counts`. -> tokens, logprobs.
-
-    An optional tensor is None when no row uses it (top_ks and top_ps come together; rows,
-    penalties and token_counts too): the caller knows that on the host, so the common case costs
-    no sort, no penalty and no device sync."""
+    rows and penalties as in `TokenCounts.penalize`, which then records the sampled tokens.
+    -> tokens, logprobs. A feature's arguments are None when no row uses it (top_ks with top_ps,
+    token_counts with rows and penalties): the caller knows that on the host, so the common case
+    costs no sort, no penalty and no device sync."""
     logits = raw = logits.float()
     if penalties is not None:
         logits = token_counts.penalize(logits, rows, penalties)

@@ -19,8 +19,8 @@ BAD = {
     "repetition_penalty": [0.0, -1.0, INF, NAN, "1"],
     "frequency_penalty": [-2.5, 2.5, NAN, INF, "0"],
     "presence_penalty": [-2.5, 2.5, NAN, -INF, "0"],
-    "stop": ["", [""], [1], ["a", None], 5, b"x"],
-    "stop_token_ids": [[-1], [1.0], [True], ["1"], 3, "1"],
+    "stop": ["", [""], [1], ["a", None], 5, 0, b"x"],
+    "stop_token_ids": [[-1], [1.0], [True], ["1"], 3, 0, "1"],
     "min_tokens": [-1, 65, 1.0, True],  # 65 > max_tokens (64 by default)
     "include_stop_str_in_output": [1, None],
 }
