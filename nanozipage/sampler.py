@@ -1,33 +1,96 @@
-"""Next-token choice for a batch, each row with its own sampling settings.
+"""Next-token choice for a batch, each row with its own sampling settings, in vLLM's order.
 
-Greedy rows take the argmax. Sampled rows divide the logits by their temperature, drop tokens
-outside top-k / top-p, and draw with the exponential-race trick: argmax of p / E with
-E ~ Exp(1), i.e. argmax of (logits / T - log E), which equals drawing from p, needs no softmax,
-and lets seeded rows use their own generator for E. The returned
-log-probability is that of the chosen token under the model's own distribution (before
-temperature, top-k and top-p), which is what evaluation and fidelity checks compare.
+Penalties change the logits first (repetition over prompt and output tokens, then frequency and
+presence over output tokens). Greedy rows take the argmax. Sampled rows divide by their
+temperature, drop tokens below min_p times the most likely one and outside top-k / top-p, and
+draw with the exponential race: argmax of (logits / T - log E), E ~ Exp(1), draws from the
+softmax without computing it, and lets seeded rows use their own generator for E. The returned
+logprob is the chosen token's under the model's raw distribution (before penalties, temperature
+and filters), what evaluation compares. The penalties' token counts live on the device and are
+updated there from the sampled ids: nothing here waits for the device.
 """
 
 import torch
 
 
+class TokenCounts:
+    """The token histories of the requests that use a penalty, on the device, one row each:
+    `counts` [rows, vocab] int32 (times sampled) and `in_prompt` [rows, vocab] bool. The model
+    runner takes a row when such a request is first scheduled and frees it when it ends. The
+    tensors are made on first use and double when full, so engines without penalties allocate
+    nothing; their last row stays empty, read by row -1: a request without penalties."""
+
+    def __init__(self, vocab_size: int, device: torch.device | str):
+        self.device = torch.device(device)
+        self.counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=self.device)
+        self.in_prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=self.device)
+        self.free_rows: list[int] = []
+
+    def add_row(self, prompt_ids: list[int], output_ids: list[int]) -> int:
+        """A new row holding a request's history so far (`record` adds the rest) -> the row."""
+        if not self.free_rows:
+            self._grow()
+        row = self.free_rows.pop()
+        pinned = self.device.type == "cuda"  # copy without waiting
+        ids = torch.tensor(output_ids + prompt_ids, dtype=torch.long, pin_memory=pinned)
+        output, prompt = ids.to(self.device, non_blocking=True).tensor_split([len(output_ids)])
+        self.counts[row].zero_().scatter_add_(0, output, torch.ones_like(output, dtype=torch.int32))
+        self.in_prompt[row].zero_().index_fill_(0, prompt, True)
+        return row
+
+    def _grow(self):
+        used = max(self.counts.shape[0] - 1, 0)  # all in use: the last row is the empty one
+        size = max(2 * used, 4)
+        self.counts, self.in_prompt = (
+            torch.cat([t[:used], t.new_zeros(size + 1 - used, t.shape[1])])
+            for t in (self.counts, self.in_prompt)
+        )
+        self.free_rows += range(size - 1, used - 1, -1)  # pop() hands out the lowest first
+
+    def free_row(self, row: int):
+        self.free_rows.append(row)
+
+    def penalize(self, logits: torch.Tensor, rows: torch.Tensor, penalties: torch.Tensor):
+        """logits [B, V] float; rows [B] long; penalties [B, 3] float: repetition, frequency and
+        presence penalty. -> the penalized logits, as vLLM's apply_penalties."""
+        counts = self.counts[rows]
+        repetition, frequency, presence = penalties.unsqueeze(2).unbind(1)  # each [B, 1]
+        repetition = torch.where(self.in_prompt[rows] | (counts > 0), repetition, 1.0)
+        logits = torch.where(logits > 0, logits / repetition, logits * repetition)
+        return logits - frequency * counts - presence * (counts > 0)
+
+    def record(self, rows: torch.Tensor, tokens: torch.Tensor):
+        """Count each row's sampled token, on the device (row -1 adds 0 to the empty row)."""
+        self.counts.index_put_((rows, tokens), (rows >= 0).int(), accumulate=True)
+
+
 def sample(
     logits: torch.Tensor,
     temperatures: torch.Tensor,
-    top_ks: torch.Tensor | None,
-    top_ps: torch.Tensor | None,
     generators: list[torch.Generator | None],
     greedy: bool,
     want_logprobs: bool,
+    top_ks: torch.Tensor | None = None,
+    top_ps: torch.Tensor | None = None,
+    min_ps: torch.Tensor | None = None,
+    token_counts: TokenCounts | None = None,
+    rows: torch.Tensor | None = None,
+    penalties: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logits [B, V]; temperatures, top_ps float [B]; top_ks int [B] (0: off). -> tokens, logprobs.
-
-    top_ks / top_ps are None when no row uses them; the caller knows that on the host, so the
-    common case costs no sort and no device sync."""
-    logits = logits.float()
+    """logits [B, V]; temperatures, top_ps, min_ps float [B]; top_ks int [B] (0 or -1: off);
+    rows and penalties as in `TokenCounts.penalize`, which then records the sampled tokens.
+    -> tokens, logprobs. A feature's arguments are None when no row uses it (top_ks with top_ps,
+    token_counts with rows and penalties): the caller knows that on the host, so the common case
+    costs no sort, no penalty and no device sync."""
+    logits = raw = logits.float()
+    if penalties is not None:
+        logits = token_counts.penalize(logits, rows, penalties)
     tokens = logits.argmax(-1)
     if not greedy:
         scaled = logits / temperatures.clamp(min=1e-5).unsqueeze(1)
+        if min_ps is not None:  # p < min_p * max p, in logits (the softmax's normaliser cancels)
+            floor = scaled.max(-1, keepdim=True).values + min_ps.log().unsqueeze(1)
+            scaled = scaled.masked_fill(scaled < floor, float("-inf"))
         if top_ks is not None:
             scaled = _top_k_top_p(scaled, top_ks, top_ps)
         noise = torch.empty_like(scaled).exponential_()
@@ -36,9 +99,11 @@ def sample(
                 noise[i].exponential_(generator=gen)
         sampled = (scaled - noise.log()).argmax(-1)
         tokens = torch.where(temperatures == 0, tokens, sampled)
+    if penalties is not None:
+        token_counts.record(rows, tokens)
     logprobs = None
     if want_logprobs:
-        logprobs = logits.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+        logprobs = raw.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
     return tokens, logprobs
 
 
