@@ -54,6 +54,7 @@ class LLMEngine:
                 f"unknown config keys {sorted(unknown)}; allowed: {sorted(USER_CONFIG_KEYS)}"
             )
         self.config = Config(model, **config)
+        model = self.config.model  # a hub id is now its directory in the Hugging Face cache
         has_tokenizer = any(
             os.path.isfile(os.path.join(model, name))
             for name in ("tokenizer.json", "tokenizer_config.json")

@@ -1,7 +1,11 @@
-"""Loading a checkpoint: every parameter exactly once or a clear error."""
+"""Loading a checkpoint: every parameter exactly once or a clear error, architecture detection,
+and hub ids found in the local Hugging Face cache."""
 
+import json
 import os
 import re
+import shutil
+import time
 
 import pytest
 import torch
@@ -65,3 +69,40 @@ def test_tied_lm_head_in_the_checkpoint_is_skipped(tmp_path):
     tokens = greedy_tokens(model)
     save_file({"lm_head.weight": torch.zeros(256, 64)}, f"{model}/z.safetensors")  # read last
     assert greedy_tokens(model) == tokens
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_config_without_architectures_is_detected_from_model_type(tmp_path, arch):
+    model = make_tiny_model(arch, tmp_path)
+    tokens = greedy_tokens(model)
+    path = os.path.join(model, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    del config["architectures"]
+    with open(path, "w") as f:
+        json.dump(config, f)
+    assert greedy_tokens(model) == tokens
+
+
+def test_hub_id_loads_from_the_hugging_face_cache(tmp_path, monkeypatch):
+    model = make_tiny_model("qwen3", tmp_path / "model")
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--tiny" / "snapshots" / "0123abcd"
+    shutil.copytree(model, snapshot)
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    llm = LLM("org/tiny", **SMALL)
+    assert llm.config.model == str(snapshot)
+    assert greedy_tokens("org/tiny") == greedy_tokens(model)
+
+
+@pytest.mark.parametrize("name", ["org/not-cached", "not/a/repo/id"])
+def test_model_in_neither_place_raises_quickly(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(
+        ValueError, match=re.escape(f"not in the Hugging Face cache at {tmp_path};")
+    ):
+        LLM(name, **SMALL)
+    assert time.monotonic() - start < 5
