@@ -1,6 +1,6 @@
 """Engine configuration: every knob in one object, validated once.
 
-`LLM(model_dir, **config)` builds a `Config`; unknown keys are an error (a typo must not be
+`LLM(model, **config)` builds a `Config`; unknown keys are an error (a typo must not be
 silently ignored). Names follow nano-vllm so that scripts written against it read naturally.
 """
 
@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+# model_type -> architecture (qwen3 -> Qwen3ForCausalLM), for a config without `architectures`
+ARCHITECTURES = {t: f"{t.title()}ForCausalLM" for t in ("qwen3", "qwen2", "llama")}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
 LOAD_FORMATS = ("safetensors", "dummy")
 
 
@@ -55,17 +57,20 @@ class Config:
     hf_config: dict = field(default_factory=dict)  # the checkpoint's config.json (filled here)
 
     def __post_init__(self):
+        self.model = model_dir(self.model)  # from here on, the engine reads only this directory
         path = os.path.join(self.model, "config.json")
         if not os.path.isfile(path):
             raise ValueError(f"model: {self.model!r} is not a directory with a config.json")
         with open(path) as f:
-            self.hf_config = json.load(f)
-        archs = self.hf_config.get("architectures") or ["?"]
-        if archs[0] not in SUPPORTED_ARCHITECTURES:
+            self.hf_config = hf = json.load(f)
+        model_type = hf.get("model_type")
+        arch = (hf.get("architectures") or [ARCHITECTURES.get(model_type, f"of {model_type=}")])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
-                f"model: architecture {archs[0]} is not supported; "
+                f"model: architecture {arch} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        hf["architectures"] = [arch]  # the model reads the architecture here, always set
         _check_int("block_size", self.block_size, 1)
         _check_int("max_num_seqs", self.max_num_seqs, 1)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
@@ -103,7 +108,7 @@ class Config:
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        tp, hf = self.tensor_parallel_size, self.hf_config
+        tp = self.tensor_parallel_size
         gpus = torch.cuda.device_count() if self.device.startswith("cuda") else None
         _check_int("tensor_parallel_size", tp, 1, gpus)
         for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
@@ -113,6 +118,23 @@ class Config:
                     f"tensor_parallel_size={tp} must divide the model's {name}={size} "
                     "(KV heads are split over the ranks, not replicated)"
                 )
+
+
+def model_dir(model: str) -> str:
+    """`model` itself if it is a directory, else the snapshot of the Hugging Face hub id `model`
+    in the local cache ($HF_HUB_CACHE, read now). Never downloads: a load must not hang."""
+    if os.path.isdir(model):
+        return model
+    from huggingface_hub import constants, snapshot_download
+
+    cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+    try:
+        return snapshot_download(model, cache_dir=cache, local_files_only=True)
+    except (ValueError, OSError):  # not a valid repo id, or not cached
+        raise ValueError(
+            f"model: {model!r} is not a local directory and not in the Hugging Face cache at "
+            f"{cache}; download it with `huggingface-cli download {model}` or pass a directory"
+        ) from None
 
 
 def check_kv_budget(name: str, budget, block_size: int, window: int):

@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from nanozipage.context import get_context
@@ -282,11 +282,8 @@ class Decoder(nn.Module):
 
 class CausalLM(nn.Module):
     packed: ClassVar = {
-        "q_proj": ("qkv_proj", 0),
-        "k_proj": ("qkv_proj", 1),
-        "v_proj": ("qkv_proj", 2),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
+        "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+        "gate_up_proj": ("gate_proj", "up_proj"),
     }
 
     def __init__(self, hf: dict):
@@ -304,26 +301,38 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, path: str):
-        params = dict(self.named_parameters(remove_duplicate=False))
-        files = glob.glob(os.path.join(path, "*.safetensors"))
+        """Write every parameter exactly once (a packed one once per shard), or raise naming the
+        tensors missing, unexpected or repeated, or the unreadable file. A tied LM head is the
+        embedding: an `lm_head.weight` beside it is skipped, as vLLM does."""
+        params = dict(self.named_parameters())  # a tied LM head appears once, as the embedding
+        tied = "lm_head.weight" not in params
+        expected = {}  # checkpoint tensor -> (parameter, shard), removed when loaded
+        for target in params:
+            module = target.split(".")[-2]
+            for shard, part in enumerate(self.packed.get(module, [module])):
+                expected[target.replace(module, part)] = (target, shard)
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
             raise ValueError(f"model: no *.safetensors files in {path!r}")
         for file in files:
-            with safe_open(file, "pt", "cpu") as f:
-                for name in f.keys():  # noqa: SIM118 (a safetensors file is not iterable)
-                    if "rotary_emb" in name:
-                        continue
-                    target, shard = name, 0
-                    for part, (packed_name, packed_shard) in self.packed.items():
-                        if f".{part}." in name:
-                            target, shard = name.replace(part, packed_name), packed_shard
-                            break
-                    # A sharded layer reads its rank's rows or columns of the slice, no more.
-                    module = self.get_submodule(target.rpartition(".")[0])
-                    if hasattr(module, "weight_loader"):
-                        module.weight_loader(params[target], f.get_slice(name), shard)
-                    else:
-                        params[target].copy_(f.get_tensor(name))
+            try:
+                f = safe_open(file, "pt", "cpu")  # checks that the header covers the whole file
+            except (OSError, SafetensorError) as e:
+                raise ValueError(f"model: cannot read {file}: {e}") from e
+            for name in f.keys():  # noqa: SIM118 (a safetensors file is not iterable)
+                if "rotary_emb" in name or (name == "lm_head.weight" and tied):
+                    continue  # recomputed; the tied head is the embedding
+                if name not in expected:
+                    raise ValueError(f"model: {file} holds {name!r}, unexpected or loaded twice")
+                target, shard = expected.pop(name)
+                # A sharded layer reads its rank's rows or columns of the slice, no more.
+                module = self.get_submodule(target.rpartition(".")[0])
+                if hasattr(module, "weight_loader"):
+                    module.weight_loader(params[target], f.get_slice(name), shard)
+                else:
+                    params[target].copy_(f.get_tensor(name))
+        if expected:
+            raise ValueError(f"model: {path} lacks {len(expected)} tensors: {sorted(expected)[:4]}")
 
     @torch.no_grad()
     def init_dummy_weights(self, seed: int = 0):

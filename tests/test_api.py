@@ -83,8 +83,10 @@ def test_bad_config_raises(tmp_path, config, message):
 
 
 def test_missing_or_unsupported_model_dir_raises(tmp_path):
-    with pytest.raises(ValueError, match="config.json"):
+    with pytest.raises(ValueError, match="not a local directory"):
         LLM(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="config.json"):
+        LLM(str(tmp_path))
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
     with pytest.raises(ValueError, match="GPT2LMHeadModel is not supported"):
         LLM(str(tmp_path))
