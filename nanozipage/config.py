@@ -34,7 +34,7 @@ class Config:
     load_format: str = "safetensors"
     # Processes (GPUs) one model is split over (README "Several GPUs"); rank r uses cuda:r.
     tensor_parallel_size: int = 1
-    # Compressed PagedAttention (DESIGN.md section 2). kv_budget=None: the plain full-KV engine.
+    # Compressed PagedAttention (docs/DESIGN.md section 2); kv_budget=None: the full-KV engine.
     kv_budget: int | None = 2048  # tokens kept per (layer, KV head) after a compression
     window: int = 16  # observation window: the last queries before a block boundary
     decay: float = 0.8  # global score: max(score now, decay * score at the last compression)

@@ -25,7 +25,8 @@ def test_prefill_chunk_counts_causal_pairs_and_skips_the_lm_head_when_not_sampli
 
 
 def test_qwen3_0_6b_reads_its_published_kv_bytes_per_token():
-    # DESIGN.md: 114,688 bytes of K/V per token; a decode step of one request adds them once.
+    # 28 layers x (K, V) x 8 KV heads x 128 dims x 2 bytes = 114,688 bytes of K/V per token:
+    # one more token of context adds them once to a decode step's bytes.
     one, _ = step_cost(QWEN3_0_6B, 2, [(1, 1, True)])
     two, _ = step_cost(QWEN3_0_6B, 2, [(1, 2, True)])
     assert two - one == 114_688
