@@ -4,6 +4,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from helpers import make_tiny_model
 
 from nanozipage import LLM, SamplingParams
@@ -75,6 +76,7 @@ def test_request_larger_than_the_kv_pool_raises(tmp_path):
         ({"max_model_len": 10**9}, "max_model_len"),
         ({"dtype": "int8"}, "dtype"),
         ({"load_format": "pt"}, "load_format must be one of safetensors, dummy"),
+        *([({"device": "cuda"}, "no GPU")] if not torch.cuda.is_available() else []),
     ],
 )
 def test_bad_config_raises(tmp_path, config, message):
