@@ -104,6 +104,8 @@ class Config:
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(1)  # small CPU ops: more threads mostly wait for busy cores
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r}, but torch sees no GPU; use device='cpu'")
         tp, hf = self.tensor_parallel_size, self.hf_config
