@@ -1,7 +1,16 @@
-"""Benchmarks: `python bench.py [--task throughput|decode-step|compress-cost] [--workload nano|r1]
-[--mode full|zipage|both] [--kv-budget N[,N...]] [--sync-compression] [--model DIR |
---model-shape qwen3-0.6b|qwen3-8b] [--tensor-parallel-size N] [--decode-shapes BxC[,BxC...]]
-[--plot PNG]`.
+"""Benchmarks of the engine: `python bench.py [--task TASK] [--workload W] [options]`.
+Tasks (--task):
+  throughput (default)  output tok/s of a workload, full KV and zipage, next to the roofline
+  decode-step           one decode step of B requests with C cached tokens each, timed in parts
+  compress-cost         one compression's time, and the decode step it runs beside
+Workloads (--workload, for throughput):
+  nano (default)  nano-vllm's benchmark: 256 requests, prompts and outputs of 100-1024 tokens
+  r1              long reasoning: 32 requests, prompts of 128-512 tokens, outputs of 8192-16384,
+                  the KV pool capped at 256 blocks of 256 tokens
+The defaults are sized for a GPU (Qwen3-0.6B's shape, random weights). On a CPU they shrink to
+run in minutes: SmolLM2-135M's shape, kv_budget 128, and workloads in blocks of 16 tokens,
+nano as 16 requests of 6-64 tokens in and out, r1 as 8 requests with outputs of 256-512 tokens
+in a pool of 64 blocks (CPU_WORKLOADS); each option's help gives its CPU default.
 
 throughput (default) runs a workload in full-KV mode, in zipage mode (Compressed
 PagedAttention, once for each budget of --kv-budget), or both in one process, and reports for
@@ -10,22 +19,21 @@ to it the roofline: bound_tok_s, the output tok/s of a perfect engine running th
 on this device, and of_bound = tok/s / bound_tok_s; peak and mean number of requests per
 decode step, preemptions, compressions and their GPU time as a share of wall time (overlapped
 with decoding when asynchronous); and each budget's ratio to full KV.
-Workloads: nano (default): nano-vllm's published benchmark, 256 requests, prompt and output
-lengths uniform in [100, 1024]. r1: long reasoning, 32 requests, prompts in [128, 512], outputs
-in [8192, 16384], KV pool capped at 256 blocks of 256 tokens in both modes. Both use random
-token ids, temperature 0.6, ignore_eos, seed 0.
+Both workloads draw lengths uniformly and use random token ids, temperature 0.6 and ignore_eos;
+r1 caps the KV pool in both modes.
 decode-step: one engine decode step of B requests with C cached tokens each, for each BxC of
 --decode-shapes (default 1x512 and 28x2350, R1's steady state at budget 2048), full KV:
-wall_ms (median `llm.step()`, CUDA graphs), gpu_ms (the GPU time of its work), the host time
-not hidden behind it, bound_ms and of_bound = bound / wall, and eager_wall_ms for reference.
+wall_ms (median `llm.step()`, CUDA graphs), gpu_ms (cpu_ms on a CPU: the device time of its
+work), the host time not hidden behind it, bound_ms and of_bound = bound / wall, and
+eager_wall_ms for reference.
 compress-cost: GPU time of one compression of one request against one decode step of --batch
 requests, and that step's time after a synchronous or beside an asynchronous compression.
 Roofline: each step's bound is its bytes (weights, and the K/V of its batch) at the copy
 bandwidth or its FLOPs at the matmul rate, whichever takes longer (`step_cost`), both measured
 here at start (`device_rates`; times --tensor-parallel-size); off the GPU they are None.
-With no --model, --model-shape (default qwen3-0.6b) writes only the architecture's config.json
-to a cache folder and the engine makes random weights on the device (load_format="dummy"), so
-that the benchmark needs no download. Prints a table, then one JSON line.
+With no --model, --model-shape (default qwen3-0.6b; smollm2-135m on a CPU) writes only the
+architecture's config.json to a cache folder and the engine makes random weights on the device
+(load_format="dummy"), so that the benchmark needs no download. Prints a table, then one JSON line.
 """
 
 import argparse
@@ -37,6 +45,7 @@ import time
 from dataclasses import replace
 
 import torch
+from tqdm import tqdm
 
 from nanozipage import LLM, SamplingParams
 from nanozipage.sampler import sample
@@ -64,7 +73,13 @@ QWEN3_0_6B = {
 
 QWEN3_8B = {**QWEN3_0_6B, "hidden_size": 4096, "intermediate_size": 12288,
             "num_hidden_layers": 36, "num_attention_heads": 32, "tie_word_embeddings": False}  # fmt: skip
-MODEL_SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-8b": QWEN3_8B}
+SMOLLM2_135M = {**QWEN3_0_6B, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                "head_dim": 64, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+                "rope_theta": 100000.0, "eos_token_id": 2}  # fmt: skip
+MODEL_SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-8b": QWEN3_8B, "smollm2-135m": SMOLLM2_135M}
+ON_GPU = torch.cuda.is_available()
 
 
 def config_only_model(shape: str) -> str:
@@ -158,11 +173,17 @@ WORKLOADS = {
     "nano": (256, (100, 1024), (100, 1024), {}),  # nano-vllm's published benchmark
     "r1": (32, (128, 512), (8192, 16384), {"num_kvcache_blocks": 256, "block_size": 256}),
 }
+# Off the GPU, at 1/16 of the lengths and of kv_budget, in blocks of 16 tokens, with fewer
+# requests; r1's pool still holds kv_budget tokens per request, as on the GPU.
+CPU_WORKLOADS = {
+    "nano": (16, (6, 64), (6, 64), {"block_size": 16}),
+    "r1": (8, (8, 32), (256, 512), {"num_kvcache_blocks": 64, "block_size": 16}),
+}
 
 
 def workload(name: str, seed: int, vocab: int):
     """Random token-id prompts and per-request output lengths (ignore_eos), temperature 0.6."""
-    num_seqs, (p_lo, p_hi), (o_lo, o_hi), config = WORKLOADS[name]
+    num_seqs, (p_lo, p_hi), (o_lo, o_hi), config = (WORKLOADS if ON_GPU else CPU_WORKLOADS)[name]
     rng = random.Random(seed)
     prompts = [
         [rng.randrange(min(vocab, 10000)) for _ in range(rng.randint(p_lo, p_hi))]
@@ -175,7 +196,7 @@ def workload(name: str, seed: int, vocab: int):
     return prompts, params, config
 
 
-def run(llm: LLM, prompts, params, rates: tuple[float, float] | None) -> dict:
+def run(llm: LLM, prompts, params, rates: tuple[float, float] | None, label: str) -> dict:
     """Generate step by step. Compressions are timed on the stream they run on, with CUDA events
     read at the end, so that timing them does not make asynchronous compression synchronous.
     Each step's shape is recorded as it is launched, for the roofline (`bound_seconds`)."""
@@ -191,16 +212,19 @@ def run(llm: LLM, prompts, params, rates: tuple[float, float] | None) -> dict:
     steps = record_steps(runner)
     for prompt, p in zip(prompts, params):
         llm.add_request(prompt, p)
+    output_tokens = sum(p.max_tokens for p in params)
+    progress = tqdm(total=output_tokens, desc=label, unit="tok", mininterval=1, leave=False)
     timeline, start = [], time.perf_counter()
     while not llm.is_finished():
         _, num_tokens = llm.step()
         if num_tokens < 0:  # a decode step: its batch is the number of requests decoding
             timeline.append((time.perf_counter() - start, -num_tokens))
+            progress.update(-num_tokens)
     elapsed = time.perf_counter() - start
+    progress.close()
     del compressor.run
     del runner.run
     batches = [b for _, b in timeline]
-    output_tokens = sum(p.max_tokens for p in params)
     bound = sum(bound_seconds(llm, steps, rates)) if rates else None
     return {"output_tokens": output_tokens, "seconds": elapsed,
             "tok_per_s": output_tokens / elapsed,
@@ -253,7 +277,7 @@ def throughput(model: str, args) -> dict:
         llm.generate(prompts[:4], [replace(p, max_tokens=min(p.max_tokens, warm)) for p in params[:4]],
                      use_tqdm=False)  # fmt: skip
         llm.scheduler.num_preemptions = 0
-        results[mode] = run(llm, prompts, params, args.rates)
+        results[mode] = run(llm, prompts, params, args.rates, mode)
         results[mode]["kv_blocks"] = llm.model_runner.num_blocks
         results[mode]["query_slots"] = llm.model_runner.num_query_slots
         print(mode, {k: v for k, v in results[mode].items() if k != "timeline"}, flush=True)
@@ -371,12 +395,14 @@ def decode_step(model: str, args) -> dict:
         eager = median_seconds(llm.step, 16)
         runner.graphs = graphs
         assert len(llm.scheduler.running) == batch, "a request finished while being measured"
-        results[f"batch{batch}_context{context}"] = {
-            "wall_ms": 1000 * wall, "gpu_ms": 1000 * gpu,
+        name = f"batch{batch}_context{context}"
+        results[name] = {
+            "wall_ms": 1000 * wall, ("gpu_ms" if ON_GPU else "cpu_ms"): 1000 * gpu,
             "host_ms_not_hidden": 1000 * max(0.0, wall - gpu),
             "bound_ms": 1000 * bound if bound else None,
             "of_bound": bound / wall if bound else None, "eager_wall_ms": 1000 * eager,
         }  # fmt: skip
+        print(name, results[name], flush=True)
         del llm
         gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -386,18 +412,19 @@ def decode_step(model: str, args) -> dict:
 def compress_cost(model: str, args) -> dict:
     """What one compression costs, next to the decode step it competes with (R1's steady state).
 
-    A batch of `--batch` requests with kv_budget + 192 cached tokens each (2240 at budget 2048:
-    between the budget and the 2304 at which a request compresses) decodes, while one more
-    request holding N_max full blocks (2304 tokens) is compressed again and again (the first
-    of `--kv-budget`). The model runner is driven directly, so that nothing else
-    (scheduling, other compressions) lands in the figures. Reports the GPU time of one
+    A batch of `--batch` requests with kv_budget + 3/4 of a block cached tokens each (2240 at
+    budget 2048 in blocks of 256, between the budget and the 2304 at which a request
+    compresses; blocks of 16 on a CPU) decodes, while one more request holding N_max full
+    blocks (2304 tokens) is compressed again and again (the first of `--kv-budget`). The model
+    runner is driven directly, so that nothing else (scheduling, other compressions) lands in
+    the figures. Reports the GPU time of one
     compression (first and later: pooling runs only on the first), and the wall time of one
     decode step in the engine's overlapped rhythm: alone, with a synchronous compression before
     each step, and with an asynchronous compression launched on the side stream beside each
     step (the engine's default); `async_slowdown` is the last against the first.
     """
-    budget, b = args.kv_budget[0], 256
-    n_max, length = budget // b + 1, budget + b - 64
+    budget, b = args.kv_budget[0], 256 if ON_GPU else 16
+    n_max, length = budget // b + 1, budget + 3 * b // 4
     llm = LLM(model, **args.engine, kv_budget=budget, block_size=b, max_num_seqs=args.batch + 1,
               num_kvcache_blocks=(args.batch + 2) * n_max)  # fmt: skip
     runner, blocks = llm.model_runner, llm.scheduler.block_manager
@@ -454,45 +481,84 @@ def compress_cost(model: str, args) -> dict:
     return results
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--task", choices=["throughput", "decode-step", "compress-cost"], default="throughput"
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", help="checkpoint dir (default: --model-shape, random weights)")
+    tasks, modes = ["throughput", "decode-step", "compress-cost"], ["full", "zipage", "both"]
     parser.add_argument(
-        "--model-shape",
-        choices=list(MODEL_SHAPES),
-        help="architecture run with random weights (default qwen3-0.6b when no --model)",
+        "--task", choices=tasks, default="throughput", metavar="TASK", help="one of the tasks above"
     )
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model")
-    parser.add_argument("--workload", choices=list(WORKLOADS), default="nano")
-    parser.add_argument("--mode", choices=["full", "zipage", "both"], default="both")
+    parser.add_argument(
+        "--workload",
+        choices=list(WORKLOADS),
+        default="nano",
+        metavar="W",
+        help="throughput: one of the workloads above",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=modes,
+        default="both",
+        metavar="MODE",
+        help="throughput: full (KV), zipage (once per --kv-budget) or both (default)",
+    )
     parser.add_argument(
         "--kv-budget",
         type=lambda v: [int(x) for x in v.split(",")],
-        default=[2048],
-        help="tokens kept (zipage mode); a list runs each",
+        default=[2048] if ON_GPU else [128],
+        metavar="N[,N...]",
+        help="zipage: tokens kept, each in turn (default 2048; 128 on a CPU)",
     )
     parser.add_argument(
         "--sync-compression",
         action="store_true",
         help="compress before the decode step, on the same stream",
     )
-    parser.add_argument("--batch", type=int, default=28, help="compress-cost: requests decoding")
+    parser.add_argument(
+        "--model", metavar="DIR", help="checkpoint directory (default: random weights)"
+    )
+    parser.add_argument(
+        "--model-shape",
+        choices=list(MODEL_SHAPES),
+        metavar="SHAPE",
+        help="random weights of qwen3-0.6b (default), qwen3-8b or smollm2-135m (CPU default)",
+    )
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, metavar="N", help="GPUs per model"
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=28 if ON_GPU else 4,
+        metavar="B",
+        help="compress-cost: requests decoding (default 28; 4 on a CPU)",
+    )
     parser.add_argument(
         "--decode-shapes",
+        metavar="BxC[,BxC...]",
         type=lambda v: [tuple(int(x) for x in shape.split("x")) for shape in v.split(",")],
-        default=[(1, 512), (28, 2350)],
-        help="decode-step: BATCHxCONTEXT[,...] (default 1x512,28x2350)",
+        default=[(1, 512), (28, 2350)] if ON_GPU else [(1, 64), (4, 256)],
+        help="decode-step: batch x context (default 1x512,28x2350; 1x64,4x256 on a CPU)",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--plot", help="save a PNG of running requests over time (matplotlib)")
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="of the random prompts and lengths"
+    )
+    parser.add_argument(
+        "--enforce-eager", action="store_true", help="throughput: decode without CUDA graphs"
+    )
+    parser.add_argument(
+        "--plot", metavar="PNG", help="throughput: plot running requests over time (matplotlib)"
+    )
+    return parser
+
+
+def main():
+    parser = make_parser()
     args = parser.parse_args()
     if args.model and args.model_shape:
         parser.error("--model and --model-shape exclude each other")
-    shape = None if args.model else args.model_shape or "qwen3-0.6b"
+    shape = None if args.model else args.model_shape or ("qwen3-0.6b" if ON_GPU else "smollm2-135m")
     model = args.model or config_only_model(shape)
     # What every task passes to LLM beyond its own keys, and the device's roofline rates.
     args.engine = {"load_format": "dummy"} if shape else {}
@@ -510,12 +576,14 @@ def main():
         print("roofline: unavailable off the GPU, bound_tok_s, bound_ms and of_bound are None")
     tasks = {"throughput": throughput, "decode-step": decode_step, "compress-cost": compress_cost}
     result.update(tasks[args.task](model, args))
+    width = max(len(key) for key in result)
     for key, value in result.items():
         if isinstance(value, dict):  # one mode's figures
             value = {k: v for k, v in value.items() if k != "timeline"}
             value = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in value.items())  # fmt: skip
-        print(f"{key:>12} | {value:.3f}" if isinstance(value, float) else f"{key:>12} | {value}")
+        value = f"{value:.3f}" if isinstance(value, float) else value
+        print(f"{key:>{width}} | {value}")
     for value in result.values():
         if isinstance(value, dict):
             value.pop("timeline", None)

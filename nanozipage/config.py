@@ -36,7 +36,7 @@ class Config:
     load_format: str = "safetensors"
     # Processes (GPUs) one model is split over (README "Several GPUs"); rank r uses cuda:r.
     tensor_parallel_size: int = 1
-    # Compressed PagedAttention (DESIGN.md section 2). kv_budget=None: the plain full-KV engine.
+    # Compressed PagedAttention (docs/DESIGN.md section 2); kv_budget=None: the full-KV engine.
     kv_budget: int | None = 2048  # tokens kept per (layer, KV head) after a compression
     window: int = 16  # observation window: the last queries before a block boundary
     decay: float = 0.8  # global score: max(score now, decay * score at the last compression)
@@ -108,6 +108,10 @@ class Config:
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(1)  # small CPU ops: more threads mostly wait for busy cores
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r}, but torch sees no GPU; use device='cpu'")
         tp = self.tensor_parallel_size
         gpus = torch.cuda.device_count() if self.device.startswith("cuda") else None
         _check_int("tensor_parallel_size", tp, 1, gpus)

@@ -105,7 +105,7 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     def allocate_kv_cache(self):
-        """Size the KV pool, and with compression the query cache (DESIGN.md section 3): with
+        """Size the KV pool, and with compression the query cache (docs/DESIGN.md section 3): with
         spare memory m, block bytes m_kv (K, V and stored scores) and query bytes per slot m_q,
         M = m / (m_kv * N_max + m_q) query slots and m / (m_kv + m_q / N_max) blocks, so that
         the M slot holders can always reach their N_max blocks."""

@@ -42,7 +42,7 @@ def redundancy(state: CacheState, tau: float) -> torch.Tensor:
 
 
 def zipage(state: CacheState, config) -> tuple[torch.Tensor, torch.Tensor]:
-    """The paper's recipe (DESIGN.md section 2). Returns (score, score to store for next time)."""
+    """The paper's recipe (docs/DESIGN.md section 2): returns (score, score to store)."""
     score = window_attention(state)
     if not state.first:
         score = torch.maximum(score, config.decay * state.prev_scores)

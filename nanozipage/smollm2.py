@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import gguf
@@ -83,6 +84,7 @@ def smollm2_dir(cache_dir: str | None = None) -> str:
     if (target / "config.json").is_file():
         return str(target)
     source = gguf_path()
+    print(f"Converting {source.name} once, into {target} (about 30 s)", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Convert into a temporary sibling and rename it, so an interrupted run leaves no half model.
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")

@@ -1,6 +1,14 @@
 import importlib.util
+import os
 
 import pytest
+import torch
+
+# The tests' shapes are tiny: one thread is as fast as several, and on a shared machine torch's
+# default of one thread per core makes every op wait for the busiest core. The variable reaches
+# the child processes too (the Triton interpreter's, the tensor-parallel workers).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

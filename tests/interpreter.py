@@ -3,7 +3,8 @@
 Triton turns its interpreter on only if TRITON_INTERPRET=1 is set when it is first imported,
 and the engine's tests in the same pytest process need it off. So on the CPU, unless the
 variable is set, a kernel test file runs itself in a child process with it (`child_run`), and
-its kernel tests are skipped in the parent (`runs_kernels`).
+its kernel tests are skipped in the parent (`runs_kernels`): those are the many skips that
+`pytest` reports on the CPU.
 """
 
 import itertools
@@ -22,30 +23,37 @@ NEEDS_CHILD = not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1"
 runs_kernels = pytest.mark.skipif(NEEDS_CHILD, reason="runs in a child with TRITON_INTERPRET=1")
 
 
-def cases(*axes: list) -> list[tuple]:
-    """Parameter combinations for `pytest.mark.parametrize`: every one on the CPU, where the
-    interpreter runs them cheaply. On the GPU each combination compiles kernels of its own, so
-    there the first axis (the dtype) meets every value of each other axis, rotated so that the
-    values pair up differently for each dtype, rather than the whole product."""
-    if not ON_GPU:
-        return list(itertools.product(*axes))
+def cases(*axes: list) -> list:
+    """Parameter combinations for `pytest.mark.parametrize`: each value of the first axis (the
+    dtype, mostly) meets every value of each other axis, rotated so that the values pair up
+    differently for each first value. The rest of the full product is marked `exhaustive`: the
+    default run leaves it out (pyproject.toml), `pytest -m exhaustive` runs it. On the GPU each
+    combination compiles kernels of its own; on the CPU the interpreter is slow."""
     first, *rest = axes
     width = max(len(axis) for axis in rest)
-    return [
+    few = [
         (value, *(axis[(i + j) % len(axis)] for axis in rest))
         for i, value in enumerate(first)
         for j in range(width)
     ]
+    others = [case for case in itertools.product(*axes) if case not in few]
+    return few + [pytest.param(*case, marks=pytest.mark.exhaustive) for case in others]
 
 
 def child_run(path: str):
-    """A test that runs the test file at `path` under the interpreter, in a child process."""
+    """A test that runs the test file at `path` under the interpreter, in a child process: the
+    default cases, or with `-m exhaustive` the rest."""
 
     @pytest.mark.skipif(not NEEDS_CHILD, reason="the kernels run in this process")
-    def test_under_the_triton_interpreter():
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path]
+    @pytest.mark.parametrize(
+        "selection", ["not exhaustive", pytest.param("exhaustive", marks=pytest.mark.exhaustive)]
+    )
+    def test_under_the_triton_interpreter(selection):
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", selection]
         env = {**os.environ, "TRITON_INTERPRET": "1"}
-        child = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        child = subprocess.run(
+            [*command, path], env=env, capture_output=True, text=True, check=False
+        )
         assert child.returncode == 0, child.stdout[-5000:] + child.stderr[-2000:]
 
     return test_under_the_triton_interpreter

@@ -4,9 +4,11 @@ import os
 import shutil
 
 import pytest
+import torch
 from helpers import make_tiny_model
 
 from nanozipage import LLM, SamplingParams
+from nanozipage.config import Config
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +77,25 @@ def test_request_larger_than_the_kv_pool_raises(tmp_path):
         ({"max_model_len": 10**9}, "max_model_len"),
         ({"dtype": "int8"}, "dtype"),
         ({"load_format": "pt"}, "load_format must be one of safetensors, dummy"),
+        *([({"device": "cuda"}, "no GPU")] if not torch.cuda.is_available() else []),
     ],
 )
 def test_bad_config_raises(tmp_path, config, message):
     with pytest.raises(ValueError, match=message):
         LLM(make_tiny_model("qwen2", tmp_path), **config)
+
+
+def test_a_cpu_engine_takes_one_thread_unless_omp_num_threads_is_set(tmp_path, monkeypatch):
+    model, threads = make_tiny_model("llama", tmp_path), torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        Config(model, device="cpu")  # the tests' conftest.py sets the variable
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        Config(model, device="cpu")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_missing_or_unsupported_model_dir_raises(tmp_path):

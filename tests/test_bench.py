@@ -1,6 +1,6 @@
 """bench.py's roofline: the bytes and FLOPs a perfect engine needs for a step, by hand."""
 
-from bench import QWEN3_0_6B, step_cost
+from bench import CPU_WORKLOADS, QWEN3_0_6B, WORKLOADS, make_parser, step_cost
 
 # hidden 4, one layer, 2 query heads of dim 2, 1 KV head, MLP 8, vocab 10. Matmul weights of the
 # layer: q 4x4, k 4x2, v 4x2, o 4x4, gate/up/down 4x8 each = 16+8+8+16+96 = 144; lm_head 40.
@@ -25,7 +25,23 @@ def test_prefill_chunk_counts_causal_pairs_and_skips_the_lm_head_when_not_sampli
 
 
 def test_qwen3_0_6b_reads_its_published_kv_bytes_per_token():
-    # DESIGN.md: 114,688 bytes of K/V per token; a decode step of one request adds them once.
+    # 28 layers x (K, V) x 8 KV heads x 128 dims x 2 bytes = 114,688 bytes of K/V per token:
+    # one more token of context adds them once to a decode step's bytes.
     one, _ = step_cost(QWEN3_0_6B, 2, [(1, 1, True)])
     two, _ = step_cost(QWEN3_0_6B, 2, [(1, 2, True)])
     assert two - one == 114_688
+
+
+def test_help_names_every_task_and_workload_and_explains_every_option():
+    parser = make_parser()
+    text = parser.format_help()
+    for name in ["throughput", "decode-step", "compress-cost", *WORKLOADS]:
+        assert f"\n  {name} " in text  # a line of the description's lists
+    assert all(action.help for action in parser._actions)
+
+
+def test_cpu_workloads_mirror_the_gpu_ones_and_fit_their_pool():
+    for name, (_, (_, prompt), (_, output), config) in CPU_WORKLOADS.items():
+        assert name in WORKLOADS and config["block_size"] == 16
+        pool = config.get("num_kvcache_blocks", 1 << 20) * config["block_size"]
+        assert prompt + output <= pool

