@@ -82,7 +82,7 @@ class ModelRunner:
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         with torch.device(self.device):
-            self.model = CausalLM(hf)
+            self.model = CausalLM(hf, rank, config.tensor_parallel_size)
         torch.set_default_dtype(default_dtype)
         if config.load_format == "dummy":
             self.model.init_dummy_weights()

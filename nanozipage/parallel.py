@@ -31,11 +31,6 @@ from nanozipage.config import Config
 TIMEOUT = timedelta(minutes=5)
 
 
-def rank_and_size() -> tuple[int, int]:
-    """This process's rank and the number of ranks; (0, 1) without tensor parallelism."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 def _init_group(config: Config, rank: int, port: int):
     if config.device.startswith("cuda"):
         torch.cuda.set_device(rank)
