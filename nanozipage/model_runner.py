@@ -73,8 +73,10 @@ class ModelRunner:
         tp = config.tensor_parallel_size > 1
         if tp and self.use_cuda:
             self.device = torch.device("cuda", rank)
-        # Rank 0 starts the other ranks (and joins the process group) before building its shard.
-        self.workers = Workers(config) if tp and rank == 0 else None
+        self.graphs = {}  # decode batch size -> CUDA graph (capture_cudagraphs)
+        # Rank 0 starts the other ranks (and joins the process group) before building its shard;
+        # each builds its own ModelRunner.
+        self.workers = Workers(config, ModelRunner, self.graphs) if tp and rank == 0 else None
         dtype_name = config.dtype or (
             hf.get("dtype") or hf.get("torch_dtype") or "bfloat16" if self.use_cuda else "float32"
         )
@@ -99,9 +101,10 @@ class ModelRunner:
         if self.use_cuda:
             self.warmup()
         self.allocate_kv_cache()
-        self.graphs = {}
         if self.use_cuda and not config.enforce_eager:
             self.capture_cudagraphs()
+        if self.workers:
+            self.workers.expect("ready")
 
     def _tensor(self, data, dtype=torch.int32) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, pin_memory=self.use_cuda).to(
@@ -139,7 +142,7 @@ class ModelRunner:
             seq.block_table = [0] * -(-len(seq) // self.block_size)
             seqs.append(seq)
         self.execute(self.prepare_prefill(seqs))  # on every rank at once: no plan to forward
-        torch.cuda.synchronize()
+        self.workers.wait_on_gpu() if self.workers else torch.cuda.synchronize()
 
     def allocate_kv_cache(self):
         """Size the KV pool, and with compression the query cache (DESIGN.md section 3): with

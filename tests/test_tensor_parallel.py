@@ -22,6 +22,8 @@ import torch.distributed as dist
 from helpers import ARCHS, make_tiny_model
 
 from nanozipage import LLM, SamplingParams
+from nanozipage.config import Config
+from nanozipage.parallel import Workers
 
 ON_GPU = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(
@@ -48,8 +50,10 @@ def test_two_ranks_match_one(model_dir, kv_budget):
     hold, whose kept indices test_compression.py checks against the dense reference."""
     config = {"block_size": 16, "kv_budget": kv_budget, "window": 4,
               "max_num_batched_tokens": 64, "num_kvcache_blocks": 16}  # fmt: skip
-    # The single-rank engine first: a model built while a process group exists is sharded.
-    engines = [LLM(model_dir, **config), LLM(model_dir, tensor_parallel_size=2, **config)]
+    # The tensor-parallel engine first: a model built while its process group exists must not
+    # be sharded (each engine tells its model its rank and number of ranks).
+    tensor_parallel = LLM(model_dir, tensor_parallel_size=2, **config)
+    engines = [LLM(model_dir, **config), tensor_parallel]
     rng = random.Random(0)
     shared = [rng.randrange(256) for _ in range(40)]
     prompts = [shared + [rng.randrange(256) for _ in range(n)] for n in (3, 30, 70, 9, 20)]
@@ -161,3 +165,64 @@ def test_program_end_ends_the_worker(tmp_path, how):
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{pid}")
     assert shared_memory_segments() <= shm
+
+
+def test_two_engines_in_turn_in_one_process(tmp_path):
+    """A closed engine leaves nothing behind that stops the next one; while one is open, a
+    second is refused before it starts a process."""
+    model, outputs = make_tiny_model("llama", tmp_path), []
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    for _ in range(2):
+        with LLM(model, tensor_parallel_size=2, kv_budget=None, num_kvcache_blocks=8) as llm:
+            outputs.append(llm.generate([[1, 2, 3]], params, use_tqdm=False)[0]["token_ids"])
+            with pytest.raises(RuntimeError, match="another tensor-parallel LLM is open"):
+                LLM(model, tensor_parallel_size=2, kv_budget=None, num_kvcache_blocks=8)
+        assert llm.model_runner.workers.processes[0].exitcode == 0 and not dist.is_initialized()
+    assert outputs[0] == outputs[1]
+
+
+class FailingRunner:
+    """A model runner whose construction fails in the worker (the worker imports this module)."""
+
+    def __init__(self, config: Config, rank: int):
+        raise ZeroDivisionError("the worker fails as it starts")
+
+
+def test_a_worker_failing_at_start_raises_its_own_error_at_once(tmp_path):
+    config = Config(make_tiny_model("llama", tmp_path), tensor_parallel_size=2)
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="ZeroDivisionError: the worker fails as it starts"):
+        Workers(config, FailingRunner, {}).expect("ready")
+    assert time.perf_counter() - start < 30
+    assert not multiprocessing.active_children() and not dist.is_initialized()
+
+
+UNGUARDED_PROGRAM = """
+import sys
+from nanozipage import LLM
+llm = LLM(sys.argv[1], tensor_parallel_size=2, kv_budget=None, num_kvcache_blocks=8)
+"""
+
+
+def test_a_script_without_the_main_guard_is_told_so_at_once(tmp_path):
+    """Every worker re-runs the script that made the LLM (multiprocessing's spawn): without the
+    guard, it would start workers of its own. The caller raises, naming the guard."""
+    model = make_tiny_model("qwen3", tmp_path / "model")
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_PROGRAM)
+    mark = f"NANOZIPAGE_TEST_{os.getpid()}"
+    env = {**os.environ, "PYTHONPATH": REPO, mark: "1"}  # inherited by every process it starts
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, str(script), model], env=env, capture_output=True,
+                         text=True, timeout=60, check=False)  # fmt: skip
+    assert time.perf_counter() - start < 30
+    assert run.returncode == 1 and 'outside `if __name__ == "__main__":`' in run.stderr
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and has_variable(pid, mark)]
+
+
+def has_variable(pid: str, name: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"{name}=".encode() in f.read()
+    except OSError:  # ended meanwhile, or not ours
+        return False
