@@ -300,6 +300,7 @@ class ModelRunner:
             self.pending_tokens = torch.empty(num_sampled, dtype=torch.long, device=self.device)
             dist.broadcast(self.pending_tokens, 0)
 
+    @torch.inference_mode()
     def execute(self, plan: StepPlan, pending: torch.Tensor | None = None) -> torch.Tensor | None:
         """Every rank: the forward pass of one step; returns the logits of the rows that sample
         (None when none does, and on every rank but 0). A PENDING input id is read from

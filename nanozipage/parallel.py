@@ -18,12 +18,11 @@ This module imports neither model nor runner: the runner passes its class, calle
 
 import multiprocessing as mp
 import multiprocessing.connection
+import multiprocessing.util
 import os
 import pickle
 import sys
-import threading
 import traceback
-import warnings
 import weakref
 from datetime import timedelta
 
@@ -71,6 +70,7 @@ def _worker(config: Config, target: type, rank: int, port: int, conn):
             method, args = pickle.loads(conn.recv_bytes())
             getattr(runner, method)(*args)
     except EOFError:  # rank 0 is done with this LLM
+        mp.util._run_finalizers(0)  # unlinks the named semaphores this process made
         os._exit(0)  # skips the interpreter's teardown: seconds with torch loaded, nothing to save
     except BaseException:
         conn.send(traceback.format_exc())
@@ -161,17 +161,12 @@ def _receive(conn):
 def _shut_down(conns, processes, graphs: dict):
     for conn in conns:
         conn.close()  # a worker waiting for its next call sees EOF and exits
-    # Abort, not destroy: destroying NCCL's communicator waits for every rank, aborting also
-    # ends a collective left waiting on a dead one. Either waits until no live CUDA graph holds
-    # the communicator, hence a thread, while the graphs are freed here.
-    abort = threading.Thread(target=dist.distributed_c10d._abort_process_group, daemon=True)
-    if dist.is_initialized():
-        abort.start()
+    # The graphs first: NCCL frees no communicator while a live CUDA graph holds it (it waits
+    # forever); one still running is freed when it ends. Then abort, not destroy: destroying
+    # waits for every rank, aborting also ends a collective left waiting on a dead one.
     graphs.clear()
-    if abort.is_alive():
-        abort.join(timeout=60)
-    if abort.is_alive():
-        warnings.warn("the process group did not end in 60 s: is a CUDA graph of it still held?")
+    if dist.is_initialized():
+        dist.distributed_c10d._abort_process_group()
     for process in processes:
         process.join(timeout=5)
         if process.exitcode is None:  # stuck in a collective that rank 0 left: no use waiting
