@@ -48,6 +48,7 @@ import torch
 from tqdm import tqdm
 
 from nanozipage import LLM, SamplingParams
+from nanozipage.model_runner import ModelRunner
 from nanozipage.sampler import sample
 from nanozipage.sequence import Sequence
 
@@ -340,6 +341,8 @@ def decode_gpu_seconds(llm: LLM, repeat: int = 20) -> float:
         temperatures = runner._tensor(temperatures, torch.float32)
 
         def step():  # what `runner.run` does on the GPU for requests without top-k/p or seeds
+            if runner.workers:  # every rank's forward pass, or rank 0's collectives wait forever
+                runner.workers.call(ModelRunner.execute, plan)
             logits = runner.execute(plan, pending)
             sample(logits, temperatures, None, None, [None] * len(seqs), False, False)
 

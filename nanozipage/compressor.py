@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanozipage.context import to_device
 from nanozipage.kernels import compact
 from nanozipage.policy import POLICIES, CacheState, select
 from nanozipage.sequence import Sequence
@@ -35,10 +36,11 @@ def _on_worker(runner, method: str, *args):
 
 
 class Compressor:
-    def __init__(self, runner, workers=None):
-        """`runner` owns the tensors: the KV pool, the stored scores and the window queries."""
-        self.runner, self.config, self.workers = runner, runner.config, workers
-        self.stream = torch.cuda.Stream() if runner.use_cuda else None
+    def __init__(self, config, kv_cache, score_cache, q_cache, workers=None):
+        """The model runner's KV pool, stored scores and window queries (`allocate_kv_cache`)."""
+        self.config, self.workers = config, workers
+        self.kv_cache, self.score_cache, self.q_cache = kv_cache, score_cache, q_cache
+        self.stream = torch.cuda.Stream() if kv_cache.is_cuda else None
         self.under_way = []  # (event or None, jobs) of the compactions launched, in order
 
     def plan(self, jobs: list[tuple[Sequence, list[int]]]) -> list[Compaction]:
@@ -101,23 +103,23 @@ class Compressor:
     @torch.inference_mode()
     def run(self, plans: list[Compaction]):
         """Score, select and compact, a group of layers at a time (bounds temporary memory)."""
-        config, runner, b = self.config, self.runner, self.config.block_size
-        policy, num_layers = POLICIES[config.policy], runner.kv_cache.shape[1]
+        config, b, device = self.config, self.config.block_size, self.kv_cache.device
+        policy, num_layers = POLICIES[config.policy], self.kv_cache.shape[1]
         for plan in plans:
             keep = len(plan.new_table) * b
-            old, new = runner.tensor(plan.old_table), runner.tensor(plan.new_table)
+            old, new = to_device(plan.old_table, device), to_device(plan.new_table, device)
             window_rows = slice(
                 plan.query_slot * config.window, (plan.query_slot + 1) * config.window
             )
             for start in range(0, num_layers, config.compress_layers):
                 layers = slice(start, min(start + config.compress_layers, num_layers))
-                k_cache, v_cache = runner.kv_cache[0, layers], runner.kv_cache[1, layers]
-                score_cache = runner.score_cache[layers]
+                k_cache, v_cache = self.kv_cache[0, layers], self.kv_cache[1, layers]
+                score_cache = self.score_cache[layers]
                 # The request's keys and stored scores, dense: [layers, kvh, T, ...]
                 keys = k_cache[:, old].transpose(1, 2).flatten(2, 3)
                 prev = score_cache[:, old].transpose(1, 2).flatten(2)
                 prev[..., 0 if plan.first else keep :] = 0  # newer tokens were never scored
-                state = CacheState(keys, runner.q_cache[layers, window_rows], prev, plan.first, b)
+                state = CacheState(keys, self.q_cache[layers, window_rows], prev, plan.first, b)
                 score, stored = policy(state, config)
                 kept = select(score, keep, config.window, config.num_sinks)  # [L, kvh, keep]
                 compact(k_cache, old, new, kept)

@@ -35,6 +35,12 @@ def reset_context():
     set_context()
 
 
+def to_device(data: list, device: torch.device, dtype=torch.int32) -> torch.Tensor:
+    """A host list on the device, copied without waiting for the work queued there."""
+    pinned = torch.tensor(data, dtype=dtype, pin_memory=device.type == "cuda")
+    return pinned.to(device, non_blocking=True)
+
+
 @dataclass(slots=True)
 class StepPlan:
     """One step as flat host lists, from which each rank builds its Context on its own device:

@@ -216,6 +216,18 @@ class LLMEngine:
             output["logprobs"] = seq.logprobs
         return output
 
+    def close(self):
+        """End a tensor-parallel engine's workers and process group now rather than when it is
+        collected (or the program exits): another can then start. Idempotent."""
+        if self.model_runner.workers:
+            self.model_runner.workers.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
     def is_finished(self) -> bool:
         return self.scheduler.is_finished() and not self.in_flight and not self.unclaimed
 

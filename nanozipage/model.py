@@ -6,9 +6,10 @@ plain PyTorch. Weights load from the checkpoint's safetensors through the `weigh
 each sharded layer, which also packs q/k/v into one matrix and gate/up into another; with
 `load_format="dummy"` they are seeded random values instead (benchmarks of an architecture).
 
-Tensor parallelism (`parallel.py`) splits every layer the usual way: q/k/v and gate/up by output
-rows (column-parallel, whole heads per rank), o_proj and down_proj by input columns (row-parallel,
-one all-reduce each), embedding and LM head by vocabulary. With one rank they are plain linears.
+Tensor parallelism splits every layer the usual way: q/k/v and gate/up by output rows
+(column-parallel, whole heads per rank), o_proj and down_proj by input columns (row-parallel, one
+all-reduce each), embedding and LM head by vocabulary. Each layer is told its `rank` of `ranks`
+(the process group is `parallel.py`'s); with one rank they are plain linears.
 """
 
 import functools
@@ -25,7 +26,6 @@ from torch import nn
 
 from nanozipage.context import get_context
 from nanozipage.kernels import decode_attention, prefill_attention, rope_store_kv
-from nanozipage.parallel import rank_and_size
 
 
 def fused_on_gpu(fn):
@@ -101,9 +101,9 @@ class ColumnParallelLinear(nn.Module):
     no communication. W stacks checkpoint matrices (q|k|v, gate|up), each split evenly, so that
     a rank holds its share of each: its heads of q, k and v, its features of gate and up."""
 
-    def __init__(self, in_features: int, shards: list[int], bias: bool):
+    def __init__(self, in_features: int, shards: list[int], bias: bool, rank: int, ranks: int):
         super().__init__()
-        self.rank, ranks = rank_and_size()
+        self.rank = rank
         self.sizes = [size // ranks for size in shards]
         self.weight = nn.Parameter(torch.empty(sum(self.sizes), in_features))
         self.bias = nn.Parameter(torch.empty(sum(self.sizes))) if bias else None
@@ -121,9 +121,9 @@ class RowParallelLinear(nn.Module):
     """y = x W^T + b with W's columns split over the ranks: each rank multiplies the slice of x
     it computed (its heads, its MLP features), and one all-reduce sums the partial products."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool):
+    def __init__(self, in_features: int, out_features: int, bias: bool, rank: int, ranks: int):
         super().__init__()
-        self.rank, self.ranks = rank_and_size()
+        self.rank, self.ranks = rank, ranks
         self.weight = nn.Parameter(torch.empty(out_features, in_features // self.ranks))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
@@ -146,9 +146,9 @@ class VocabParallelEmbedding(nn.Module):
     holds, zeros for the others, and one all-reduce assembles the vectors. The last rank's
     share is padded with zero rows when the ranks do not divide the vocabulary."""
 
-    def __init__(self, vocab_size: int, hidden_size: int):
+    def __init__(self, vocab_size: int, hidden_size: int, rank: int, ranks: int):
         super().__init__()
-        self.rank, self.ranks = rank_and_size()
+        self.rank, self.ranks = rank, ranks
         self.vocab_size, self.rows = vocab_size, -(-vocab_size // self.ranks)
         self.start = self.rank * self.rows
         self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size))
@@ -181,7 +181,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 
 class Attention(nn.Module):
-    def __init__(self, hf: dict, rotary: Rotary):
+    def __init__(self, hf: dict, rotary: Rotary, rank: int, ranks: int):
         super().__init__()
         hidden, num_heads = hf["hidden_size"], hf["num_attention_heads"]
         num_kv_heads = hf.get("num_key_value_heads", num_heads)
@@ -189,13 +189,11 @@ class Attention(nn.Module):
         q_size, kv_size = num_heads * self.head_dim, num_kv_heads * self.head_dim
         qwen2 = hf["architectures"][0] == "Qwen2ForCausalLM"
         bias = qwen2 or hf.get("attention_bias", False)
-        self.qkv_proj = ColumnParallelLinear(hidden, [q_size, kv_size, kv_size], bias)
-        self.o_proj = RowParallelLinear(
-            q_size, hidden, bias=hf.get("attention_bias", False) and not qwen2
-        )
+        self.qkv_proj = ColumnParallelLinear(hidden, [q_size, kv_size, kv_size], bias, rank, ranks)
+        o_bias = hf.get("attention_bias", False) and not qwen2
+        self.o_proj = RowParallelLinear(q_size, hidden, o_bias, rank, ranks)
         self.eps = hf["rms_norm_eps"]
         # This rank's heads: a GQA group never spans two ranks (the config checks divisibility).
-        ranks = rank_and_size()[1]
         self.num_heads, self.num_kv_heads = num_heads // ranks, num_kv_heads // ranks
         self.qk_norm = hf["architectures"][0] == "Qwen3ForCausalLM"
         if self.qk_norm:
@@ -233,21 +231,21 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hf: dict):
+    def __init__(self, hf: dict, rank: int, ranks: int):
         super().__init__()
-        inter = hf["intermediate_size"]
-        self.gate_up_proj = ColumnParallelLinear(hf["hidden_size"], [inter, inter], bias=False)
-        self.down_proj = RowParallelLinear(inter, hf["hidden_size"], bias=False)
+        inter, hidden = hf["intermediate_size"], hf["hidden_size"]
+        self.gate_up_proj = ColumnParallelLinear(hidden, [inter, inter], False, rank, ranks)
+        self.down_proj = RowParallelLinear(inter, hidden, False, rank, ranks)
 
     def forward(self, x):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hf: dict, rotary: Rotary):
+    def __init__(self, hf: dict, rotary: Rotary, rank: int, ranks: int):
         super().__init__()
-        self.self_attn = Attention(hf, rotary)
-        self.mlp = MLP(hf)
+        self.self_attn = Attention(hf, rotary, rank, ranks)
+        self.mlp = MLP(hf, rank, ranks)
         self.input_layernorm = RMSNorm(hf["hidden_size"], hf["rms_norm_eps"])
         self.post_attention_layernorm = RMSNorm(hf["hidden_size"], hf["rms_norm_eps"])
 
@@ -263,13 +261,13 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, hf: dict):
+    def __init__(self, hf: dict, rank: int, ranks: int):
         super().__init__()
         head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
         rotary = Rotary(hf, head_dim, hf.get("max_position_embeddings", 32768))
-        self.embed_tokens = VocabParallelEmbedding(hf["vocab_size"], hf["hidden_size"])
+        self.embed_tokens = VocabParallelEmbedding(hf["vocab_size"], hf["hidden_size"], rank, ranks)
         self.layers = nn.ModuleList(
-            DecoderLayer(hf, rotary) for _ in range(hf["num_hidden_layers"])
+            DecoderLayer(hf, rotary, rank, ranks) for _ in range(hf["num_hidden_layers"])
         )
         self.norm = RMSNorm(hf["hidden_size"], hf["rms_norm_eps"])
 
@@ -286,10 +284,11 @@ class CausalLM(nn.Module):
         "gate_up_proj": ("gate_proj", "up_proj"),
     }
 
-    def __init__(self, hf: dict):
+    def __init__(self, hf: dict, rank: int = 0, ranks: int = 1):
+        """This rank's shard of the model (`rank` of `ranks`): the whole model by default."""
         super().__init__()
-        self.model = Decoder(hf)
-        self.lm_head = ParallelLMHead(hf["vocab_size"], hf["hidden_size"])
+        self.model = Decoder(hf, rank, ranks)
+        self.lm_head = ParallelLMHead(hf["vocab_size"], hf["hidden_size"], rank, ranks)
         if hf.get("tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -16,13 +16,13 @@ import torch.distributed as dist
 
 from nanozipage.compressor import Compressor
 from nanozipage.config import Config
-from nanozipage.context import StepPlan, get_context, reset_context, set_context
+from nanozipage.context import StepPlan, get_context, reset_context, set_context, to_device
 from nanozipage.model import CausalLM
 from nanozipage.overlap import Samples, pending_rows
 from nanozipage.parallel import Workers
-from nanozipage.sampler import sample
+from nanozipage.sampler import TokenCounts, sample
 from nanozipage.sampling_params import SamplingParams
-from nanozipage.sequence import Sequence
+from nanozipage.sequence import PENDING, Sequence
 
 CPU_KV_CACHE_BYTES = 1 << 30  # with no GPU to size from, give the KV pool 1 GiB by default
 _GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -38,8 +38,10 @@ class ModelRunner:
         tp = config.tensor_parallel_size > 1
         if tp and self.use_cuda:
             self.device = torch.device("cuda", rank)
-        # Rank 0 starts the other ranks (and joins the process group) before building its shard.
-        self.workers = Workers(config) if tp and rank == 0 else None
+        self.graphs = {}  # decode batch size -> CUDA graph (capture_cudagraphs)
+        # Rank 0 starts the other ranks (and joins the process group) before building its shard;
+        # each builds its own ModelRunner.
+        self.workers = Workers(config, ModelRunner, self.graphs) if tp and rank == 0 else None
         dtype_name = config.dtype or (
             hf.get("dtype") or hf.get("torch_dtype") or "bfloat16" if self.use_cuda else "float32"
         )
@@ -47,7 +49,7 @@ class ModelRunner:
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         with torch.device(self.device):
-            self.model = CausalLM(hf)
+            self.model = CausalLM(hf, rank, config.tensor_parallel_size)
         torch.set_default_dtype(default_dtype)
         if config.load_format == "dummy":
             self.model.init_dummy_weights()
@@ -59,18 +61,21 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.q_cache = self.score_cache = None
         self.pending_tokens = None  # ranks 1..N-1: the last step's samples, broadcast by rank 0
-        self.compressor = Compressor(self, self.workers)
+        self.token_counts = TokenCounts(hf["vocab_size"], self.device)  # rows for penalties
+        self.count_rows: dict[Sequence, int] = {}
         if self.use_cuda:
             self.warmup()
         self.allocate_kv_cache()
-        self.graphs = {}
+        self.compressor = Compressor(
+            config, self.kv_cache, self.score_cache, self.q_cache, self.workers
+        )
         if self.use_cuda and not config.enforce_eager:
             self.capture_cudagraphs()
+        if self.workers:
+            self.workers.expect("ready")
 
     def tensor(self, data, dtype=torch.int32) -> torch.Tensor:
-        return torch.tensor(data, dtype=dtype, pin_memory=self.use_cuda).to(
-            self.device, non_blocking=True
-        )
+        return to_device(data, self.device, dtype)
 
     def _set_kv_cache(self, kv_cache: torch.Tensor):
         for i, layer in enumerate(self.model.model.layers):
@@ -102,7 +107,7 @@ class ModelRunner:
             seq.block_table = [0] * seq.num_blocks
             seqs.append(seq)
         self.execute(self.prepare_prefill(seqs))  # on every rank at once: no plan to forward
-        torch.cuda.synchronize()
+        self.workers.wait_on_gpu() if self.workers else torch.cuda.synchronize()
 
     def allocate_kv_cache(self):
         """Size the KV pool, and with compression the query cache (docs/DESIGN.md section 3): with
@@ -237,18 +242,21 @@ class ModelRunner:
             self.workers.call(ModelRunner.step, plan)
         try:
             logits = self.execute(plan, pending)
+            if not seqs:
+                return None
+            error, tokens = None, torch.zeros(len(seqs), dtype=torch.long, device=self.device)
+            try:
+                tokens, logprobs = self.sample(seqs, logits)
+            except BaseException as e:  # noqa: BLE001 (the other ranks wait for the samples)
+                error = e
+            if self.workers:
+                dist.broadcast(tokens, 0)
         except BaseException:
             if self.workers:  # the other ranks are left mid-step: end them, not desynchronise
                 self.workers.close()
             raise
-        if not seqs:
-            return None
-        tokens = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
-        try:
-            tokens, logprobs = self.sample(seqs, logits)
-        finally:  # the other ranks wait for the samples: send them, zeros after a failure
-            if self.workers:
-                dist.broadcast(tokens, 0)
+        if error:
+            raise error
         return Samples(tokens, logprobs, self.workers if self.use_cuda else None)
 
     @torch.inference_mode()
@@ -262,6 +270,7 @@ class ModelRunner:
             self.pending_tokens = torch.empty(num_sampled, dtype=torch.long, device=self.device)
             dist.broadcast(self.pending_tokens, 0)
 
+    @torch.inference_mode()
     def execute(self, plan: StepPlan, pending: torch.Tensor | None = None) -> torch.Tensor | None:
         """Every rank: the forward pass of one step; returns the logits of the rows that sample
         (None when none does, and on every rank but 0). A PENDING input id is read from
@@ -308,22 +317,46 @@ class ModelRunner:
         return buf["hidden"][:bs]
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor):
-        """Rank 0: the sampled token ids and their logprobs (or None), on the device."""
+        """Rank 0: the sampled token ids and their logprobs (or None), on the device. Each
+        feature's tensors are made only when a request of the batch uses it."""
         params = [seq.sampling_params for seq in seqs]
         for seq in seqs:
             if seq.seed is not None and seq.generator is None:
                 seq.generator = torch.Generator(self.device).manual_seed(seq.seed)
-        filtered = any(p.top_k > 0 or p.top_p < 1 for p in params)
-        tokens, logprobs = sample(
+        extra, f32 = {}, torch.float32
+        if any(p.top_k > 0 or p.top_p < 1 for p in params):
+            extra["top_ks"] = self.tensor([p.top_k for p in params])
+            extra["top_ps"] = self.tensor([p.top_p for p in params], f32)
+        if any(p.min_p > 0 for p in params):
+            extra["min_ps"] = self.tensor([p.min_p for p in params], f32)
+        penalties = [
+            (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) for p in params
+        ]
+        if any(penalty != (1, 0, 0) for penalty in penalties):
+            for done in [s for s in self.count_rows if s.is_finished]:
+                self.token_counts.free_row(self.count_rows.pop(done))
+            rows = [
+                self._count_row(seq) if x != (1, 0, 0) else -1 for seq, x in zip(seqs, penalties)
+            ]
+            extra.update(token_counts=self.token_counts, rows=self.tensor(rows, torch.long),
+                         penalties=self.tensor(penalties, f32))  # fmt: skip
+        return sample(
             logits,
-            temperatures=self.tensor([p.temperature for p in params], torch.float32),
-            top_ks=self.tensor([p.top_k for p in params]) if filtered else None,
-            top_ps=self.tensor([p.top_p for p in params], torch.float32) if filtered else None,
+            temperatures=self.tensor([p.temperature for p in params], f32),
             generators=[seq.generator for seq in seqs],
             greedy=all(p.temperature == 0 for p in params),
             want_logprobs=any(p.logprobs for p in params),
+            **extra,
         )
-        return tokens, logprobs
+
+    def _count_row(self, seq: Sequence) -> int:
+        """seq's row of token counts for its penalties, made at its first sample and kept across
+        preemption (those of finished requests are handed back in `sample`)."""
+        if seq not in self.count_rows:
+            prompt, output = seq.token_ids[: seq.num_prompt_tokens], seq.completion_token_ids
+            output = [t for t in output if t != PENDING]
+            self.count_rows[seq] = self.token_counts.add_row(prompt, output)
+        return self.count_rows[seq]
 
     @torch.inference_mode()
     def capture_cudagraphs(self):

@@ -8,16 +8,21 @@ compaction plans, pickled once and written to one pipe per worker. Tensors never
 pipe; the model's own collectives (all-reduce, logits gather, the broadcast of the sampled ids)
 go through torch.distributed (NCCL on GPUs, gloo on the CPU).
 
-Pipes rather than shared memory make lifetimes simple: closing rank 0's end (the `LLM` is
-deleted, the program exits, or rank 0 dies) ends a worker's loop, and nothing is left to
-unlink. A dead worker is seen before every call and while rank 0 waits on the GPU, and an
-exception on rank 0 inside a step ends the workers (they could no longer follow it).
+A worker reports "started" before any rank joins the process group, then "ready" (or its
+error, which rank 0 raises at once). Pipes make lifetimes simple: closing rank 0's end
+(`LLM.close()`, the `LLM` is collected, the program exits or dies) ends a worker's loop, and
+nothing is left to unlink. A dead worker is seen before every call and while rank 0 waits on
+the GPU; an exception on rank 0 inside a step ends the workers (they could no longer follow).
+This module imports neither model nor runner: the runner passes its class, called by name.
 """
 
 import multiprocessing as mp
+import multiprocessing.connection
+import multiprocessing.util
 import os
 import pickle
-import socket
+import sys
+import traceback
 import weakref
 from datetime import timedelta
 
@@ -29,92 +34,140 @@ from nanozipage.config import Config
 # A collective that waits longer than this raises (gloo) or aborts (NCCL) instead of hanging.
 # Generous, because ranks compile and capture CUDA graphs at their own pace at start-up.
 TIMEOUT = timedelta(minutes=5)
+# A worker's exit code when it re-ran the caller's script up to `LLM(...)`: spawn imports the
+# main script again in every worker, and only the `if __name__ == "__main__":` guard stops it.
+MISSING_GUARD = 86
 
 
-def rank_and_size() -> tuple[int, int]:
-    """This process's rank and the number of ranks; (0, 1) without tensor parallelism."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _init_group(config: Config, rank: int, port: int):
-    if config.device.startswith("cuda"):
+def _init_group(config: Config, rank: int, store: dist.TCPStore):
+    cuda = config.device.startswith("cuda")
+    if cuda:
         torch.cuda.set_device(rank)
     else:  # the ranks share the cores: with more threads than cores, every matmul waits
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
     dist.init_process_group(
-        "nccl" if config.device.startswith("cuda") else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        "nccl" if cuda else "gloo",
+        store=store,
         world_size=config.tensor_parallel_size,
         rank=rank,
         timeout=TIMEOUT,
+        # NCCL's communicator is made here, by all ranks at once, not in a later collective.
+        device_id=torch.device("cuda", rank) if cuda else None,
     )
 
 
-def _worker(config: Config, rank: int, port: int, conn):
-    """Ranks 1..N-1: build this rank's model runner, then run rank 0's calls until its pipe
-    closes. An exception ends the process, which rank 0 reports as an error."""
-    from nanozipage.model_runner import ModelRunner  # it imports this module
-
-    _init_group(config, rank, port)
-    runner = ModelRunner(config, rank)
+def _worker(config: Config, target: type, rank: int, port: int, conn):
+    """Ranks 1..N-1: join the process group, build `target(config, rank)` (this rank's model
+    runner), then run rank 0's calls on it until its pipe closes. An exception is sent
+    to rank 0 with its traceback and ends the process."""
     try:
+        conn.send("started")
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=TIMEOUT)
+        _init_group(config, rank, store)
+        runner = target(config, rank)
+        conn.send("ready")
         while True:
             function, args = pickle.loads(conn.recv_bytes())
             function(runner, *args)
     except EOFError:  # rank 0 is done with this LLM
-        dist.destroy_process_group()
+        mp.util._run_finalizers(0)  # unlinks the named semaphores this process made
         os._exit(0)  # skips the interpreter's teardown: seconds with torch loaded, nothing to save
+    except BaseException:
+        conn.send(traceback.format_exc())
+        raise
 
 
 class Workers:
     """Rank 0's handle on ranks 1..N-1: starts them, forwards calls, ends them with the LLM."""
 
-    def __init__(self, config: Config):
-        with socket.socket() as s:  # a free port for the process group's rendezvous
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    def __init__(self, config: Config, target: type, graphs: dict):
+        """Start a worker per rank 1..N-1, which builds `target(config, rank)`, and join their
+        process group once all have started. `graphs`: rank 0's CUDA graphs, freed first when
+        the workers end (NCCL cannot free a communicator that a live graph captured)."""
+        if getattr(mp.current_process(), "_inheriting", False):  # a worker re-running the script
+            sys.exit(MISSING_GUARD)
+        if dist.is_initialized():
+            raise RuntimeError("another tensor-parallel LLM is open in this process: close it")
+        # Rank 0 serves the rendezvous on a free port, and waits for no one there.
+        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         context = mp.get_context("spawn")  # a forked process cannot use CUDA
         self.conns, self.processes = [], []
         for rank in range(1, config.tensor_parallel_size):
             conn, child_conn = context.Pipe()
-            process = context.Process(target=_worker, args=(config, rank, port, child_conn))
-            process.daemon = True  # also ended by multiprocessing at exit, should all else fail
-            process.start()
+            args = (config, target, rank, store.port, child_conn)
+            # daemon: also ended by multiprocessing at exit, should all else fail
+            self.processes.append(context.Process(target=_worker, args=args, daemon=True))
+            self.processes[-1].start()
             child_conn.close()  # so that the worker's death closes the pipe
             self.conns.append(conn)
-            self.processes.append(process)
-        self.close = weakref.finalize(self, _shut_down, self.conns, self.processes)
-        _init_group(config, 0, port)
+        self.close = weakref.finalize(self, _shut_down, self.conns, self.processes, graphs)
+        self.expect("started")
+        _init_group(config, 0, store)
+
+    def expect(self, message: str):
+        """Wait for every worker to send `message`; raise as soon as one fails instead."""
+        waiting = list(self.conns)
+        while waiting:
+            ready = mp.connection.wait(waiting, TIMEOUT.total_seconds())
+            if not ready:
+                self.close()
+                raise TimeoutError(f"no {message!r} from a worker in {TIMEOUT}: is the host busy?")
+            for conn in ready:
+                if (reply := _receive(conn)) != message:
+                    raise self._failed(self.conns.index(conn) + 1, reply)
+                waiting.remove(conn)
+
+    def _failed(self, rank: int, error: str | None) -> RuntimeError:
+        """End the workers; the error that says why worker `rank` stopped."""
+        self.processes[rank - 1].join(timeout=5)
+        self.close()
+        if (code := self.processes[rank - 1].exitcode) == MISSING_GUARD:
+            return RuntimeError(
+                'the script makes its LLM outside `if __name__ == "__main__":`, and every '
+                "tensor-parallel worker re-runs the script: make the LLM under that guard"
+            )
+        why = f", with this error:\n{error}" if error else ""
+        return RuntimeError(f"tensor-parallel worker {rank} exited (code {code}){why}")
 
     def check_alive(self):
-        for rank, process in enumerate(self.processes, 1):
+        for rank, (process, conn) in enumerate(zip(self.processes, self.conns), 1):
             if process.exitcode is not None:
-                self.close()
-                raise RuntimeError(
-                    f"tensor-parallel worker {rank} exited (code {process.exitcode}); "
-                    "this LLM can no longer run"
-                )
+                raise self._failed(rank, _receive(conn) if not conn.closed else None)
 
     def call(self, function, *args):
-        """Have every worker run `function(its ModelRunner, *args)`; does not wait for it.
-        The function travels by name, so it must be defined at a module's top level."""
+        """Have every worker run `function(its target, *args)`; does not wait for it. The
+        function travels by name, so it must be defined at a module's top level."""
         self.check_alive()
         message = pickle.dumps((function, args))
         for conn in self.conns:
             conn.send_bytes(message)
 
-    def wait_on_gpu(self, event: torch.cuda.Event):
-        """Wait for `event`, checking the workers all the while: on NCCL a dead peer leaves a
-        collective spinning rather than failing (gloo raises at once)."""
+    def wait_on_gpu(self, event: torch.cuda.Event | None = None):
+        """Wait for `event` (by default, all work queued so far), checking the workers all the
+        while: on NCCL a dead peer leaves a collective spinning rather than failing (gloo raises
+        at once)."""
+        event = event or torch.cuda.current_stream().record_event()
         while not event.query():
             self.check_alive()
 
 
-def _shut_down(conns, processes):
+def _receive(conn):
+    """A worker's next message: "started", "ready" or its error; None if it sent none."""
+    try:
+        return conn.recv() if conn.poll() else None
+    except EOFError:
+        return None
+
+
+def _shut_down(conns, processes, graphs: dict):
     for conn in conns:
         conn.close()  # a worker waiting for its next call sees EOF and exits
+    # The graphs first: NCCL frees no communicator while a live CUDA graph holds it (it waits
+    # forever); one still running is freed when it ends. Then abort, not destroy: destroying
+    # waits for every rank, aborting also ends a collective left waiting on a dead one.
+    graphs.clear()
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.distributed_c10d._abort_process_group()
     for process in processes:
         process.join(timeout=5)
         if process.exitcode is None:  # stuck in a collective that rank 0 left: no use waiting

@@ -1,6 +1,7 @@
 """Tiny random checkpoints made with transformers, and the HF reference they are checked against."""
 
 import torch
+import torch.distributed as dist
 import transformers
 
 TINY = {
@@ -51,3 +52,16 @@ def check_against_hf(model_dir: str, prompts: list[list[int]], outputs: list[dic
         )
         chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
         torch.testing.assert_close(torch.tensor(out["logprobs"]), chosen, atol=2e-4, rtol=0)
+
+
+def gather_kv_cache(runner) -> torch.Tensor | None:
+    """The KV pool with every rank's KV heads, on rank 0 (None elsewhere): lets the tests compare
+    a tensor-parallel engine's cache with a single-rank engine's. Rank 0 has the others run it."""
+    if runner.workers:
+        runner.workers.call(gather_kv_cache)
+    ranks = runner.config.tensor_parallel_size
+    if ranks == 1:
+        return runner.kv_cache
+    parts = [torch.empty_like(runner.kv_cache) for _ in range(ranks)] if runner.rank == 0 else None
+    dist.gather(runner.kv_cache, parts, dst=0)
+    return None if parts is None else torch.cat(parts, dim=3)  # [2, L, blocks, kvh, b, d]
