@@ -51,6 +51,7 @@ from nanozipage import LLM, SamplingParams
 from nanozipage.model_runner import ModelRunner
 from nanozipage.sampler import sample
 from nanozipage.sequence import Sequence
+from nanozipage.step_plan import decode_plan
 
 QWEN3_0_6B = {
     "architectures": ["Qwen3ForCausalLM"],
@@ -336,7 +337,7 @@ def decode_gpu_seconds(llm: LLM, repeat: int = 20) -> float:
 
     @torch.inference_mode()
     def timed_run(seqs: list[Sequence], is_prefill: bool, pending=None):
-        plan = runner.prepare_decode(seqs)
+        plan = decode_plan(seqs, runner.window)
         temperatures = [seq.sampling_params.temperature for seq in seqs]
         temperatures = runner._tensor(temperatures, torch.float32)
 

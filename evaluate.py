@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.model is None:
-        from nanozipage.smollm2 import smollm2_dir
+        from smollm2 import smollm2_dir
 
         args.model = smollm2_dir()
     budgets = [None if b == "full" else int(b) for b in args.budgets.split(",")]

@@ -7,7 +7,7 @@ With no --model it runs SmolLM2-135M-Instruct, converted once from the GGUF file
 import argparse
 
 from nanozipage import LLM, SamplingParams
-from nanozipage.smollm2 import smollm2_dir
+from smollm2 import smollm2_dir
 
 QUESTIONS = [
     "What is the capital of France?",

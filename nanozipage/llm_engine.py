@@ -207,7 +207,7 @@ class LLMEngine:
             "index": seq.sample_index,
             "text": self.scheduler.stop.text(seq),
             "token_ids": [t for t in seq.completion_token_ids if t != PENDING],
-            "prompt_token_ids": seq.token_ids[: seq.num_prompt_tokens],
+            "prompt_token_ids": seq.prompt_token_ids,
             "finish_reason": seq.finish_reason,
             "stop_reason": seq.stop_reason,
             "num_cached_tokens": seq.num_cached_tokens,
@@ -302,16 +302,7 @@ class LLMEngine:
         if self.tokenizer is None:
             raise ValueError("chat: needs a tokenizer with a chat template in the model directory")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [
-            self.tokenizer.encode(
-                self.tokenizer.apply_chat_template(
-                    conversation,
-                    tokenize=False,
-                    add_generation_prompt=True,
-                    **(chat_template_kwargs or {}),
-                ),
-                add_special_tokens=False,
-            )
-            for conversation in conversations
-        ]
+        kwargs = {"tokenize": False, "add_generation_prompt": True, **(chat_template_kwargs or {})}
+        texts = [self.tokenizer.apply_chat_template(c, **kwargs) for c in conversations]
+        prompts = [self.tokenizer.encode(text, add_special_tokens=False) for text in texts]
         return self.generate(prompts, sampling_params, use_tqdm)

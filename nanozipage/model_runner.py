@@ -18,11 +18,12 @@ from nanozipage.compressor import Compressor
 from nanozipage.config import Config
 from nanozipage.context import StepPlan, get_context, reset_context, set_context, to_device
 from nanozipage.model import CausalLM
-from nanozipage.overlap import Samples, pending_rows
+from nanozipage.overlap import Samples
 from nanozipage.parallel import Workers
 from nanozipage.sampler import TokenCounts, sample
 from nanozipage.sampling_params import SamplingParams
 from nanozipage.sequence import PENDING, Sequence
+from nanozipage.step_plan import decode_plan, prefill_plan
 
 CPU_KV_CACHE_BYTES = 1 << 30  # with no GPU to size from, give the KV pool 1 GiB by default
 _GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -59,6 +60,7 @@ class ModelRunner:
         attn = self.model.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
+        self.window = config.window if config.kv_budget else 0  # window queries to store
         self.q_cache = self.score_cache = None
         self.pending_tokens = None  # ranks 1..N-1: the last step's samples, broadcast by rank 0
         self.token_counts = TokenCounts(hf["vocab_size"], self.device)  # rows for penalties
@@ -82,17 +84,9 @@ class ModelRunner:
             layer.self_attn.k_cache, layer.self_attn.v_cache = kv_cache[0, i], kv_cache[1, i]
 
     def _empty_kv_cache(self, num_blocks: int) -> torch.Tensor:
-        num_layers = len(self.model.model.layers)
-        return torch.empty(
-            2,
-            num_layers,
-            num_blocks,
-            self.num_kv_heads,
-            self.block_size,
-            self.head_dim,
-            dtype=self.dtype,
-            device=self.device,
-        )
+        """[K|V, layers, blocks, KV heads, block_size, head_dim]"""
+        shape = (len(self.model.model.layers), num_blocks, self.num_kv_heads, self.block_size)
+        return torch.empty(2, *shape, self.head_dim, dtype=self.dtype, device=self.device)
 
     @torch.inference_mode()
     def warmup(self):
@@ -106,7 +100,7 @@ class ModelRunner:
             seq.num_new_tokens, budget = len(seq), budget - len(seq)
             seq.block_table = [0] * seq.num_blocks
             seqs.append(seq)
-        self.execute(self.prepare_prefill(seqs))  # on every rank at once: no plan to forward
+        self.execute(prefill_plan(seqs, self.window))  # on every rank at once: no plan to forward
         self.workers.wait_on_gpu() if self.workers else torch.cuda.synchronize()
 
     def allocate_kv_cache(self):
@@ -173,69 +167,13 @@ class ModelRunner:
         self.kv_cache = self._empty_kv_cache(num_blocks)
         self._set_kv_cache(self.kv_cache)
 
-    def _slot(self, seq: Sequence, index: int) -> int:
-        return seq.block_table[index // self.block_size] * self.block_size + index % self.block_size
-
-    def _query_row(self, seq: Sequence, index: int, last_block: int) -> int:
-        """Row of the query cache for the token at cache index `index`, or -1: window queries
-        are the last `window` tokens of a block, and only those of seq's newest block are kept."""
-        b, w = self.block_size, self.config.window
-        if seq.query_slot < 0 or index % b < b - w or index // b != last_block:
-            return -1
-        return seq.query_slot * w + index % b - (b - w)
-
-    def prepare_prefill(self, seqs: list[Sequence]) -> StepPlan:
-        input_ids, positions, slots, context_lens, sample_rows, query_rows = [], [], [], [], [], []
-        cu_seqlens_q = [0]
-        for seq in seqs:
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_new_tokens
-            input_ids += seq[start:end]
-            positions += range(start, end)
-            slots += [self._slot(seq, i) for i in range(start, end)]
-            if self.q_cache is not None:
-                query_rows += [
-                    self._query_row(seq, i, (end - 1) // self.block_size) for i in range(start, end)
-                ]
-            cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
-            context_lens.append(end)
-            if end == len(seq):
-                sample_rows.append(cu_seqlens_q[-1] - 1)
-        return StepPlan(
-            True, input_ids, positions, slots, context_lens,
-            block_tables=[seq.block_table for seq in seqs],
-            query_rows=query_rows or None,
-            sample_rows=sample_rows,
-            cu_seqlens_q=cu_seqlens_q,
-            max_seqlen_q=max(seq.num_new_tokens for seq in seqs),
-        )  # fmt: skip
-
-    def prepare_decode(self, seqs: list[Sequence]) -> StepPlan:
-        """The last token of each request: at position len - 1, but at cache index
-        cache_len - 1 (they differ once the request has been compressed). A PENDING last token
-        is read on the device from the samples of the step launched before, at its row."""
-        index = [seq.cache_len - 1 for seq in seqs]
-        query_rows = None
-        if self.q_cache is not None:
-            query_rows = [self._query_row(s, i, i // self.block_size) for s, i in zip(seqs, index)]
-        return StepPlan(
-            False,
-            input_ids=[seq.last_token for seq in seqs],
-            positions=[len(seq) - 1 for seq in seqs],
-            slot_mapping=[self._slot(seq, i) for seq, i in zip(seqs, index)],
-            context_lens=[i + 1 for i in index],
-            block_tables=[seq.block_table for seq in seqs],
-            query_rows=query_rows,
-            pending_rows=pending_rows(seqs),
-            sample_rows=None,
-        )
-
     @torch.inference_mode()
     def run(
         self, seqs: list[Sequence], is_prefill: bool, pending: torch.Tensor | None = None
     ) -> Samples | None:
         """Rank 0: launch one step and the sampling of the requests that reach their last token;
         returns their samples without waiting for the GPU (None if no request samples)."""
-        plan = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
+        plan = (prefill_plan if is_prefill else decode_plan)(seqs, self.window)
         if is_prefill:
             seqs = [seq for seq in seqs if seq.num_computed_tokens + seq.num_new_tokens == len(seq)]
         if self.workers:
@@ -332,12 +270,8 @@ class ModelRunner:
         penalties = [
             (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) for p in params
         ]
-        if any(penalty != (1, 0, 0) for penalty in penalties):
-            for done in [s for s in self.count_rows if s.is_finished]:
-                self.token_counts.free_row(self.count_rows.pop(done))
-            rows = [
-                self._count_row(seq) if x != (1, 0, 0) else -1 for seq, x in zip(seqs, penalties)
-            ]
+        if any(x != (1, 0, 0) for x in penalties):
+            rows = [self._count_row(s) if x != (1, 0, 0) else -1 for s, x in zip(seqs, penalties)]
             extra.update(token_counts=self.token_counts, rows=self.tensor(rows, torch.long),
                          penalties=self.tensor(penalties, f32))  # fmt: skip
         return sample(
@@ -351,11 +285,12 @@ class ModelRunner:
 
     def _count_row(self, seq: Sequence) -> int:
         """seq's row of token counts for its penalties, made at its first sample and kept across
-        preemption (those of finished requests are handed back in `sample`)."""
+        preemption; the rows of finished requests are handed back here."""
+        for done in [s for s in self.count_rows if s.is_finished]:
+            self.token_counts.free_row(self.count_rows.pop(done))
         if seq not in self.count_rows:
-            prompt, output = seq.token_ids[: seq.num_prompt_tokens], seq.completion_token_ids
-            output = [t for t in output if t != PENDING]
-            self.count_rows[seq] = self.token_counts.add_row(prompt, output)
+            output = [t for t in seq.completion_token_ids if t != PENDING]
+            self.count_rows[seq] = self.token_counts.add_row(seq.prompt_token_ids, output)
         return self.count_rows[seq]
 
     @torch.inference_mode()
@@ -365,19 +300,17 @@ class ModelRunner:
         self.graph_sizes = sorted(
             {b for b in [1, 2, 4, 8, *range(16, max_bs, 16)] if b < max_bs} | {max_bs}
         )
-        hidden_size = self.config.hf_config["hidden_size"]
+        hidden_size, int32, long = self.config.hf_config["hidden_size"], torch.int32, torch.long
+        zeros = lambda *shape, dtype: torch.zeros(shape, dtype=dtype, device=self.device)
         buf = self.graph_buffers = {
-            "input_ids": torch.zeros(max_bs, dtype=torch.long, device=self.device),
-            "positions": torch.zeros(max_bs, dtype=torch.long, device=self.device),
-            "slot_mapping": torch.full((max_bs,), -1, dtype=torch.int32, device=self.device),
-            "context_lens": torch.zeros(max_bs, dtype=torch.int32, device=self.device),
-            "block_tables": torch.zeros(
-                max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device
-            ),
-            "hidden": torch.zeros(max_bs, hidden_size, dtype=self.dtype, device=self.device),
+            "input_ids": zeros(max_bs, dtype=long),
+            "positions": zeros(max_bs, dtype=long),
+            "slot_mapping": zeros(max_bs, dtype=int32) - 1,  # -1: store nothing
+            "context_lens": zeros(max_bs, dtype=int32),
+            "block_tables": zeros(max_bs, self.max_blocks_per_seq, dtype=int32),
+            "hidden": zeros(max_bs, hidden_size, dtype=self.dtype),
+            "query_rows": zeros(max_bs, dtype=long) - 1,
         }
-        if self.q_cache is not None:
-            buf["query_rows"] = torch.full((max_bs,), -1, dtype=torch.long, device=self.device)
         pool = None
         for bs in reversed(self.graph_sizes):
             set_context(

