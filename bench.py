@@ -49,7 +49,6 @@ from tqdm import tqdm
 
 from nanozipage import LLM, SamplingParams
 from nanozipage.model_runner import ModelRunner
-from nanozipage.sampler import sample
 from nanozipage.sequence import Sequence
 from nanozipage.step_plan import decode_plan
 
@@ -338,14 +337,11 @@ def decode_gpu_seconds(llm: LLM, repeat: int = 20) -> float:
     @torch.inference_mode()
     def timed_run(seqs: list[Sequence], is_prefill: bool, pending=None):
         plan = decode_plan(seqs, runner.window)
-        temperatures = [seq.sampling_params.temperature for seq in seqs]
-        temperatures = runner._tensor(temperatures, torch.float32)
 
-        def step():  # what `runner.run` does on the GPU for requests without top-k/p or seeds
+        def step():  # what `runner.run` does on the GPU (with penalties, they count each token)
             if runner.workers:  # every rank's forward pass, or rank 0's collectives wait forever
                 runner.workers.call(ModelRunner.execute, plan)
-            logits = runner.execute(plan, pending)
-            sample(logits, temperatures, None, None, [None] * len(seqs), False, False)
+            runner.sample(seqs, runner.execute(plan, pending))
 
         step()
         timer = Timer().start()
@@ -379,7 +375,8 @@ def decode_step(model: str, args) -> dict:
         llm = LLM(model, **args.engine, max_num_seqs=max(batch, 256), num_kvcache_blocks=blocks,
                   kv_budget=None)  # fmt: skip
         rng, vocab = random.Random(args.seed), llm.config.hf_config["vocab_size"]
-        params = SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True)
+        params = SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True,
+                                presence_penalty=args.presence_penalty)  # fmt: skip
         for _ in range(batch):
             llm.add_request([rng.randrange(vocab) for _ in range(context)], params)
         while llm.scheduler.waiting or any(s.in_prefill for s in llm.scheduler.running):
@@ -545,6 +542,10 @@ def make_parser() -> argparse.ArgumentParser:
         default=[(1, 512), (28, 2350)] if ON_GPU else [(1, 64), (4, 256)],
         help="decode-step: batch x context (default 1x512,28x2350; 1x64,4x256 on a CPU)",
     )
+    parser.add_argument(
+        "--presence-penalty", type=float, default=0.0, metavar="P",
+        help="decode-step: every request's presence penalty (0: the penalty-free path)",
+    )  # fmt: skip
     parser.add_argument(
         "--seed", type=int, default=0, metavar="N", help="of the random prompts and lengths"
     )
