@@ -100,7 +100,7 @@ class ModelRunner:
             seq.num_new_tokens, budget = len(seq), budget - len(seq)
             seq.block_table = [0] * seq.num_blocks
             seqs.append(seq)
-        self.execute(prefill_plan(seqs, self.window))  # on every rank at once: no plan to forward
+        self.execute(prefill_plan(seqs, 0))  # every rank at once; no query cache yet
         self.workers.wait_on_gpu() if self.workers else torch.cuda.synchronize()
 
     def allocate_kv_cache(self):
@@ -296,7 +296,7 @@ class ModelRunner:
     @torch.inference_mode()
     def capture_cudagraphs(self):
         """Capture the decode forward pass for a ladder of batch sizes over static buffers."""
-        max_bs = self.config.max_num_seqs
+        max_bs = min(self.config.max_num_seqs, self.num_blocks)  # a request holds >= 1 block
         self.graph_sizes = sorted(
             {b for b in [1, 2, 4, 8, *range(16, max_bs, 16)] if b < max_bs} | {max_bs}
         )
