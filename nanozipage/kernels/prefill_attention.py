@@ -15,11 +15,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _attend_tile(
+def attend_tile(
     acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, kv_head_offset, start,
     ctx_len, block_size, stride_cb, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """Flash attention's step over keys [start, start + BLOCK_N): the online-softmax update of
+    (acc, m_i, l_i). CAUSAL hides the keys after each row's `q_pos` (and so past the context)."""
     k_pos = start + tl.arange(0, BLOCK_N)
     in_ctx = k_pos < ctx_len
     block = tl.load(block_table + k_pos // block_size, mask=in_ctx, other=0).to(tl.int64)
@@ -69,12 +71,12 @@ def _prefill_kernel(
     # Keys before the tile's first query are visible to all its rows: skip the causal mask there.
     unmasked_end = first_pos // BLOCK_N * BLOCK_N
     for start in range(0, unmasked_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
+        acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q_tile, q_pos, k_cache, v_cache, block_table, kv_head_offset, start,
             ctx_len, block_size, stride_cb, qk_scale, HEAD_DIM, BLOCK_N, False, PRECISION,
         )  # fmt: skip
     for start in range(unmasked_end, tl.minimum(first_pos + BLOCK_M, ctx_len), BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
+        acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q_tile, q_pos, k_cache, v_cache, block_table, kv_head_offset, start,
             ctx_len, block_size, stride_cb, qk_scale, HEAD_DIM, BLOCK_N, True, PRECISION,
         )  # fmt: skip
