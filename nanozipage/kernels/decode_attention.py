@@ -10,7 +10,6 @@ and writes a partial output with its log-sum-exp; a second kernel merges the spl
 """
 
 import functools
-import os
 
 import torch
 import triton
@@ -21,6 +20,7 @@ from nanozipage.kernels.prefill_attention import (
     check_attention_inputs,
     dot_precision,
     paged_kv,
+    uses_triton,
 )
 
 
@@ -152,6 +152,4 @@ def decode_attention(
     `context_lens[b] - 1`, over all `context_lens[b]` cached tokens; rows of length 0 give zeros.
     Returns a new `[B, num_q_heads, head_dim]` tensor."""
     args = (q, k_cache, v_cache, context_lens, block_tables, scale, num_splits)
-    if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return decode_attention_triton(*args)
-    return decode_attention_ref(*args)
+    return (decode_attention_triton if uses_triton(q) else decode_attention_ref)(*args)

@@ -125,6 +125,12 @@ def check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
 
 
+def uses_triton(x: torch.Tensor) -> bool:
+    """Whether the kernels run on `x` in Triton (on the GPU, or in its interpreter when
+    TRITON_INTERPRET=1, read at each call) rather than as their PyTorch references."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """A float32 model gets float32 attention; tl.dot would otherwise round inputs to tf32."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -169,6 +175,4 @@ def prefill_attention(
     `cu_seqlens_q[i]:cu_seqlens_q[i+1]`, the last of its `context_lens[i]` cached tokens) over the
     paged cache. Returns a new `[N, num_q_heads, head_dim]` tensor."""
     args = (q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, scale)
-    if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return prefill_attention_triton(*args)
-    return prefill_attention_ref(*args)
+    return (prefill_attention_triton if uses_triton(q) else prefill_attention_ref)(*args)

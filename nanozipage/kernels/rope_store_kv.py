@@ -12,11 +12,11 @@ Cache layout, per layer: `[num_blocks, num_kv_heads, block_size, head_dim]`; the
 per layer: `[rows, num_q_heads, head_dim]`, one row per (query slot, window position).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from nanozipage.kernels.prefill_attention import uses_triton
 
 
 @triton.jit
@@ -173,6 +173,4 @@ def rope_store_kv(
     float32 and rounds once. Returns the rotated q `[N, q_heads, head_dim]`."""
     args = (qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache, v_cache, slot_mapping,
             q_cache, query_rows)  # fmt: skip
-    if qkv.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return rope_store_kv_triton(*args)
-    return rope_store_kv_ref(*args)
+    return (rope_store_kv_triton if uses_triton(qkv) else rope_store_kv_ref)(*args)
