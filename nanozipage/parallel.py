@@ -37,19 +37,16 @@ MISSING_GUARD = 86
 
 
 def _init_group(config: Config, rank: int, store: dist.TCPStore):
-    cuda = config.device.startswith("cuda")
+    ranks, cuda = config.tensor_parallel_size, config.device.startswith("cuda")
     if cuda:
         torch.cuda.set_device(rank)
     else:  # the ranks share the cores: with more threads than cores, every matmul waits
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
+    # With device_id, NCCL's communicator is made here by all ranks at once, not in a later
+    # collective.
+    backend, device = ("nccl", torch.device("cuda", rank)) if cuda else ("gloo", None)
     dist.init_process_group(
-        "nccl" if cuda else "gloo",
-        store=store,
-        world_size=config.tensor_parallel_size,
-        rank=rank,
-        timeout=TIMEOUT,
-        # NCCL's communicator is made here, by all ranks at once, not in a later collective.
-        device_id=torch.device("cuda", rank) if cuda else None,
+        backend, store=store, world_size=ranks, rank=rank, timeout=TIMEOUT, device_id=device
     )
 
 
