@@ -58,11 +58,8 @@ class BlockManager:
         return block.block_id
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """Blocks of the prefix cache that hold seq's leading tokens, confirmed by token ids.
-
-        Only blocks that end before seq's last token count: the last token is always fed to
-        the model, since its logits are needed.
-        """
+        """Blocks of the prefix cache that hold seq's leading tokens, confirmed by token ids;
+        only those before seq's last token, which is always fed to the model for its logits."""
         hits, prefix_hash = [], -1
         for i in range((len(seq) - 1) // self.block_size):
             token_ids = seq.block(i)
@@ -117,9 +114,7 @@ class BlockManager:
         Kept tokens go, in position order, into the first N_max - 1 targets; the last target is
         empty, for the next tokens. A block shared with another request is never written: its
         target is a fresh block (the caller checks `num_compress_fresh_blocks` beforehand). The
-        old blocks left over stay seq's until `release_replaced`, since the compaction reads
-        them.
-        """
+        old blocks left over stay seq's until `release_replaced`: the compaction reads them."""
         filled = (seq.cache_len - 1) // self.block_size
         while len(seq.block_table) > filled:  # a block given for a prompt's last token, unwritten
             self._release(seq.block_table.pop())
