@@ -15,7 +15,8 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention
 
-from nanozipage.kernels import decode_attention_triton, prefill_attention_triton
+from nanozipage.kernels.decode_attention import decode_attention_triton
+from nanozipage.kernels.prefill_attention import prefill_attention_triton
 
 DTYPE, HEAD_DIM, NUM_Q_HEADS, NUM_KV_HEADS, BLOCK_SIZE = torch.bfloat16, 128, 16, 8, 256
 DECODE_TILES = [  # block_n, num_warps, num_stages

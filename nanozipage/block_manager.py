@@ -10,6 +10,7 @@ arrives after its twin finished still hits.
 """
 
 from collections import deque
+from dataclasses import dataclass, field
 
 import numpy as np
 import xxhash
@@ -25,14 +26,12 @@ def chained_hash(token_ids: list[int], prefix_hash: int = -1) -> int:
     return h.intdigest()
 
 
+@dataclass(slots=True)
 class Block:
-    __slots__ = ("block_id", "hash", "ref_count", "token_ids")
-
-    def __init__(self, block_id: int):
-        self.block_id = block_id
-        self.ref_count = 0
-        self.hash = -1
-        self.token_ids: list[int] = []
+    block_id: int
+    ref_count: int = 0
+    hash: int = -1  # -1: not in the prefix cache
+    token_ids: list[int] = field(default_factory=list)
 
 
 class BlockManager:
@@ -46,19 +45,21 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free_block_ids)
 
+    def _uncache(self, block: Block):
+        """Take block out of the prefix cache: its contents are about to be overwritten."""
+        if self.hash_to_block_id.get(block.hash) == block.block_id:
+            del self.hash_to_block_id[block.hash]
+        block.hash, block.token_ids = -1, []
+
     def _take_free_block(self) -> int:
         block = self.blocks[self.free_block_ids.popleft()]
-        if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block.block_id:
-            del self.hash_to_block_id[block.hash]  # its contents are about to be overwritten
-        block.hash, block.token_ids, block.ref_count = -1, [], 1
+        self._uncache(block)
+        block.ref_count = 1
         return block.block_id
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """Blocks of the prefix cache that hold seq's leading tokens, confirmed by token ids.
-
-        Only blocks that end before seq's last token count: the last token is always fed to
-        the model, since its logits are needed.
-        """
+        """Blocks of the prefix cache that hold seq's leading tokens, confirmed by token ids;
+        only those before seq's last token, which is always fed to the model for its logits."""
         hits, prefix_hash = [], -1
         for i in range((len(seq) - 1) // self.block_size):
             token_ids = seq.block(i)
@@ -83,11 +84,10 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_block_ids.remove(block_id)
             block.ref_count += 1
-        seq.block_table = hits + [
-            self._take_free_block() for _ in range(seq.num_blocks - len(hits))
-        ]
         seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
         seq.num_hashed_blocks = len(hits)
+        seq.block_table = hits
+        self.append_blocks(seq)
 
     def _release(self, block_id: int):
         block = self.blocks[block_id]
@@ -106,8 +106,7 @@ class BlockManager:
         return seq.num_blocks - len(seq.block_table)
 
     def append_blocks(self, seq: Sequence):
-        for _ in range(self.num_missing_blocks(seq)):
-            seq.block_table.append(self._take_free_block())
+        seq.block_table += [self._take_free_block() for _ in range(self.num_missing_blocks(seq))]
 
     def compress(self, seq: Sequence) -> list[int]:
         """Plan a compression: seq gets its target block table and the old one is returned.
@@ -115,19 +114,14 @@ class BlockManager:
         Kept tokens go, in position order, into the first N_max - 1 targets; the last target is
         empty, for the next tokens. A block shared with another request is never written: its
         target is a fresh block (the caller checks `num_compress_fresh_blocks` beforehand). The
-        old blocks left over stay seq's until `release_replaced`, since the compaction reads
-        them.
-        """
+        old blocks left over stay seq's until `release_replaced`: the compaction reads them."""
         filled = (seq.cache_len - 1) // self.block_size
         while len(seq.block_table) > filled:  # a block given for a prompt's last token, unwritten
             self._release(seq.block_table.pop())
         old = seq.block_table
         targets = [b if b != -1 else self._take_free_block() for b in self._targets(seq)]
-        for block_id in targets:  # overwritten by the compaction: no longer a cached prefix
-            block = self.blocks[block_id]
-            if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block_id:
-                del self.hash_to_block_id[block.hash]
-            block.hash = -1
+        for block_id in targets:  # overwritten by the compaction
+            self._uncache(self.blocks[block_id])
         seq.block_table = targets
         seq.num_evicted += seq.cache_len - 1 - seq.kv_budget
         seq.num_compressions += 1

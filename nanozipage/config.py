@@ -14,6 +14,7 @@ import torch
 ARCHITECTURES = {t: f"{t.title()}ForCausalLM" for t in ("qwen3", "qwen2", "llama")}
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
 LOAD_FORMATS = ("safetensors", "dummy")
+DTYPES = (None, "float32", "float16", "bfloat16")
 
 
 @dataclass(slots=True)
@@ -71,50 +72,47 @@ class Config:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         hf["architectures"] = [arch]  # the model reads the architecture here, always set
+        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        cuda = self.device.startswith("cuda")
+        if cuda and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r}, but torch sees no GPU; use device='cpu'")
+        if self.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(1)  # small CPU ops: more threads mostly wait for busy cores
+        model_len = hf.get("max_position_embeddings", 1 << 20)
+        if self.max_model_len is None:
+            self.max_model_len = model_len
         _check_int("block_size", self.block_size, 1)
         _check_int("max_num_seqs", self.max_num_seqs, 1)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        _check_int("max_model_len", self.max_model_len, 1, model_len)
+        gpus = torch.cuda.device_count() if cuda else None
+        _check_int("tensor_parallel_size", self.tensor_parallel_size, 1, gpus)
         if self.num_kvcache_blocks is not None:
             _check_int("num_kvcache_blocks", self.num_kvcache_blocks, 1)
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(
-                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
-            )
-        model_len = self.hf_config.get("max_position_embeddings", 1 << 20)
-        if self.max_model_len is None:
-            self.max_model_len = model_len
-        _check_int("max_model_len", self.max_model_len, 1, model_len)
-        if self.kv_budget is not None:
+        checks = {  # knob: (valid, what is allowed)
+            "gpu_memory_utilization": (0 < self.gpu_memory_utilization <= 1, "in (0, 1]"),
+            "load_format": (self.load_format in LOAD_FORMATS, f"one of {', '.join(LOAD_FORMATS)}"),
+            "dtype": (self.dtype in DTYPES, "float32, float16 or bfloat16"),
+        }
+        if self.kv_budget is not None:  # the compression knobs
+            from nanozipage.policy import POLICIES
+
             check_kv_budget("kv_budget", self.kv_budget, self.block_size, self.window)
             _check_int("compress_layers", self.compress_layers, 1)
             _check_int("max_compress_blocks", self.max_compress_blocks, 1)
-            from nanozipage.policy import POLICIES
-
-            if self.policy not in POLICIES:
-                raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
             _check_int("num_sinks", self.num_sinks, 0)
-            if not (
-                0 <= self.score_weight <= 1 and 0 < self.decay <= 1 and self.redundancy_tau > 0
-            ):
-                raise ValueError(
-                    "score_weight must be in [0, 1], decay in (0, 1], redundancy_tau > 0"
-                )
-            if not (isinstance(self.pool_kernel, int) and self.pool_kernel % 2 == 1):
-                raise ValueError(f"pool_kernel must be an odd integer, got {self.pool_kernel!r}")
-        if self.load_format not in LOAD_FORMATS:
-            raise ValueError(
-                f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
-            )
-        if self.dtype not in (None, "float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
-        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(1)  # small CPU ops: more threads mostly wait for busy cores
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device!r}, but torch sees no GPU; use device='cpu'")
+            odd = isinstance(self.pool_kernel, int) and self.pool_kernel % 2 == 1
+            checks |= {
+                "policy": (self.policy in POLICIES, f"one of {sorted(POLICIES)}"),
+                "score_weight": (0 <= self.score_weight <= 1, "in [0, 1]"),
+                "decay": (0 < self.decay <= 1, "in (0, 1]"),
+                "redundancy_tau": (self.redundancy_tau > 0, "> 0"),
+                "pool_kernel": (odd, "an odd integer"),
+            }
+        for name, (valid, allowed) in checks.items():
+            if not valid:
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
         tp = self.tensor_parallel_size
-        gpus = torch.cuda.device_count() if self.device.startswith("cuda") else None
-        _check_int("tensor_parallel_size", tp, 1, gpus)
         for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
             size = hf.get(name, hf["num_attention_heads"])  # no num_key_value_heads: MHA
             if size % tp:  # every rank holds whole heads: KV heads are split, never replicated

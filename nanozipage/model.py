@@ -64,10 +64,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Normalise x, or (x + residual) returning the sum as the new residual."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None):
+        """Normalise x + residual (x alone in the first layer) -> (normalised, the sum), the sum
+        being the next residual."""
         if residual is None:
-            return rms_norm(x, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps), x
         return add_rms_norm(x, residual, self.weight, self.eps)
 
 
@@ -214,15 +215,9 @@ class Attention(nn.Module):
         )  # fmt: skip
         if ctx.is_prefill:
             o = prefill_attention(
-                q,
-                self.k_cache,
-                self.v_cache,
-                ctx.cu_seqlens_q,
-                ctx.context_lens,
-                ctx.block_tables,
-                ctx.max_seqlen_q,
-                self.scale,
-            )
+                q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.context_lens,
+                ctx.block_tables, ctx.max_seqlen_q, self.scale,
+            )  # fmt: skip
         else:
             o = decode_attention(
                 q, self.k_cache, self.v_cache, ctx.context_lens, ctx.block_tables, self.scale
@@ -250,11 +245,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hf["hidden_size"], hf["rms_norm_eps"])
 
     def forward(self, positions, x, residual):
-        x, residual = (
-            self.input_layernorm(x, residual)
-            if residual is not None
-            else (self.input_layernorm(x), x)
-        )
+        x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual

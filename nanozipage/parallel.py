@@ -1,19 +1,16 @@
 """Tensor parallelism: the processes, and how each step's plan reaches them.
 
-With `tensor_parallel_size=N`, rank 0 is the caller's process: it runs the engine (scheduler,
-block manager, sampling) and its `ModelRunner` forwards every model call (`step`, `compact`,
-`wait_for_compactions`) to ranks 1..N-1 before running it on its own shard. The workers here
-only loop over those calls. What travels is small: a `StepPlan` of flat int lists or a few
-compaction plans, pickled once and written to one pipe per worker. Tensors never travel by
-pipe; the model's own collectives (all-reduce, logits gather, the broadcast of the sampled ids)
-go through torch.distributed (NCCL on GPUs, gloo on the CPU).
+With `tensor_parallel_size=N`, rank 0 is the caller's process: it runs the engine, and its
+`ModelRunner` forwards every model call (`step`, `compact`, `wait_for_compactions`) to ranks
+1..N-1 before running it on its own shard; the workers here only loop over those calls. What
+travels by pipe is small: a `StepPlan` of flat int lists or a few compaction plans, pickled
+once. Tensors go through the model's collectives in torch.distributed (NCCL, gloo on the CPU).
 
-A worker reports "started" before any rank joins the process group, then "ready" (or its
-error, which rank 0 raises at once). Pipes make lifetimes simple: closing rank 0's end
-(`LLM.close()`, the `LLM` is collected, the program exits or dies) ends a worker's loop, and
-nothing is left to unlink. A dead worker is seen before every call and while rank 0 waits on
-the GPU; an exception on rank 0 inside a step ends the workers (they could no longer follow).
-This module imports neither model nor runner: the runner passes its class, called by name.
+Pipes make lifetimes simple: closing rank 0's end (`LLM.close()`, the `LLM` is collected, the
+program exits or dies) ends a worker's loop, and nothing is left to unlink. A dead worker is
+seen before every call and while rank 0 waits on the GPU; an exception on rank 0 inside a step
+ends the workers (they could no longer follow). This module imports neither model nor runner:
+the runner passes its class.
 """
 
 import multiprocessing as mp
@@ -40,26 +37,23 @@ MISSING_GUARD = 86
 
 
 def _init_group(config: Config, rank: int, store: dist.TCPStore):
-    cuda = config.device.startswith("cuda")
+    ranks, cuda = config.tensor_parallel_size, config.device.startswith("cuda")
     if cuda:
         torch.cuda.set_device(rank)
     else:  # the ranks share the cores: with more threads than cores, every matmul waits
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
+    # With device_id, NCCL's communicator is made here by all ranks at once, not in a later
+    # collective.
+    backend, device = ("nccl", torch.device("cuda", rank)) if cuda else ("gloo", None)
     dist.init_process_group(
-        "nccl" if cuda else "gloo",
-        store=store,
-        world_size=config.tensor_parallel_size,
-        rank=rank,
-        timeout=TIMEOUT,
-        # NCCL's communicator is made here, by all ranks at once, not in a later collective.
-        device_id=torch.device("cuda", rank) if cuda else None,
+        backend, store=store, world_size=ranks, rank=rank, timeout=TIMEOUT, device_id=device
     )
 
 
 def _worker(config: Config, target: type, rank: int, port: int, conn):
-    """Ranks 1..N-1: join the process group, build `target(config, rank)` (this rank's model
-    runner), then run rank 0's calls on it until its pipe closes. An exception is sent
-    to rank 0 with its traceback and ends the process."""
+    """Ranks 1..N-1: report "started", join the process group, build `target(config, rank)`
+    (this rank's model runner), report "ready", then run rank 0's calls on it until its pipe
+    closes. An exception is sent to rank 0, which raises it at once, and ends the process."""
     try:
         conn.send("started")
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=TIMEOUT)

@@ -56,12 +56,11 @@ def zipage(state: CacheState, config) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def recency(state: CacheState, config) -> tuple[torch.Tensor, torch.Tensor]:
-    """StreamingLLM's baseline: four attention sinks (the first tokens) and the newest tokens.
-    Cache order is position order, so the cache index itself is the score."""
+    """The newest tokens: cache order is position order, so the cache index is the score. Like
+    every policy's, its sinks are `select`'s `num_sinks`: StreamingLLM is `policy="recency",
+    num_sinks=4`."""
     score = torch.arange(state.keys.shape[-2], device=state.keys.device, dtype=torch.float32)
-    score = score.expand_as(state.prev_scores).clone()
-    score[..., :4] = float("inf")
-    return score, torch.zeros_like(state.prev_scores)
+    return score.expand_as(state.prev_scores), torch.zeros_like(state.prev_scores)
 
 
 POLICIES = {"zipage": zipage, "recency": recency}

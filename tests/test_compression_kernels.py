@@ -19,14 +19,9 @@ from interpreter import (
     runs_kernels,
 )
 
-from nanozipage.kernels import (
-    compact_ref,
-    compact_triton,
-    redundancy_sums_ref,
-    redundancy_sums_triton,
-    window_scores_ref,
-    window_scores_triton,
-)
+from nanozipage.kernels.compact import compact_ref, compact_triton
+from nanozipage.kernels.redundancy import redundancy_sums_ref, redundancy_sums_triton
+from nanozipage.kernels.window_score import window_scores_ref, window_scores_triton
 
 NUM_BLOCKS = 40 if ON_GPU else 3  # cached blocks per request
 WINDOW_TILES = {} if ON_GPU else {"block_n": 16}

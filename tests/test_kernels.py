@@ -19,15 +19,13 @@ from interpreter import (
     runs_kernels,
 )
 
-from nanozipage.kernels import (
+from nanozipage.kernels.decode_attention import (
     decode_attention,
     decode_attention_ref,
     decode_attention_triton,
-    prefill_attention_ref,
-    prefill_attention_triton,
-    rope_store_kv_ref,
-    rope_store_kv_triton,
 )
+from nanozipage.kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
+from nanozipage.kernels.rope_store_kv import rope_store_kv_ref, rope_store_kv_triton
 
 # Tiles of 16 tokens on CPU so the short lengths there still span several; the defaults on GPU.
 PREFILL_TILES = {} if ON_GPU else {"block_m": 16, "block_n": 16}

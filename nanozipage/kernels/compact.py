@@ -11,11 +11,12 @@ correct: the first gathers every kept token into a dense temporary, the second w
 """
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from nanozipage.kernels.prefill_attention import uses_triton
 
 
 @triton.jit
@@ -82,7 +83,4 @@ def compact(
     `(head_dim,)` for K and V, `()` for the stored scores), write old token `kept[g, h, j]` (an
     index into the tokens of the `old_blocks` table) to slot j of the `new_blocks` table,
     which may reuse old block ids. Blocks outside `new_blocks` keep their contents."""
-    if cache.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        compact_triton(cache, old_blocks, new_blocks, kept)
-    else:
-        compact_ref(cache, old_blocks, new_blocks, kept)
+    (compact_triton if uses_triton(cache) else compact_ref)(cache, old_blocks, new_blocks, kept)

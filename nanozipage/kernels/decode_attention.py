@@ -10,13 +10,18 @@ and writes a partial output with its log-sum-exp; a second kernel merges the spl
 """
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from nanozipage.kernels.prefill_attention import check_attention_inputs, dot_precision, paged_kv
+from nanozipage.kernels.prefill_attention import (
+    attend_tile,
+    check_attention_inputs,
+    dot_precision,
+    paged_kv,
+    uses_triton,
+)
 
 
 @triton.jit
@@ -41,27 +46,16 @@ def _decode_split_kernel(
     q_ptrs = q + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :]
     q_tile = tl.load(q_ptrs, mask=row[:, None] < GROUP, other=0.0)
     block_table = block_tables + seq * stride_bt
+    # Prefill's tile step, its causal mask at the split's last key: it hides the keys past `end`.
+    last = tl.zeros([BLOCK_H], tl.int32) + end - 1
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
     for tile_start in range(start, end, BLOCK_N):
-        k_pos = tile_start + tl.arange(0, BLOCK_N)
-        in_split = k_pos < end
-        block = tl.load(block_table + k_pos // block_size, mask=in_split, other=0).to(tl.int64)
-        rows = block * stride_cb + kv_head * stride_ch + (k_pos % block_size) * HEAD_DIM
-        offsets = rows[:, None] + dims[None, :]
-        k = tl.load(k_cache + offsets, mask=in_split[:, None], other=0.0)
-        s = (
-            tl.dot(q_tile, tl.trans(k), input_precision=PRECISION) * qk_scale
-        )  # log2 units, see qk_scale in the wrapper
-        s = tl.where(in_split[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        v = tl.load(v_cache + offsets, mask=in_split[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        acc, m_i, l_i = attend_tile(
+            acc, m_i, l_i, q_tile, last, k_cache, v_cache, block_table, kv_head * stride_ch,
+            tile_start, end, block_size, stride_cb, qk_scale, HEAD_DIM, BLOCK_N, True, PRECISION,
+        )  # fmt: skip
 
     # An empty split (short or zero-length context) has acc = 0, l_i = 0 and m_i = -inf: it
     # stores zeros and lse = -inf, which the merge weighs by exp2(-inf) = 0.
@@ -158,6 +152,4 @@ def decode_attention(
     `context_lens[b] - 1`, over all `context_lens[b]` cached tokens; rows of length 0 give zeros.
     Returns a new `[B, num_q_heads, head_dim]` tensor."""
     args = (q, k_cache, v_cache, context_lens, block_tables, scale, num_splits)
-    if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return decode_attention_triton(*args)
-    return decode_attention_ref(*args)
+    return (decode_attention_triton if uses_triton(q) else decode_attention_ref)(*args)

@@ -15,11 +15,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _attend_tile(
+def attend_tile(
     acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, kv_head_offset, start,
     ctx_len, block_size, stride_cb, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """Flash attention's step over keys [start, start + BLOCK_N): the online-softmax update of
+    (acc, m_i, l_i). CAUSAL hides the keys after each row's `q_pos` (and so past the context)."""
     k_pos = start + tl.arange(0, BLOCK_N)
     in_ctx = k_pos < ctx_len
     block = tl.load(block_table + k_pos // block_size, mask=in_ctx, other=0).to(tl.int64)
@@ -69,12 +71,12 @@ def _prefill_kernel(
     # Keys before the tile's first query are visible to all its rows: skip the causal mask there.
     unmasked_end = first_pos // BLOCK_N * BLOCK_N
     for start in range(0, unmasked_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
+        acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q_tile, q_pos, k_cache, v_cache, block_table, kv_head_offset, start,
             ctx_len, block_size, stride_cb, qk_scale, HEAD_DIM, BLOCK_N, False, PRECISION,
         )  # fmt: skip
     for start in range(unmasked_end, tl.minimum(first_pos + BLOCK_M, ctx_len), BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
+        acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q_tile, q_pos, k_cache, v_cache, block_table, kv_head_offset, start,
             ctx_len, block_size, stride_cb, qk_scale, HEAD_DIM, BLOCK_N, True, PRECISION,
         )  # fmt: skip
@@ -123,6 +125,12 @@ def check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
 
 
+def uses_triton(x: torch.Tensor) -> bool:
+    """Whether the kernels run on `x` in Triton (on the GPU, or in its interpreter when
+    TRITON_INTERPRET=1, read at each call) rather than as their PyTorch references."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """A float32 model gets float32 attention; tl.dot would otherwise round inputs to tf32."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -167,6 +175,4 @@ def prefill_attention(
     `cu_seqlens_q[i]:cu_seqlens_q[i+1]`, the last of its `context_lens[i]` cached tokens) over the
     paged cache. Returns a new `[N, num_q_heads, head_dim]` tensor."""
     args = (q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, scale)
-    if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return prefill_attention_triton(*args)
-    return prefill_attention_ref(*args)
+    return (prefill_attention_triton if uses_triton(q) else prefill_attention_ref)(*args)

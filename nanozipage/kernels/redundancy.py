@@ -10,14 +10,12 @@ summed whole, each column's newest near-duplicate (the largest row m != n with
 sim(m, n) > 0.5) is tracked with its similarity, and those are subtracted at the end.
 """
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from nanozipage.kernels.prefill_attention import dot_precision
+from nanozipage.kernels.prefill_attention import dot_precision, uses_triton
 
 
 @triton.jit
@@ -115,6 +113,4 @@ def redundancy_sums(keys: torch.Tensor, block_size: int) -> torch.Tensor:
     of its cosine similarities with the other keys n of its block, without sim(m, n) where m is
     n's newest near-duplicate (the largest slot with sim > 0.5). Returns float32 `[G, kv_heads, T]`.
     """
-    if keys.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return redundancy_sums_triton(keys, block_size)
-    return redundancy_sums_ref(keys, block_size)
+    return (redundancy_sums_triton if uses_triton(keys) else redundancy_sums_ref)(keys, block_size)

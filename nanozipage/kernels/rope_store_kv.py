@@ -12,20 +12,25 @@ Cache layout, per layer: `[num_blocks, num_kv_heads, block_size, head_dim]`; the
 per layer: `[rows, num_q_heads, head_dim]`, one row per (query slot, window position).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from nanozipage.kernels.prefill_attention import uses_triton
+
 
 @triton.jit
-def _norm_rope(x_lo, x_hi, w_lo, w_hi, cos, sin, eps, HEAD_DIM: tl.constexpr, NORM: tl.constexpr):
-    """One [heads, head_dim] tile in halves (rotate-half layout): RMSNorm, then RoPE."""
+def _load_norm_rope(ptrs, mask, weight, cos, sin, eps, HEAD_DIM: tl.constexpr, NORM: tl.constexpr):
+    """The heads whose first halves are at `ptrs` (rotate-half layout), in float32: RMSNorm
+    with `weight` if NORM, then RoPE. Returns the two halves."""
+    half = tl.arange(0, HEAD_DIM // 2)[None, :]
+    x_lo = tl.load(ptrs, mask=mask).to(tl.float32)
+    x_hi = tl.load(ptrs + HEAD_DIM // 2, mask=mask).to(tl.float32)
     if NORM:
         mean_sq = (tl.sum(x_lo * x_lo, 1) + tl.sum(x_hi * x_hi, 1)) / HEAD_DIM
         inv = tl.rsqrt(mean_sq + eps)[:, None]
-        x_lo, x_hi = x_lo * inv * w_lo, x_hi * inv * w_hi
+        x_lo = x_lo * inv * tl.load(weight + half)
+        x_hi = x_hi * inv * tl.load(weight + HEAD_DIM // 2 + half)
     return x_lo * cos - x_hi * sin, x_hi * cos + x_lo * sin
 
 
@@ -48,12 +53,7 @@ def _rope_store_kv_kernel(
     q_heads = tl.arange(0, BLOCK_QH)[:, None]
     q_mask = q_heads < num_q_heads
     q_ptrs = row + q_heads * HEAD_DIM + half
-    w_lo, w_hi = 1.0, 1.0
-    if NORM:
-        w_lo, w_hi = tl.load(q_weight + half), tl.load(q_weight + HEAD_DIM // 2 + half)
-    q_lo = tl.load(q_ptrs, mask=q_mask).to(tl.float32)
-    q_hi = tl.load(q_ptrs + HEAD_DIM // 2, mask=q_mask).to(tl.float32)
-    q_lo, q_hi = _norm_rope(q_lo, q_hi, w_lo, w_hi, cos, sin, eps, HEAD_DIM, NORM)
+    q_lo, q_hi = _load_norm_rope(q_ptrs, q_mask, q_weight, cos, sin, eps, HEAD_DIM, NORM)
     q_lo, q_hi = q_lo.to(q_out.dtype.element_ty), q_hi.to(q_out.dtype.element_ty)
     out = q_out + token * num_q_heads * HEAD_DIM + q_heads * HEAD_DIM + half
     tl.store(out, q_lo, mask=q_mask)
@@ -72,11 +72,7 @@ def _rope_store_kv_kernel(
     kv_heads = tl.arange(0, BLOCK_KH)[:, None]
     kv_mask = kv_heads < num_kv_heads
     k_ptrs = row + (num_q_heads + kv_heads) * HEAD_DIM + half
-    if NORM:
-        w_lo, w_hi = tl.load(k_weight + half), tl.load(k_weight + HEAD_DIM // 2 + half)
-    k_lo = tl.load(k_ptrs, mask=kv_mask).to(tl.float32)
-    k_hi = tl.load(k_ptrs + HEAD_DIM // 2, mask=kv_mask).to(tl.float32)
-    k_lo, k_hi = _norm_rope(k_lo, k_hi, w_lo, w_hi, cos, sin, eps, HEAD_DIM, NORM)
+    k_lo, k_hi = _load_norm_rope(k_ptrs, kv_mask, k_weight, cos, sin, eps, HEAD_DIM, NORM)
     entry = (slot // block_size) * stride_cb + (slot % block_size) * HEAD_DIM
     dst = entry + kv_heads * stride_ch + half
     tl.store(k_cache + dst, k_lo.to(k_cache.dtype.element_ty), mask=kv_mask)
@@ -173,6 +169,4 @@ def rope_store_kv(
     float32 and rounds once. Returns the rotated q `[N, q_heads, head_dim]`."""
     args = (qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache, v_cache, slot_mapping,
             q_cache, query_rows)  # fmt: skip
-    if qkv.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return rope_store_kv_triton(*args)
-    return rope_store_kv_ref(*args)
+    return (rope_store_kv_triton if uses_triton(qkv) else rope_store_kv_ref)(*args)

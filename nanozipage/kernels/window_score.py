@@ -11,13 +11,11 @@ softmax maximum and sum; pass 2 turns the scores into probabilities, takes the m
 group and the mean over the window, and stores one score per key.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from nanozipage.kernels.prefill_attention import dot_precision
+from nanozipage.kernels.prefill_attention import dot_precision, uses_triton
 
 
 @triton.jit
@@ -121,6 +119,4 @@ def window_scores(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     `[G, window, q_heads, head_dim]`: each query's softmax over the keys (causal inside the
     window), max over the query heads of each KV head's group, mean over the window.
     Returns a new float32 `[G, kv_heads, T]` tensor."""
-    if keys.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return window_scores_triton(keys, queries)
-    return window_scores_ref(keys, queries)
+    return (window_scores_triton if uses_triton(keys) else window_scores_ref)(keys, queries)
