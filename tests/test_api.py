@@ -161,3 +161,114 @@ def test_dummy_load_format_builds_a_seeded_random_model_from_config_json_alone(t
     assert len(tokens) == 8
     again = LLM(str(only_config), **config).generate(prompt, greedy, use_tqdm=False)
     assert again[0]["token_ids"] == tokens  # the seed fixes the weights
+
+
+def run_to_end(llm: LLM) -> list[dict]:
+    outputs = []
+    while not llm.is_finished():
+        outputs += llm.step()[0]
+    return outputs
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.mark.parametrize(
+    "prompt, params, error",
+    [
+        (b"\x01\x02", GREEDY, TypeError),
+        (None, GREEDY, TypeError),
+        ((1, 2), GREEDY, TypeError),
+        ([1, 2], None, TypeError),  # add_request has no default; generate's None is checked below
+        ([1, 2], {"max_tokens": 5}, TypeError),
+        ([True, False], GREEDY, ValueError),
+        ([1, 2.0], GREEDY, ValueError),
+        ([1, 2], SamplingParams(stop_token_ids=[256]), ValueError),
+    ],
+)
+def test_wrong_types_raise_at_the_door_and_leave_queued_requests_alone(llm, prompt, params, error):
+    expected = llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]["token_ids"]
+    good = llm.add_request([1, 2, 3], GREEDY)
+    with pytest.raises(error):
+        llm.add_request(prompt, params)
+    with pytest.raises(error):
+        llm.generate([[4, 5], prompt], [GREEDY, params], use_tqdm=False)
+    outputs = run_to_end(llm)
+    assert [(o["request_id"], o["token_ids"]) for o in outputs] == [(good, expected)]
+    assert llm.scheduler.block_manager.num_free_blocks == llm.model_runner.num_blocks
+
+
+def test_generate_without_sampling_params_uses_the_defaults(llm):
+    (output,) = llm.generate([[1, 2, 3]], None, use_tqdm=False)
+    assert 1 <= len(output["token_ids"]) <= SamplingParams().max_tokens
+    assert "logprobs" not in output  # SamplingParams() asks for none
+
+
+def test_a_request_failing_inside_a_step_is_aborted_and_poisons_nothing(llm):
+    """A SamplingParams changed after it was made slips past the checks (top_k beyond int32):
+    its call raises, and the engine still serves the next call as before."""
+    expected = llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]["token_ids"]
+    params = SamplingParams(temperature=0.5, top_k=5, max_tokens=4)
+    params.top_k = 2**40
+    with pytest.raises((ValueError, RuntimeError)):
+        llm.generate([[4, 5]], params, use_tqdm=False)
+    assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]["token_ids"] == expected
+    assert llm.is_finished()
+    assert llm.scheduler.block_manager.num_free_blocks == llm.model_runner.num_blocks
+
+
+def test_generate_returns_its_own_results_and_keeps_added_requests_for_step(llm):
+    expected = llm.generate([[7, 8, 9], [4, 5]], GREEDY, use_tqdm=False)
+    added = llm.add_request([7, 8, 9], GREEDY)
+    outputs = llm.generate([[4, 5]], GREEDY, use_tqdm=False)
+    assert [o["token_ids"] for o in outputs] == [expected[1]["token_ids"]]
+    assert outputs[0]["request_id"] != added
+    later = run_to_end(llm)  # the added request finished meanwhile, or finishes now
+    assert [(o["request_id"], o["token_ids"]) for o in later] == [(added, expected[0]["token_ids"])]
+
+
+@pytest.fixture(scope="module")
+def compressed_model(tmp_path_factory) -> str:
+    return make_tiny_model("qwen3", tmp_path_factory.mktemp("compressed"))
+
+
+def test_abort_frees_a_request_mid_compaction_and_the_others_finish_unchanged(compressed_model):
+    """With asynchronous compression in the overlapped loop, a request aborted while its
+    compaction is under way returns nothing; its blocks are free once the compaction ends."""
+    config = {"block_size": 8, "kv_budget": 16, "window": 2, "num_kvcache_blocks": 24}
+    prompts = [[(5 * i + j) % 256 for i in range(n)] for j, n in enumerate((20, 9, 30))]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    expected = LLM(compressed_model, **config).generate(prompts, params, use_tqdm=False)
+    llm = LLM(compressed_model, **config)
+    ids = [llm.add_request(p, params) for p in prompts]
+    outputs = []
+    while not any(s.compressing and s.request_id == ids[1] for s in llm.scheduler.running):
+        assert not llm.is_finished(), "the request never compacted"
+        outputs += llm.step()[0]
+    llm.abort(ids[1])
+    llm.abort(ids[1])  # again, and an unknown id: harmless
+    llm.abort(-1)
+    outputs += run_to_end(llm)
+    kept = [(ids[i], expected[i]["token_ids"]) for i in (0, 2)]
+    assert sorted((o["request_id"], o["token_ids"]) for o in outputs) == kept
+    assert llm.scheduler.block_manager.num_free_blocks == llm.model_runner.num_blocks
+
+
+def test_two_engines_with_different_block_sizes_in_one_process(compressed_model):
+    """Block size is per engine: two engines made side by side, used in turn, each give what
+    it gives alone (with compression, the block size changes the output)."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = [[[(3 * i + j) % 256 for i in range(n)]] for j, n in enumerate((30, 17))]
+    configs = [{"block_size": b, "kv_budget": 2 * b, "window": 2, "num_kvcache_blocks": 16}
+               for b in (8, 16)]  # fmt: skip
+    alone = []
+    for config in configs:
+        llm = LLM(compressed_model, **config)
+        alone.append([llm.generate(p, params, use_tqdm=False)[0]["token_ids"] for p in prompts])
+    assert alone[0] != alone[1]
+    engines = [LLM(compressed_model, **config) for config in configs]
+    in_turn = [[], []]
+    for prompt in prompts:
+        for i, llm in enumerate(engines):
+            in_turn[i].append(llm.generate(prompt, params, use_tqdm=False)[0]["token_ids"])
+    assert in_turn == alone
