@@ -1,6 +1,7 @@
 """n samples per prompt (shared prompt blocks, seeds, order; full and compressed KV), LLM.chat,
 and prompts given as a single string or token list (tiny random Qwen3 and SmolLM2, CPU)."""
 
+import random
 from dataclasses import replace
 
 import pytest
@@ -208,3 +209,31 @@ def test_a_string_is_one_prompt_and_ends_by_length_or_stop(smollm2):
     assert (cut["finish_reason"], len(cut["token_ids"])) == ("length", 3)
     assert free["token_ids"][:3] == cut["token_ids"]
     assert (free["finish_reason"], free["token_ids"][-1]) == ("stop", 2)  # EOS: <|im_end|>
+
+
+@pytest.mark.parametrize("config", [
+    {"kv_budget": None, "block_size": 8, "num_kvcache_blocks": 20},
+    {**COMPRESSED, "num_kvcache_blocks": 12},
+], ids=["full KV", "compressed"])  # fmt: skip
+def test_samples_penalties_and_stops_under_preemption_agree_in_both_loops(model_dir, config):
+    """Everything at once in a pool too small for it: the overlapped loop gives the plain
+    loop's results, and every block comes back."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(10, 40))] for _ in range(5)]
+    params = [
+        replace(SAMPLED, n=3, seed=1, max_tokens=40, repetition_penalty=1.3),
+        replace(GREEDY, n=2, max_tokens=30, frequency_penalty=0.5),
+        replace(SAMPLED, seed=2, max_tokens=35, stop_token_ids=[7, 9, 11], min_tokens=5),
+        replace(SAMPLED, n=2, seed=3, max_tokens=25, presence_penalty=1.0, top_k=-1, min_p=0.05),
+        replace(GREEDY, max_tokens=40),
+    ]
+    results = {}
+    for overlap in (True, False):
+        llm = LLM(model_dir, overlap_scheduling=overlap, **config)
+        results[overlap] = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.scheduler.num_preemptions > 0
+        assert_no_leak(llm)
+    ignored = ("request_id", "num_cached_tokens")
+    overlapped, plain = ([{k: v for k, v in o.items() if k not in ignored} for o in results[o]]
+                         for o in (True, False))  # fmt: skip
+    assert overlapped == plain and len(plain) == 9
