@@ -70,6 +70,10 @@ class LLMEngine:
         queued here."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params: expected SamplingParams, got {params!r}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(
+                "stop: strings need a tokenizer in the model directory; use stop_token_ids"
+            )
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(
@@ -153,7 +157,8 @@ class LLMEngine:
         """
         touched, compressions = list(self.scheduler.running), []  # until the schedule says
         try:
-            for seq, old_table in self.model_runner.compressor.poll():
+            compressions = self.model_runner.compressor.poll()  # _recover ends those left
+            for seq, old_table in compressions:
                 self.scheduler.finish_compression(seq, old_table)
             seqs, is_prefill, compressions = self.scheduler.schedule()
             touched = seqs + [seq for seq, _ in compressions]

@@ -101,9 +101,12 @@ class Sequence:
 
     @property
     def needs_compression(self) -> bool:
-        """The next decode step's token starts a new block while N_max blocks are full."""
-        filled = self.cache_len - 1
-        return filled % self.block_size == 0 and filled >= self.max_blocks * self.block_size
+        """The next decode step's token starts a new block while N_max blocks are full, and is
+        a generated token: a prompt's last token, left to a decode step by a prefill chunk that
+        ended one short, sees the whole prompt, as it would in one chunk."""
+        filled, b = self.cache_len - 1, self.block_size
+        generated = self.num_computed_tokens >= self.num_prompt_tokens
+        return filled % b == 0 and filled >= self.max_blocks * b and generated
 
     def block(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size : (i + 1) * self.block_size]

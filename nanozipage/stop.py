@@ -54,8 +54,9 @@ class StopConditions:
         if self.tokenizer is None:
             return None
         stop, ids = seq.stop_reason, seq.completion_token_ids
-        if not isinstance(stop, str):
-            return self._decode(ids)
+        if not isinstance(stop, str):  # as vLLM: a stop token's text only if asked for
+            keep = stop is None or seq.sampling_params.include_stop_str_in_output
+            return self._decode(ids if keep else ids[:-1])
         match, text = self._find([stop], ids)
         keep = len(stop) if seq.sampling_params.include_stop_str_in_output else 0
         return text[: match[0] + keep] if match else text

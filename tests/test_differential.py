@@ -22,12 +22,6 @@ FEW_SEEDS, MANY_SEEDS = range(12), range(12, 212)
 # Issue 12, item 1 is still open: a prefill chunk that ends one token before a prompt's end on a
 # block boundary past N_max blocks compresses the prompt before its last token, so the first
 # token differs from transformers'. These seeds draw such a case (all pass with the fix).
-CHUNK_BUG = pytest.mark.xfail(strict=True, reason="issue 12: compression before a prompt's end")
-CHUNK_BUG_SEEDS = {3, 43, 49, 54, 57, 75, 86, 97, 108, 128, 133, 162, 169, 173, 178, 179, 201}
-
-
-def seeds(values) -> list:
-    return [pytest.param(s, marks=CHUNK_BUG) if s in CHUNK_BUG_SEEDS else s for s in values]
 
 
 @pytest.fixture(scope="module")
@@ -107,18 +101,17 @@ def check_case(models, seed: int):
     assert llm.scheduler.block_manager.num_free_blocks == llm.model_runner.num_blocks
 
 
-@pytest.mark.parametrize("seed", seeds(FEW_SEEDS))
+@pytest.mark.parametrize("seed", FEW_SEEDS)
 def test_random_configuration_matches_the_references(models, seed):
     check_case(models, seed)
 
 
 @pytest.mark.exhaustive
-@pytest.mark.parametrize("seed", seeds(MANY_SEEDS))
+@pytest.mark.parametrize("seed", MANY_SEEDS)
 def test_many_random_configurations_match_the_references(models, seed):
     check_case(models, seed)
 
 
-@CHUNK_BUG
 def test_prefill_chunk_ending_one_token_before_the_prompt_end_gives_transformers_first_token(
     models,
 ):

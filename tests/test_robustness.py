@@ -75,9 +75,8 @@ def assert_clean(llm: LLM):
 
 # A failure in `Scheduler.finish_compression` loses the other jobs of that poll: they stay
 # "compressing" with their old blocks held for good (the engine never finishes again).
-LOST_JOBS = pytest.mark.xfail(strict=True, reason="issue 12: a failed finish_compression leaks")
 STAGES = [("schedule", 6), ("run", 6), ("sample", 4), ("launch", 2), ("poll", 2),
-          pytest.param("finish_compression", 2, marks=LOST_JOBS)]  # fmt: skip
+          ("finish_compression", 2)]  # fmt: skip
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])

@@ -7,9 +7,8 @@ from dataclasses import replace
 import pytest
 from helpers import make_tiny_model
 
-from nanozipage import LLM, SamplingParams
+from nanozipage import LLM, SamplingParams, model_runner
 from nanozipage.block_manager import BlockManager
-from nanozipage.model_runner import ModelRunner
 
 GOLDEN = 0x9E3779B97F4A7C15  # sample i of a seeded request uses seed + i * GOLDEN mod 2**64
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -40,19 +39,19 @@ def test_samples_share_the_prompts_full_blocks_which_are_prefilled_once(
     model_dir, monkeypatch, prompt_len, config
 ):
     allocated, fed = [], []
-    allocate, prepare_prefill = BlockManager.allocate, ModelRunner.prepare_prefill
+    allocate, prefill_plan = BlockManager.allocate, model_runner.prefill_plan
 
     def allocate_spy(self, seq):
         allocate(self, seq)
         refs = [self.blocks[b].ref_count for b in seq.block_table]
         allocated.append((seq.sample_index, list(seq.block_table), refs))
 
-    def prepare_prefill_spy(self, seqs):
+    def prefill_plan_spy(seqs, window):
         fed.append(sum(seq.num_new_tokens for seq in seqs))
-        return prepare_prefill(self, seqs)
+        return prefill_plan(seqs, window)
 
     monkeypatch.setattr(BlockManager, "allocate", allocate_spy)
-    monkeypatch.setattr(ModelRunner, "prepare_prefill", prepare_prefill_spy)
+    monkeypatch.setattr(model_runner, "prefill_plan", prefill_plan_spy)
     llm = LLM(model_dir, **config)
     prompt, n = PROMPT[:prompt_len], 3
     outputs = llm.generate(prompt, replace(SAMPLED, n=n, seed=1), use_tqdm=False)
