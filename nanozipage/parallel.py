@@ -1,16 +1,14 @@
 """Tensor parallelism: the processes, and how each step's plan reaches them.
 
 With `tensor_parallel_size=N`, rank 0 is the caller's process: it runs the engine, and its
-`ModelRunner` forwards every model call (`step`, `compact`, `wait_for_compactions`) to ranks
-1..N-1 before running it on its own shard; the workers here only loop over those calls. What
-travels by pipe is small: a `StepPlan` of flat int lists or a few compaction plans, pickled
-once. Tensors go through the model's collectives in torch.distributed (NCCL, gloo on the CPU).
+model runner and compressor send each call (a step's `StepPlan`, compaction plans: a few flat
+int lists, pickled once) to ranks 1..N-1 before running it on their own shard; the workers here
+only loop over those calls. Tensors go through torch.distributed (NCCL; gloo on the CPU).
 
 Pipes make lifetimes simple: closing rank 0's end (`LLM.close()`, the `LLM` is collected, the
 program exits or dies) ends a worker's loop, and nothing is left to unlink. A dead worker is
-seen before every call and while rank 0 waits on the GPU; an exception on rank 0 inside a step
-ends the workers (they could no longer follow). This module imports neither model nor runner:
-the runner passes its class.
+seen before every call and while rank 0 waits on the GPU. This module imports neither model nor
+runner: the runner passes its class.
 """
 
 import multiprocessing as mp
@@ -42,8 +40,7 @@ def _init_group(config: Config, rank: int, store: dist.TCPStore):
         torch.cuda.set_device(rank)
     else:  # the ranks share the cores: with more threads than cores, every matmul waits
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
-    # With device_id, NCCL's communicator is made here by all ranks at once, not in a later
-    # collective.
+    # With device_id, all ranks make NCCL's communicator here at once, not in a later collective.
     backend, device = ("nccl", torch.device("cuda", rank)) if cuda else ("gloo", None)
     dist.init_process_group(
         backend, store=store, world_size=ranks, rank=rank, timeout=TIMEOUT, device_id=device
@@ -138,8 +135,7 @@ class Workers:
 
     def wait_on_gpu(self, event: torch.cuda.Event | None = None):
         """Wait for `event` (by default, all work queued so far), checking the workers all the
-        while: on NCCL a dead peer leaves a collective spinning rather than failing (gloo raises
-        at once)."""
+        while: on NCCL a dead peer leaves a collective spinning rather than failing."""
         event = event or torch.cuda.current_stream().record_event()
         while not event.query():
             self.check_alive()
