@@ -82,7 +82,8 @@ def chat_prompt(tokenizer, question: str) -> list[int]:
 def generate(model: str, policy: str, budget: int | None, block_size: int, questions, params):
     """One engine (budget None: full KV), freed before returning: prompts, outputs, a row of
     timing figures."""
-    llm = LLM(model, kv_budget=budget, block_size=block_size, policy=policy)
+    sinks = 4 if policy == "recency" else 0  # recency with 4 sinks is StreamingLLM
+    llm = LLM(model, kv_budget=budget, block_size=block_size, policy=policy, num_sinks=sinks)
     prompts = [chat_prompt(llm.tokenizer, q) for q in questions]
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
