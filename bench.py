@@ -282,6 +282,7 @@ def throughput(model: str, args) -> dict:
         results[mode]["kv_blocks"] = llm.model_runner.num_blocks
         results[mode]["query_slots"] = llm.model_runner.num_query_slots
         print(mode, {k: v for k, v in results[mode].items() if k != "timeline"}, flush=True)
+        llm.close()  # a tensor-parallel engine's workers end now, not when it is collected
         del llm
         gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -404,6 +405,7 @@ def decode_step(model: str, args) -> dict:
             "of_bound": bound / wall if bound else None, "eager_wall_ms": 1000 * eager,
         }  # fmt: skip
         print(name, results[name], flush=True)
+        llm.close()  # a tensor-parallel engine's workers end now, not when it is collected
         del llm
         gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -479,6 +481,7 @@ def compress_cost(model: str, args) -> dict:
     results["async_slowdown"] = (
         results["decode_step_async_compression_ms"] / results["decode_step_ms"] - 1
     )
+    llm.close()
     return results
 
 
