@@ -47,19 +47,13 @@ class LLMEngine:
             )
         self.config = Config(model, **config)
         model = self.config.model  # a directory, also when given as a Hugging Face id
-        has_tokenizer = any(
-            os.path.isfile(os.path.join(model, name))
-            for name in ("tokenizer.json", "tokenizer_config.json")
-        )
+        names = ("tokenizer.json", "tokenizer_config.json")
+        has_tokenizer = any(os.path.isfile(os.path.join(model, name)) for name in names)
         self.tokenizer = AutoTokenizer.from_pretrained(model) if has_tokenizer else None
         eos = eos_token_ids(model, self.config.hf_config, self.tokenizer)
-        self.model_runner = ModelRunner(self.config)
-        self.scheduler = Scheduler(
-            self.config,
-            self.model_runner.num_blocks,
-            self.model_runner.num_query_slots,
-            StopConditions(eos, self.tokenizer),
-        )
+        runner = self.model_runner = ModelRunner(self.config)
+        stop = StopConditions(eos, self.tokenizer)
+        self.scheduler = Scheduler(self.config, runner.num_blocks, runner.num_query_slots, stop)
         self.in_flight: InFlight | None = None  # the step launched last, if not yet collected
         self.requests: dict[int, list[Sequence]] = {}  # unfinished requests, by request id
         self.unclaimed: list[dict] = []  # results that the next `step()` returns
@@ -129,11 +123,9 @@ class LLMEngine:
         finished, and the tokens fed by the launched step (negative for a decode step, so that
         callers can tell prefill and decode throughput apart).
 
-        The overlap is the engine loop's one trick (`overlap.py`). The GPU runs asynchronously,
-        so the step is launched before the previous step's sampled tokens are read back: while
-        the GPU runs step N, the host collects step N-1's tokens and plans step N+1. A request
-        that stops at step N has already been launched in step N+1: that token is dropped.
-        With `overlap_scheduling=False` each step is collected right after its launch.
+        The overlap (`overlap.py`): while the GPU runs step N, the host collects step N-1's tokens
+        and plans step N+1; a request that stops at step N was already launched in step N+1, and
+        that token is dropped. With `overlap_scheduling=False` each step is collected at once.
 
         If anything raises in here, the requests this step touched are aborted (they come back
         from the next `step()` with finish_reason "abort") and the exception propagates.

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from nanozipage.compressor import Compressor
 from nanozipage.config import Config
-from nanozipage.context import StepPlan, get_context, reset_context, set_context, to_device
+from nanozipage.context import StepPlan, get_context, set_context, to_device
 from nanozipage.model import CausalLM
 from nanozipage.overlap import Samples
 from nanozipage.parallel import Workers
@@ -219,7 +219,7 @@ class ModelRunner:
             hidden = self.model(input_ids, positions)[plan.sample_rows]
         else:
             hidden = self.run_decode(input_ids, positions)
-        reset_context()
+        set_context()  # empty again
         return self.model.compute_logits(hidden) if len(hidden) else None
 
     def run_decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -313,4 +313,4 @@ class ModelRunner:
             pool = pool or graph.pool()
             self.graphs[bs] = graph
             torch.cuda.synchronize()
-            reset_context()
+            set_context()
