@@ -85,8 +85,7 @@ class BlockManager:
                 self.free_block_ids.remove(block_id)
             block.ref_count += 1
         seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
-        seq.num_hashed_blocks = len(hits)
-        seq.block_table = hits
+        seq.num_hashed_blocks, seq.block_table = len(hits), hits
         self.append_blocks(seq)
 
     def _release(self, block_id: int):

@@ -31,10 +31,6 @@ def set_context(**fields):
     _CONTEXT = Context(**fields)
 
 
-def reset_context():
-    set_context()
-
-
 def to_device(data: list, device: torch.device, dtype=torch.int32) -> torch.Tensor:
     """A host list on the device, copied without waiting for the work queued there."""
     pinned = torch.tensor(data, dtype=dtype, pin_memory=device.type == "cuda")

@@ -41,26 +41,19 @@ def eos_token_ids(model: str, hf_config: dict, tokenizer) -> set[int]:
 
 class LLMEngine:
     def __init__(self, model: str, **config):
-        unknown = set(config) - USER_CONFIG_KEYS
-        if unknown:
+        if unknown := set(config) - USER_CONFIG_KEYS:
             raise ValueError(
                 f"unknown config keys {sorted(unknown)}; allowed: {sorted(USER_CONFIG_KEYS)}"
             )
         self.config = Config(model, **config)
         model = self.config.model  # a directory, also when given as a Hugging Face id
-        has_tokenizer = any(
-            os.path.isfile(os.path.join(model, name))
-            for name in ("tokenizer.json", "tokenizer_config.json")
-        )
+        names = ("tokenizer.json", "tokenizer_config.json")
+        has_tokenizer = any(os.path.isfile(os.path.join(model, name)) for name in names)
         self.tokenizer = AutoTokenizer.from_pretrained(model) if has_tokenizer else None
         eos = eos_token_ids(model, self.config.hf_config, self.tokenizer)
-        self.model_runner = ModelRunner(self.config)
-        self.scheduler = Scheduler(
-            self.config,
-            self.model_runner.num_blocks,
-            self.model_runner.num_query_slots,
-            StopConditions(eos, self.tokenizer),
-        )
+        runner = self.model_runner = ModelRunner(self.config)
+        stop = StopConditions(eos, self.tokenizer)
+        self.scheduler = Scheduler(self.config, runner.num_blocks, runner.num_query_slots, stop)
         self.in_flight: InFlight | None = None  # the step launched last, if not yet collected
         self.requests: dict[int, list[Sequence]] = {}  # unfinished requests, by request id
         self.unclaimed: list[dict] = []  # results that the next `step()` returns
@@ -71,15 +64,10 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params: expected SamplingParams, got {params!r}")
         if params.stop and self.tokenizer is None:
-            raise ValueError(
-                "stop: strings need a tokenizer in the model directory; use stop_token_ids"
-            )
+            raise ValueError("stop: strings need a tokenizer; use stop_token_ids")
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError(
-                    "prompt: text prompts need a tokenizer in the model directory; "
-                    "pass token ids instead"
-                )
+                raise ValueError("prompt: text needs a tokenizer; pass token ids instead")
             prompt = self.tokenizer.encode(prompt)
         if not isinstance(prompt, list):
             raise TypeError(f"prompt: expected a string or a list of token ids, got {prompt!r}")
@@ -89,40 +77,29 @@ class LLMEngine:
         for name, ids in (("prompt", prompt), ("stop_token_ids", params.stop_token_ids)):
             bad = [t for t in ids if type(t) is not int or not 0 <= t < vocab]
             if bad:
+                raise ValueError(f"{name}: ids must be integers in [0, {vocab}), got {bad[:5]}")
+        total, max_len = len(prompt) + params.max_tokens, self.config.max_model_len
+        if total > max_len:
+            raise ValueError(f"prompt and max_tokens: {total} tokens > max_model_len={max_len}")
+        b, kv_budget = self.config.block_size, self.config.kv_budget
+        if params.kv_budget is not None:
+            if kv_budget is None or params.kv_budget > kv_budget:
                 raise ValueError(
-                    f"{name}: token ids must be integers in [0, {vocab}), got {bad[:5]}"
+                    f"kv_budget: may only lower the engine's {kv_budget}, got {params.kv_budget}"
                 )
-        max_len = self.config.max_model_len
-        if len(prompt) + params.max_tokens > max_len:
-            raise ValueError(
-                f"prompt: {len(prompt)} tokens plus max_tokens={params.max_tokens} "
-                f"exceed max_model_len={max_len}"
-            )
-        b = self.config.block_size
+            check_kv_budget("kv_budget", params.kv_budget, b, self.config.window)
+            kv_budget = params.kv_budget
         seqs = [Sequence(prompt, params, b) for _ in range(params.n)]
         for i, seq in enumerate(seqs):
             seq.request_id, seq.sample_index = seqs[0].seq_id, i
             seq.first_sample = seqs[0] if i else None
             if params.seed is not None:  # every sample its own stream, reproducible
                 seq.seed = (params.seed + i * 0x9E3779B97F4A7C15) % 2**64
-            seq.kv_budget = self.config.kv_budget
-        if params.kv_budget is not None:
-            if self.config.kv_budget is None or params.kv_budget > self.config.kv_budget:
-                raise ValueError(
-                    f"kv_budget: a request may only lower the engine's kv_budget="
-                    f"{self.config.kv_budget}, got {params.kv_budget}"
-                )
-            check_kv_budget("kv_budget", params.kv_budget, b, self.config.window)
-            for seq in seqs:
-                seq.kv_budget = params.kv_budget
-        seq, total = seqs[0], len(prompt) + params.max_tokens
+            seq.kv_budget = kv_budget
         # Blocks at the request's peak: all its tokens, or N_max once it compresses.
-        num_blocks = min(-(-total // b), max(seq.max_blocks, -(-len(prompt) // b) + 1))
-        if num_blocks > self.model_runner.num_blocks:
-            raise ValueError(
-                f"prompt: {len(prompt)} tokens plus max_tokens={params.max_tokens} "
-                f"need {num_blocks} KV blocks, the pool has {self.model_runner.num_blocks}"
-            )
+        num_blocks = min(-(-total // b), max(seqs[0].max_blocks, -(-len(prompt) // b) + 1))
+        if num_blocks > (pool := self.model_runner.num_blocks):
+            raise ValueError(f"prompt and max_tokens need {num_blocks} KV blocks, pool has {pool}")
         return seqs
 
     def _add(self, seqs: list[Sequence]) -> int:
@@ -146,11 +123,9 @@ class LLMEngine:
         finished, and the tokens fed by the launched step (negative for a decode step, so that
         callers can tell prefill and decode throughput apart).
 
-        The overlap is the engine loop's one trick (`overlap.py`). The GPU runs asynchronously,
-        so the step is launched before the previous step's sampled tokens are read back: while
-        the GPU runs step N, the host collects step N-1's tokens and plans step N+1. A request
-        that stops at step N has already been launched in step N+1: that token is dropped.
-        With `overlap_scheduling=False` each step is collected right after its launch.
+        The overlap (`overlap.py`): while the GPU runs step N, the host collects step N-1's tokens
+        and plans step N+1; a request that stops at step N was already launched in step N+1, and
+        that token is dropped. With `overlap_scheduling=False` each step is collected at once.
 
         If anything raises in here, the requests this step touched are aborted (they come back
         from the next `step()` with finish_reason "abort") and the exception propagates.
@@ -204,8 +179,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence) -> dict:
         """The result of a finished sample."""
-        samples = self.requests.get(seq.request_id, [])
-        if all(s.is_finished for s in samples):
+        if all(s.is_finished for s in self.requests.get(seq.request_id, [])):
             self.requests.pop(seq.request_id, None)
         output = {
             "request_id": seq.request_id,
@@ -252,35 +226,28 @@ class LLMEngine:
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(
-                f"sampling_params: got {len(sampling_params)} for "
-                f"{len(prompts)} prompts; pass one, or one per prompt"
+                f"sampling_params: {len(sampling_params)} for {len(prompts)} prompts, not one each"
             )
         requests = [self.make_sequences(p, sp) for p, sp in zip(prompts, sampling_params)]
         samples = [(seq.request_id, seq.sample_index) for seqs in requests for seq in seqs]
-        order = {sample: i for i, sample in enumerate(samples)}
-        results, others, remaining = [None] * len(order), [], len(order)
+        results, others = {}, []  # by (request id, sample index); other requests' results
         ids = {self._add(seqs) for seqs in requests}
-        bar = tqdm(total=len(order), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        rates = {"prefill": 0.0, "decode": 0.0}
+        bar = tqdm(total=len(samples), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        rates = {}  # tokens per second of the last prefill and decode steps
         try:
-            while remaining:
+            while len(results) < len(samples):
                 start = time.perf_counter()
                 outputs, num_tokens = self.step()
                 if num_tokens:
                     kind = "prefill" if num_tokens > 0 else "decode"
-                    rates[kind] = abs(num_tokens) / (time.perf_counter() - start)
-                bar.set_postfix(
-                    running=len(self.scheduler.running),
-                    **{kind: f"{rate:.0f}tok/s" for kind, rate in rates.items()},
-                    refresh=False,
-                )
+                    rates[kind] = f"{abs(num_tokens) / (time.perf_counter() - start):.0f}tok/s"
+                bar.set_postfix(rates, running=len(self.scheduler.running), refresh=False)
                 for output in outputs:
-                    if output["request_id"] not in ids:
+                    if output["request_id"] in ids:
+                        results[output["request_id"], output["index"]] = output
+                        bar.update(1)
+                    else:
                         others.append(output)
-                        continue
-                    results[order[output["request_id"], output["index"]]] = output
-                    remaining -= 1
-                    bar.update(1)
             if any(seq.compressing for seqs in requests for seq in seqs):
                 self._finish_compactions()  # a finished request's blocks are free on return
         except BaseException:
@@ -291,7 +258,7 @@ class LLMEngine:
         finally:
             self.unclaimed = others + self.unclaimed
             bar.close()
-        return results
+        return [results[sample] for sample in samples]
 
     def chat(
         self,

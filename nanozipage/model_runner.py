@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from nanozipage.compressor import Compressor
 from nanozipage.config import Config
-from nanozipage.context import StepPlan, get_context, reset_context, set_context, to_device
+from nanozipage.context import StepPlan, get_context, set_context, to_device
 from nanozipage.model import CausalLM
 from nanozipage.overlap import Samples
 from nanozipage.parallel import Workers
@@ -59,6 +59,7 @@ class ModelRunner:
         self.model.eval()
         attn = self.model.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+        self.num_heads = attn.num_heads  # query heads
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.window = config.window if config.kv_budget else 0  # window queries to store
         self.q_cache = self.score_cache = None
@@ -109,36 +110,25 @@ class ModelRunner:
         M = m / (m_kv * N_max + m_q) query slots and m / (m_kv + m_q / N_max) blocks, so that
         the M slot holders can always reach their N_max blocks."""
         config, num_layers = self.config, len(self.model.model.layers)
-        block_bytes = self._empty_kv_cache(1).nbytes
+        spare = CPU_KV_CACHE_BYTES
         if self.use_cuda:
             free, total = torch.cuda.mem_get_info()
             stats = torch.cuda.memory_stats()
             # Memory the engine may still take: its share of the card, minus what is in use, minus
             # the activations of the largest step (peak seen in warmup, beyond what is resident).
-            spare = (
-                total * config.gpu_memory_utilization
-                - (total - free)
-                - stats["allocated_bytes.all.peak"]
-                + stats["allocated_bytes.all.current"]
-            )
-        else:
-            spare = CPU_KV_CACHE_BYTES
-        if self.config.tensor_parallel_size > 1:  # the same pool on every rank: the least memory
+            activations = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
+            spare = total * config.gpu_memory_utilization - (total - free) - activations
+        if config.tensor_parallel_size > 1:  # the same pool on every rank: the least memory
             spare = torch.tensor([spare], dtype=torch.float64, device=self.device)
             dist.all_reduce(spare, dist.ReduceOp.MIN)
             spare = spare.item()
-        attn = self.model.model.layers[0].self_attn
-        num_slots, num_q_heads = 0, attn.num_heads
+        block_bytes, slot_bytes, n_max = self._empty_kv_cache(1).nbytes, 0, 1
         if config.kv_budget:
-            block_bytes += num_layers * self.num_kv_heads * self.block_size * 4
+            block_bytes += num_layers * self.num_kv_heads * self.block_size * 4  # stored scores
             n_max = config.kv_budget // self.block_size + 1
-            slot_bytes = (
-                num_layers * config.window * num_q_heads * self.head_dim * self.dtype.itemsize
-            )
-            num_slots = int(spare // (block_bytes * n_max + slot_bytes))
-            num_blocks = int(spare // (block_bytes + slot_bytes / n_max))
-        else:
-            num_blocks = int(spare // block_bytes)
+            query_bytes = self.num_heads * self.head_dim * self.dtype.itemsize
+            slot_bytes = num_layers * config.window * query_bytes
+        num_blocks = int(spare // (block_bytes + slot_bytes / n_max))
         if config.num_kvcache_blocks is not None:
             num_blocks = min(num_blocks, config.num_kvcache_blocks)
         if num_blocks < 1:
@@ -146,26 +136,23 @@ class ModelRunner:
                 "gpu_memory_utilization leaves no memory for the KV cache; raise it "
                 "or lower max_num_batched_tokens"
             )
+        self.num_blocks, self.num_query_slots = num_blocks, 0
+        self.kv_cache = self._empty_kv_cache(num_blocks)
+        self._set_kv_cache(self.kv_cache)
         if config.kv_budget:
+            num_slots = int(spare // (block_bytes * n_max + slot_bytes))
             num_slots = min(num_slots, num_blocks // n_max, config.max_num_seqs)
             if num_slots < 1:
                 raise ValueError(
                     f"kv_budget={config.kv_budget} needs {n_max} KV blocks per request, the pool "
                     f"has {num_blocks}; lower kv_budget or give the pool more memory"
                 )
-            self.score_cache = torch.zeros(
-                num_layers, num_blocks, self.num_kv_heads, self.block_size, device=self.device
-            )
-            # One row per (query slot, window position).
-            self.q_cache = torch.zeros(
-                num_layers, num_slots * config.window, num_q_heads, self.head_dim,
-                dtype=self.dtype, device=self.device,
-            )  # fmt: skip
+            self.score_cache = torch.zeros(self.kv_cache.shape[1:-1], device=self.device)
+            rows = num_slots * config.window  # one per (query slot, window position)
+            self.q_cache = self.kv_cache.new_zeros(num_layers, rows, self.num_heads, self.head_dim)
             for i, layer in enumerate(self.model.model.layers):
                 layer.self_attn.q_cache = self.q_cache[i]
-        self.num_blocks, self.num_query_slots = num_blocks, num_slots
-        self.kv_cache = self._empty_kv_cache(num_blocks)
-        self._set_kv_cache(self.kv_cache)
+            self.num_query_slots = num_slots
 
     @torch.inference_mode()
     def run(
@@ -232,7 +219,7 @@ class ModelRunner:
             hidden = self.model(input_ids, positions)[plan.sample_rows]
         else:
             hidden = self.run_decode(input_ids, positions)
-        reset_context()
+        set_context()  # empty again
         return self.model.compute_logits(hidden) if len(hidden) else None
 
     def run_decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -326,4 +313,4 @@ class ModelRunner:
             pool = pool or graph.pool()
             self.graphs[bs] = graph
             torch.cuda.synchronize()
-            reset_context()
+            set_context()

@@ -12,6 +12,8 @@ updated there from the sampled ids: nothing here waits for the device.
 
 import torch
 
+from nanozipage.context import to_device
+
 
 class TokenCounts:
     """The token histories of the requests that use a penalty, on the device, one row each:
@@ -31,20 +33,18 @@ class TokenCounts:
         if not self.free_rows:
             self._grow()
         row = self.free_rows.pop()
-        pinned = self.device.type == "cuda"  # copy without waiting
-        ids = torch.tensor(output_ids + prompt_ids, dtype=torch.long, pin_memory=pinned)
-        output, prompt = ids.to(self.device, non_blocking=True).tensor_split([len(output_ids)])
+        ids = to_device(output_ids + prompt_ids, self.device, torch.long)
+        output, prompt = ids.tensor_split([len(output_ids)])
         self.counts[row].zero_().scatter_add_(0, output, torch.ones_like(output, dtype=torch.int32))
         self.in_prompt[row].zero_().index_fill_(0, prompt, True)
         return row
 
     def _grow(self):
-        used = max(self.counts.shape[0] - 1, 0)  # all in use: the last row is the empty one
+        used = max(len(self.counts) - 1, 0)  # all in use: the last row is the empty one
         size = max(2 * used, 4)
-        self.counts, self.in_prompt = (
-            torch.cat([t[:used], t.new_zeros(size + 1 - used, t.shape[1])])
-            for t in (self.counts, self.in_prompt)
-        )
+        added = (size + 1 - used, self.counts.shape[1])
+        self.counts = torch.cat([self.counts[:used], self.counts.new_zeros(added)])
+        self.in_prompt = torch.cat([self.in_prompt[:used], self.in_prompt.new_zeros(added)])
         self.free_rows += range(size - 1, used - 1, -1)  # pop() hands out the lowest first
 
     def free_row(self, row: int):
@@ -101,10 +101,9 @@ def sample(
         tokens = torch.where(temperatures == 0, tokens, sampled)
     if penalties is not None:
         token_counts.record(rows, tokens)
-    logprobs = None
-    if want_logprobs:
-        logprobs = raw.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
-    return tokens, logprobs
+    if not want_logprobs:
+        return tokens, None
+    return tokens, raw.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor):

@@ -60,9 +60,7 @@ class Scheduler:
     def _assign_query_slots(self):
         """Hybrid scheduling: query slots go to the first requests of the running queue."""
         for seq in self.running:
-            if not self.free_query_slots:
-                return
-            if seq.query_slot < 0:
+            if seq.query_slot < 0 and self.free_query_slots:
                 seq.query_slot = self.free_query_slots.pop()
 
     def _release_query_slot(self, seq: Sequence):
@@ -126,11 +124,8 @@ class Scheduler:
             if self._needs_query_slot(seq):
                 continue  # waits in the running queue until a query slot frees up
             if seq.needs_compression:
-                if (
-                    self.async_compression
-                    and self.num_compress_blocks
-                    and self.num_compress_blocks + len(seq.block_table) > self.max_compress_blocks
-                ):
+                busy = self.num_compress_blocks  # under asynchronous compression
+                if busy and busy + len(seq.block_table) > self.max_compress_blocks:
                     continue  # too many blocks under compression already: wait a step
                 if self._free_blocks(self.block_manager.num_compress_fresh_blocks(seq), seq, seqs):
                     old_table = self.block_manager.compress(seq)
@@ -155,11 +150,9 @@ class Scheduler:
 
     def _free_blocks(self, needed: int, seq: Sequence, scheduled: list[Sequence]) -> bool:
         """Preempt until `needed` blocks are free; False if seq must wait (or was preempted).
-
         Victims come from the tail of the running queue, requests without a query slot first;
-        a compressed request is never preempted (its memory is bounded and accounted for), nor
-        one already scheduled in this step.
-        """
+        never a compressed request (its memory is bounded and accounted for), nor one already
+        scheduled in this step."""
         while self.block_manager.num_free_blocks < needed:
             candidates = [
                 s for s in reversed(self.running) if not s.num_compressions and s not in scheduled
@@ -198,10 +191,10 @@ class Scheduler:
             self._finish(seq)
         return finished
 
-    def abort(self, seq: Sequence, reason: str = "abort"):
+    def abort(self, seq: Sequence):
         """Finish seq wherever it is; its blocks are freed (after its compaction, if one runs)."""
         if not seq.is_finished:
-            seq.finish_reason = reason
+            seq.finish_reason = "abort"
             self._finish(seq)
 
     def _finish(self, seq: Sequence):

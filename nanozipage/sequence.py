@@ -53,9 +53,6 @@ class Sequence:
     def __len__(self):
         return len(self.token_ids)
 
-    def __getitem__(self, key):
-        return self.token_ids[key]
-
     @property
     def last_token(self) -> int:
         return self.token_ids[-1]
@@ -78,11 +75,8 @@ class Sequence:
 
     @property
     def in_prefill(self) -> bool:
-        """A decode step feeds the last token; until all tokens before it are cached, prefill.
-
-        A prefill chunk may run to the end of the sequence (then it samples the next token) or
-        stop one short of it (then the next decode step feeds the last token): both are right.
-        """
+        """Until every token before the last is cached (a decode step feeds the last). A prefill
+        chunk may end at the last token (then it samples) or one short (then decode feeds it)."""
         return self.num_computed_tokens < len(self.token_ids) - 1
 
     @property

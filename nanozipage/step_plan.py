@@ -32,7 +32,7 @@ def prefill_plan(seqs: list[Sequence], window: int) -> StepPlan:
     cu_seqlens_q = [0]
     for seq in seqs:
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_new_tokens
-        input_ids += seq[start:end]
+        input_ids += seq.token_ids[start:end]
         positions += range(start, end)
         slots += [_slot(seq, i) for i in range(start, end)]
         if window:
@@ -59,8 +59,7 @@ def decode_plan(seqs: list[Sequence], window: int) -> StepPlan:
     index = [seq.cache_len - 1 for seq in seqs]
     query_rows = None
     if window:
-        rows = zip(seqs, index)
-        query_rows = [_query_row(s, i, i // s.block_size, window) for s, i in rows]
+        query_rows = [_query_row(s, i, i // s.block_size, window) for s, i in zip(seqs, index)]
     return StepPlan(
         False,
         input_ids=[seq.last_token for seq in seqs],

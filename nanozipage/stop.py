@@ -25,18 +25,15 @@ class StopConditions:
             elif token in params.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", token
             elif params.stop and self.tokenizer:
-                start = max(seq.num_prompt_tokens, length - self._window(params))
+                # Tokens enough to hold any stop string: a character is at most 4 byte tokens.
+                window = 4 * max(len(stop) for stop in params.stop) + 4
+                start = max(seq.num_prompt_tokens, length - window)
                 match, _ = self._find(params.stop, seq.token_ids[start:length])
                 if match:
                     seq.finish_reason, seq.stop_reason = "stop", match[1]
         if seq.finish_reason is None and num_completion == params.max_tokens:
             seq.finish_reason = "length"
         return seq.finish_reason is not None
-
-    @staticmethod
-    def _window(params) -> int:
-        """Tokens enough to hold any stop string: a character is at most 4 byte tokens."""
-        return 4 * max(len(stop) for stop in params.stop) + 4
 
     def _find(self, stops: list[str], ids: list[int]) -> tuple[tuple[int, str] | None, str]:
         """The decoded text of `ids`, and the stop string (with its start) whose occurrence
