@@ -1,12 +1,10 @@
 """Compression beside the model runner: plan, launch, poll, wait.
 
-The scheduler decides which requests compress (`Scheduler.schedule`) and the block manager gives
-each its new block table; the compressor then moves their kept tokens. `launch` scores every
-cached token with the policy, keeps `kv_budget` per (layer, KV head) in position order, and
-compacts K, V and the kept tokens' scores into the new blocks. With `async_compression` that
-runs on a side CUDA stream while the other requests decode; `poll` hands back the requests whose
-compaction has finished, so that the scheduler frees their replaced blocks and lets them decode
-again. Under tensor parallelism rank 0 forwards each call to the other ranks, and each rank
+The scheduler picks who compresses and the block manager gives each a new block table; `launch`
+scores every cached token with the policy, keeps `kv_budget` per (layer, KV head) in position
+order, and compacts K, V and the kept scores into the new blocks. With `async_compression` that
+runs on a side stream while others decode, and `poll` returns the finished ones, whose old blocks
+the scheduler then frees. Under tensor parallelism rank 0 forwards each call and every rank
 compacts its own KV heads (a GQA group, whose queries score its KV head, never spans two ranks).
 """
 
@@ -75,9 +73,8 @@ class Compressor:
         self.under_way.append((done, jobs))
 
     def poll(self, wait: bool = False) -> list[tuple[Sequence, list[int]]]:
-        """Rank 0: the jobs whose compaction has finished (all of them with `wait`). Their
-        replaced blocks will be freed, so every other rank orders its main stream after its own
-        compaction of them before it uses a block again (`follow`)."""
+        """Rank 0: the jobs whose compaction has finished (all with `wait`). Their old blocks will
+        be freed, so the other ranks first order their main stream after them (`follow`)."""
         if wait:
             self.wait()
         done = [wait or event is None or event.query() for event, _ in self.under_way]
@@ -88,8 +85,7 @@ class Compressor:
         return finished
 
     def follow(self, done: list[bool]):
-        """Ranks 1..N-1: the compactions that rank 0 has seen finish (its entries, in the same
-        order as here), which this rank's later work must follow."""
+        """Ranks 1..N-1: later work follows the compactions rank 0 saw finish (same order)."""
         for (event, _), d in zip(self.under_way, done):
             if d and event is not None:
                 torch.cuda.current_stream().wait_event(event)

@@ -1,7 +1,5 @@
-"""The per-step tensors that attention layers need, set once by the model runner per step.
-
-Handing them through one global object keeps every layer's `forward(x)` signature plain.
-"""
+"""The per-step tensors of the attention layers, set by the model runner once per step: one
+global object keeps every layer's `forward(x)` signature plain."""
 
 from dataclasses import dataclass
 
@@ -39,8 +37,7 @@ def to_device(data: list, device: torch.device, dtype=torch.int32) -> torch.Tens
 
 @dataclass(slots=True)
 class StepPlan:
-    """One step as flat host lists, from which each rank builds its Context on its own device:
-    what rank 0 sends to the other ranks under tensor parallelism (a few ints per token)."""
+    """One step as flat host lists, each rank's Context built from them; what rank 0 sends."""
 
     is_prefill: bool
     input_ids: list[int]

@@ -1,11 +1,8 @@
-"""The engine loop: requests in, `step()` until done, results out.
+"""The engine loop, top of the data flow: requests in, `step()` until done, results out.
 
-`generate` validates every prompt first (a bad one raises before any work starts), queues them,
-and calls `step()`: the scheduler picks the requests, the model runner runs them, and the
-scheduler applies the sampled tokens. `add_request` / `step` / `abort` / `is_finished` are the
-same loop for callers who feed requests incrementally. Whatever goes wrong inside a step (an
-error, Ctrl-C), the engine stays usable: the requests that step touched are aborted, their
-blocks and compactions freed, and the others carry on.
+`generate` validates every prompt before queuing any, then steps; `add_request` / `step` /
+`abort` are the same loop for callers who feed requests incrementally. If a step fails (an
+error, Ctrl-C), the requests it touched are aborted and freed; the others carry on.
 """
 
 import dataclasses
@@ -59,8 +56,7 @@ class LLMEngine:
         self.unclaimed: list[dict] = []  # results that the next `step()` returns
 
     def make_sequences(self, prompt: str | list[int], params: SamplingParams) -> list[Sequence]:
-        """Check one request against the engine's limits: one sequence per sample, nothing
-        queued here."""
+        """Check one request against the engine's limits; one sequence per sample, none queued."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params: expected SamplingParams, got {params!r}")
         if params.stop and self.tokenizer is None:
@@ -113,23 +109,15 @@ class LLMEngine:
         return self._add(self.make_sequences(prompt, sampling_params))
 
     def abort(self, request_id: int):
-        """End a request (all its samples) now; it returns no result. Unknown ids are ignored,
-        so that aborting a request that has just finished is harmless."""
+        """End a request (all samples) without a result; unknown ids (just finished) are ignored."""
         for seq in self.requests.pop(request_id, []):
             self.scheduler.abort(seq)
 
     def step(self) -> tuple[list[dict], int]:
-        """Launch one step and collect the results of the one before; returns the requests that
-        finished, and the tokens fed by the launched step (negative for a decode step, so that
-        callers can tell prefill and decode throughput apart).
-
-        The overlap (`overlap.py`): while the GPU runs step N, the host collects step N-1's tokens
-        and plans step N+1; a request that stops at step N was already launched in step N+1, and
-        that token is dropped. With `overlap_scheduling=False` each step is collected at once.
-
-        If anything raises in here, the requests this step touched are aborted (they come back
-        from the next `step()` with finish_reason "abort") and the exception propagates.
-        """
+        """Launch one step and collect the one before (`overlap.py`); returns the finished results
+        and the tokens the launched step fed (negative for decode, to tell the throughputs apart).
+        If anything raises, the requests this step touched are aborted (the next `step()` returns
+        them with finish_reason "abort") and the exception propagates."""
         touched, compressions = list(self.scheduler.running), []  # until the schedule says
         try:
             compressions = self.model_runner.compressor.poll()  # _recover ends those left
@@ -196,8 +184,7 @@ class LLMEngine:
         return output
 
     def close(self):
-        """End a tensor-parallel engine's workers and process group now rather than when it is
-        collected (or the program exits): another can then start. Idempotent."""
+        """End tensor-parallel workers now, not at exit, so another engine can start. Idempotent."""
         if self.model_runner.workers:
             self.model_runner.workers.close()
 
@@ -216,9 +203,8 @@ class LLMEngine:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[dict]:
-        """Run the prompts to the end; returns one result per sample, in prompt order (the `n`
-        samples of a prompt side by side). Results of other requests (`add_request`) are kept
-        for `step()`. Interrupted (Ctrl-C, an error), it aborts its own requests."""
+        """One result per sample, in prompt order (a prompt's `n` samples side by side); other
+        requests' results are kept for `step()`. Interrupted, it aborts its own requests."""
         if isinstance(prompts, str) or (prompts and type(prompts[0]) is int):
             prompts = [prompts]  # one prompt, as text or token ids
         sampling_params = SamplingParams() if sampling_params is None else sampling_params
@@ -267,10 +253,9 @@ class LLMEngine:
         use_tqdm: bool = True,
         chat_template_kwargs: dict | None = None,
     ) -> list[dict]:
-        """`generate` on conversations: one (a list of {"role", "content"} messages) or a list of
-        them. The tokenizer's chat template is applied once, with the generation prompt, and its
-        text encoded without adding special tokens, so none is doubled (a template writes its own
-        BOS). `chat_template_kwargs` go to the template (Qwen3: `enable_thinking`)."""
+        """`generate` on one conversation (a list of {"role", "content"} messages) or a list. The
+        template's text is encoded without special tokens, as a template writes its own BOS.
+        `chat_template_kwargs` go to the template (Qwen3: `enable_thinking`)."""
         if self.tokenizer is None:
             raise ValueError("chat: needs a tokenizer with a chat template in the model directory")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages

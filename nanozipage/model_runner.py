@@ -1,14 +1,10 @@
 """Tensors start here: the KV pool, per-step inputs, the forward pass, CUDA graphs, sampling.
 
-`run(seqs, is_prefill)` turns the scheduler's requests into a `StepPlan` of flat lists (token
-ids, positions, the cache slot of every new token, cumulative query lengths, context lengths,
-block tables); `execute` publishes them as tensors through the `Context` and runs the model;
-`run` then samples one token for every request that reached its last token and returns them
-as `Samples` without waiting for the GPU (the engine's overlapped loop, `overlap.py`). Decode
-steps replay a CUDA graph captured for the next larger batch size; prefill steps run eagerly
-(their shapes vary too much to capture). The compressor (`compressor.py`) works beside the
-runner on the tensors it allocates. Under tensor parallelism every rank has a model runner
-over its shard, and rank 0's forwards plans and compactions to the others (`parallel.Workers`).
+`run` builds a `StepPlan` (`step_plan.py`); `execute` publishes it through the `Context` and
+runs the model; `run` returns the samples without waiting for the GPU (`overlap.py`). Decode
+replays a CUDA graph captured for the next larger batch size; prefill runs eagerly (its shapes
+vary too much). The compressor works on the tensors allocated here. Under tensor parallelism each
+rank has a runner over its shard; rank 0 forwards plans and compactions (`parallel.Workers`).
 """
 
 import torch
@@ -40,8 +36,7 @@ class ModelRunner:
         if tp and self.use_cuda:
             self.device = torch.device("cuda", rank)
         self.graphs = {}  # decode batch size -> CUDA graph (capture_cudagraphs)
-        # Rank 0 starts the other ranks (and joins the process group) before building its shard;
-        # each builds its own ModelRunner.
+        # Rank 0 starts the other ranks (each builds its own ModelRunner) before its own shard.
         self.workers = Workers(config, ModelRunner, self.graphs) if tp and rank == 0 else None
         dtype_name = config.dtype or (
             hf.get("dtype") or hf.get("torch_dtype") or "bfloat16" if self.use_cuda else "float32"
@@ -114,8 +109,7 @@ class ModelRunner:
         if self.use_cuda:
             free, total = torch.cuda.mem_get_info()
             stats = torch.cuda.memory_stats()
-            # Memory the engine may still take: its share of the card, minus what is in use, minus
-            # the activations of the largest step (peak seen in warmup, beyond what is resident).
+            # Our share of the card, minus memory in use and the largest step's activations.
             activations = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
             spare = total * config.gpu_memory_utilization - (total - free) - activations
         if config.tensor_parallel_size > 1:  # the same pool on every rank: the least memory
@@ -186,8 +180,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(self, plan: StepPlan):
-        """Ranks 1..N-1: rank 0's step on this rank's shard, then the sampled ids that rank 0
-        broadcasts, kept on the device: the next step's PENDING input ids are read there."""
+        """Ranks 1..N-1: rank 0's step on this shard; its broadcast samples feed the next step."""
         self.execute(plan, self.pending_tokens)
         num_sampled = len(plan.input_ids if plan.sample_rows is None else plan.sample_rows)
         self.pending_tokens = None
@@ -197,9 +190,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, pending: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Every rank: the forward pass of one step; returns the logits of the rows that sample
-        (None when none does, and on every rank but 0). A PENDING input id is read from
-        `pending`, the samples of the step launched before, on the device."""
+        """Every rank: one step's forward pass; the logits of the rows that sample (None if none,
+        or on ranks > 0). A PENDING input id is read on the device from `pending`."""
         width = max(len(table) for table in plan.block_tables)
         set_context(
             is_prefill=plan.is_prefill,
@@ -242,8 +234,7 @@ class ModelRunner:
         return buf["hidden"][:bs]
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor):
-        """Rank 0: the sampled token ids and their logprobs (or None), on the device. Each
-        feature's tensors are made only when a request of the batch uses it."""
+        """Rank 0: token ids and logprobs (or None) on the device; feature tensors only if used."""
         params = [seq.sampling_params for seq in seqs]
         for seq in seqs:
             if seq.seed is not None and seq.generator is None:

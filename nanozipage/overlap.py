@@ -1,10 +1,9 @@
 """The overlapped loop's bookkeeping: tokens that are sampled on the GPU but not yet read back.
 
 The engine launches step N+1 before it reads step N's tokens (`LLMEngine.step`). Planning needs
-no token values, only lengths, so a launched request that samples gets a `PENDING` placeholder
-at once (`launch`) and is planned on as if its token were known. Step N+1 reads that token on the
-device, from step N's `Samples`, at the row that `pending_rows` names; `InFlight.collect` waits
-for step N's copy to the host and fills the placeholders. Everything else sees plain token ids.
+only lengths, so a request that samples gets a `PENDING` placeholder at `launch`; step N+1 reads
+the token on the device at the row `pending_rows` names, and `InFlight.collect` fills the
+placeholders from the host copy. Everything else sees plain token ids.
 """
 
 from dataclasses import dataclass
@@ -47,9 +46,8 @@ class InFlight:
     samples: Samples | None  # None when no request samples (a prefill chunk mid-prompt)
 
     def collect(self) -> list[tuple[Sequence, int, float | None]]:
-        """Wait for the samples and fill the placeholders; returns, per request, the index of
-        its new token and its logprob. A request that finished (or was aborted) since the
-        launch keeps nothing: this token is past its end."""
+        """Fill the placeholders; returns (request, token index, logprob) per request. One that
+        finished (or was aborted) since the launch keeps nothing: the token is past its end."""
         token_ids, logprobs = self.samples.tolist() if self.samples else ([], None)
         sampled = []
         for (seq, index), token_id, logprob in zip(
@@ -75,7 +73,6 @@ def launch(seqs: list[Sequence], samples: Samples | None) -> InFlight:
 
 
 def pending_rows(seqs: list[Sequence]) -> list[int] | None:
-    """Per request of a decode step, the row of its PENDING input id in the samples of the step
-    launched before, else -1; None when no input id is PENDING."""
+    """`StepPlan.pending_rows`: rows of PENDING input ids in the previous step's samples."""
     rows = [seq.sample_row if seq.last_token == PENDING else -1 for seq in seqs]
     return rows if max(rows) >= 0 else None

@@ -1,16 +1,11 @@
-"""Which requests run in the next step, and what their results do to the queues.
+"""Which requests run in the next step (`LLMEngine.step`), and what their tokens do to the queues.
 
-A step is either a prefill step (prompt chunks, run eagerly through the varlen prefill kernel)
-or a decode step (one token for every running request, run through a CUDA graph). We alternate
-rather than mix: while prompts wait and requests decode, every prefill step is followed by a
-decode step. Mixing would run decodes through the prefill kernel and outside the CUDA graph;
-alternating keeps decode on its fast path, and a running request waits at most one prefill
-step (at most `max_num_batched_tokens` tokens) between two of its tokens. A prompt longer than
-`max_num_batched_tokens` is prefilled in chunks over several prefill steps.
-
-When a decode step finds no free block for a request, the request at the tail of the running
-queue is preempted: its blocks are freed and it goes back to the front of the waiting queue, to
-be recomputed (prompt and generated tokens alike) when blocks free up.
+A step is all prefill (prompt chunks, eager varlen kernel; long prompts over several steps) or all
+decode (one token per running request, CUDA graph). We alternate rather than mix, as mixing would
+run decodes through the prefill kernel, outside the graph: while prompts wait, each prefill step
+is followed by a decode step, so a request waits at most one prefill step between two tokens.
+A decode step short of blocks preempts the tail of the running queue: its blocks are freed and it
+goes back to the front of the waiting queue, to be recomputed (prompt and output alike).
 """
 
 from collections import deque
@@ -150,9 +145,8 @@ class Scheduler:
 
     def _free_blocks(self, needed: int, seq: Sequence, scheduled: list[Sequence]) -> bool:
         """Preempt until `needed` blocks are free; False if seq must wait (or was preempted).
-        Victims come from the tail of the running queue, requests without a query slot first;
-        never a compressed request (its memory is bounded and accounted for), nor one already
-        scheduled in this step."""
+        Victims: the running queue's tail, slotless first; never a compressed request (its memory
+        is bounded and accounted for), nor one already scheduled in this step."""
         while self.block_manager.num_free_blocks < needed:
             candidates = [
                 s for s in reversed(self.running) if not s.num_compressions and s not in scheduled
@@ -175,9 +169,8 @@ class Scheduler:
     def postprocess(
         self, seqs: list[Sequence], sampled: list[tuple[Sequence, int, float | None]]
     ) -> list[Sequence]:
-        """A launched step's samples reached the host (`InFlight.collect`): register the blocks
-        now computed in the prefix cache, and finish the requests that meet a stop condition.
-        Returns the requests that finished."""
+        """A launched step's samples reached the host (`InFlight.collect`): register its computed
+        blocks in the prefix cache; returns the requests finished by a stop condition."""
         finished = []
         for seq, index, logprob in sampled:
             if seq.sampling_params.logprobs:

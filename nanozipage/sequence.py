@@ -6,8 +6,7 @@ from itertools import count
 
 from nanozipage.sampling_params import SamplingParams
 
-# The id of a sampled token that is still on the GPU (see `LLMEngine.step`): the next step's
-# input id is read there, and the placeholder is filled once the token reaches the host.
+# A sampled token still on the GPU: the next step reads it there (`overlap.py`).
 PENDING = -1
 
 
@@ -26,8 +25,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.token_ids = copy(token_ids)
         self.num_prompt_tokens = len(token_ids)
-        # Tokens whose K/V are in the cache: prefix-cache hits plus prefilled chunks.
-        self.num_computed_tokens = 0
+        self.num_computed_tokens = 0  # tokens with K/V cached: prefix-cache hits plus prefill
         self.num_cached_tokens = 0  # of those, served by the prefix cache
         self.num_new_tokens = 0  # tokens fed to the model in the step being run
         self.num_hashed_blocks = 0  # leading full blocks registered in the prefix cache
@@ -43,8 +41,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.sampling_params = sampling_params
         self.logprobs: list[float] = []
-        # The request (one prompt's params) and this sample of it (`SamplingParams.n`).
-        self.request_id, self.sample_index = self.seq_id, 0
+        self.request_id, self.sample_index = self.seq_id, 0  # one prompt's; `SamplingParams.n`
         self.first_sample: Sequence | None = None  # the sample whose prompt blocks it shares
         self.seed = sampling_params.seed  # this sample's own seed
         self.finish_reason: str | None = None  # "stop", "length" or "abort"

@@ -1,10 +1,8 @@
-"""One step's inputs as flat host lists (`StepPlan`), from the requests the scheduler picked.
+"""Scheduler -> here -> `ModelRunner.execute`: one step's inputs as flat host lists (`StepPlan`).
 
-For every token fed: its id, its position (its index in the request) and its cache slot (block
-id * block_size + offset, at its cache index, which trails the position once the request has
-been compressed); per request: its context length and block table; with compression, the query
-cache row of every token that is a window query. The model runner turns a plan into tensors
-on each rank's device (`ModelRunner.execute`); under tensor parallelism it is what rank 0 sends.
+Per token fed: its id, position (index in the request), cache slot (block id * block_size +
+offset of its cache index, which trails the position once compressed) and, with compression,
+its query-cache row if it is a window query; per request: context length and block table.
 """
 
 from nanozipage.context import StepPlan
@@ -53,9 +51,8 @@ def prefill_plan(seqs: list[Sequence], window: int) -> StepPlan:
 
 
 def decode_plan(seqs: list[Sequence], window: int) -> StepPlan:
-    """The last token of each request: at position len - 1, but at cache index cache_len - 1
-    (they differ once the request has been compressed). A PENDING last token is read on the
-    device from the samples of the step launched before, at its row (`overlap.py`)."""
+    """Each request's last token, at position len - 1 but cache index cache_len - 1; a PENDING
+    one is read on the device from the previous step's samples (`overlap.py`)."""
     index = [seq.cache_len - 1 for seq in seqs]
     query_rows = None
     if window:

@@ -1,11 +1,9 @@
-"""When a request ends, and the text it returns.
+"""When a request ends (`Scheduler.postprocess` asks `check` per token), and the text it returns.
 
-After each sampled token the scheduler asks `check`: the request stops at an id of the model's
-EOS set (unless `ignore_eos`), at one of its `stop_token_ids`, or when its text ends in one of
-its `stop` strings, none of them before `min_tokens`; it ends at `max_tokens` ("length"). Stop
-strings are matched on the decoded text, so a string that spans several tokens is found when
-its last token arrives: only the text of the newest tokens is decoded, and only an occurrence
-that ends inside the newest token counts (an earlier one was seen, or was before `min_tokens`).
+It stops at an EOS id (unless `ignore_eos`), a `stop_token_ids` id or a `stop` string, none
+before `min_tokens`, and ends at `max_tokens` ("length"). Stop strings are matched on the decoded
+text of the newest tokens, so one spanning several tokens is found; only an occurrence ending in
+the newest token counts (an earlier one was seen, or was before `min_tokens`).
 """
 
 from nanozipage.sequence import Sequence
@@ -46,8 +44,7 @@ class StopConditions:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def text(self, seq: Sequence) -> str | None:
-        """The completion's text; after a stop string it ends right before it (or after it,
-        with `include_stop_str_in_output`)."""
+        """The completion's text, cut before a stop string (after, `include_stop_str_in_output`)."""
         if self.tokenizer is None:
             return None
         stop, ids = seq.stop_reason, seq.completion_token_ids
