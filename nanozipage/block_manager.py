@@ -1,12 +1,9 @@
 """KV blocks and the prefix cache: pure bookkeeping over block ids, no tensors.
 
-The scheduler asks for blocks when a request is admitted (`allocate`) and as it grows
-(`append_blocks`), and gives them back when it finishes or is preempted (`deallocate`).
-Prefix caching: every full block whose K/V has been computed gets a hash chained on the hash
-of the block before it (`hash_blocks`); a later request whose prompt starts with the same
-tokens reuses those blocks, after comparing token ids (a hash match alone could collide).
-A freed block keeps its hash and contents until it is handed out again, so a request that
-arrives after its twin finished still hits.
+Called by the scheduler. Prefix caching: every computed full block gets a hash chained on the
+previous block's (`hash_blocks`); a later prompt with the same leading tokens reuses those
+blocks after comparing token ids (a hash alone could collide). A freed block keeps its hash and
+contents until handed out again, so a request arriving after its twin finished still hits.
 """
 
 from collections import deque

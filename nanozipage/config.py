@@ -1,8 +1,5 @@
-"""Engine configuration: every knob in one object, validated once.
-
-`LLM(model, **config)` builds a `Config`; unknown keys are an error (a typo must not be
-silently ignored). Names follow nano-vllm so that scripts written against it read naturally.
-"""
+"""Every knob in one object, validated once: `LLM(model, **config)` builds it, and an unknown
+key is an error (a typo must not be silently ignored). Names follow nano-vllm."""
 
 import json
 import os
@@ -27,16 +24,13 @@ class Config:
     num_kvcache_blocks: int | None = None  # cap on KV blocks (None: as many as memory allows)
     block_size: int = 256  # tokens per KV block
     enforce_eager: bool = False  # True: no CUDA graphs for decode
-    # Plan and launch step N+1 while the GPU runs step N (`LLMEngine.step`); False: the plain
-    # loop, which waits for each step's tokens before planning the next.
+    # Plan and launch step N+1 while the GPU runs step N (`LLMEngine.step`)
     overlap_scheduling: bool = True
     dtype: str | None = None  # None: the checkpoint's dtype on GPU, float32 on CPU
     device: str | None = None  # None: cuda if available, else cpu
-    # "safetensors": the checkpoint's weights. "dummy" (vLLM's name): read only config.json and
-    # fill every parameter with seeded random values, to benchmark an architecture without it.
+    # "dummy" (vLLM's name): seeded random weights, to benchmark an architecture without them
     load_format: str = "safetensors"
-    # Processes (GPUs) one model is split over (README "Several GPUs"); rank r uses cuda:r.
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # processes (GPUs) one model is split over; rank r: cuda:r
     # Compressed PagedAttention (docs/DESIGN.md section 2); kv_budget=None: the full-KV engine.
     kv_budget: int | None = 2048  # tokens kept per (layer, KV head) after a compression
     window: int = 16  # observation window: the last queries before a block boundary
@@ -46,13 +40,11 @@ class Config:
     redundancy_tau: float = 0.4  # redundancy softmax temperature, in units of block_size
     num_sinks: int = 0  # first tokens always kept
     # Layers scored and compacted at once: fewer bounds temporary memory (about 3 copies of one
-    # request's keys per layer), more saves kernel launches. The default takes every layer of
-    # the models we run in one group: on an H100, Qwen3-0.6B's 28 layers in groups of 8 spent
-    # 4.5 ms launching kernels per compression, in one group 1.3 ms (BENCHMARKS.md).
+    # request's keys per layer), more saves launches (Qwen3-0.6B on an H100: 4.5 ms per
+    # compression in groups of 8, 1.3 ms in one group; BENCHMARKS.md).
     compress_layers: int = 64
     policy: str = "zipage"  # eviction policy, a key of nanozipage.policy.POLICIES
-    # Compress on a side CUDA stream while the other requests decode; a request under
-    # compression skips decode steps until its compaction is done.
+    # Compress on a side stream while the others decode (the request itself skips those steps)
     async_compression: bool = True
     max_compress_blocks: int = 600  # blocks being compressed at once (bounds temporary memory)
     hf_config: dict = field(default_factory=dict)  # the checkpoint's config.json (filled here)
@@ -123,8 +115,8 @@ class Config:
 
 
 def model_dir(model: str) -> str:
-    """`model` itself if it is a directory, else the snapshot of the Hugging Face hub id `model`
-    in the local cache ($HF_HUB_CACHE, read now). Never downloads: a load must not hang."""
+    """`model` if a directory, else its snapshot in the local Hugging Face cache ($HF_HUB_CACHE,
+    read now). Never downloads: a load must not hang."""
     if os.path.isdir(model):
         return model
     from huggingface_hub import constants, snapshot_download

@@ -1,10 +1,8 @@
 """The decoder: one implementation of Qwen3, Qwen2 and Llama, switched by the checkpoint config.
 
-Qwen3 normalises q and k per head (q/k RMSNorm); Qwen2 has a bias on q, k and v; Llama has
-neither. Attention reads and writes the paged KV cache through the kernels; everything else is
-plain PyTorch. Weights load from the checkpoint's safetensors through the `weight_loader` of
-each sharded layer, which also packs q/k/v into one matrix and gate/up into another; with
-`load_format="dummy"` they are seeded random values instead (benchmarks of an architecture).
+Qwen3 has q/k RMSNorm per head, Qwen2 a bias on q, k and v, Llama neither. Attention goes
+through the paged-KV kernels; the rest is plain PyTorch. Weights load through each sharded
+layer's `weight_loader`, which also packs q/k/v into one matrix and gate/up into another.
 
 Tensor parallelism splits every layer the usual way: q/k/v and gate/up by output rows
 (column-parallel, whole heads per rank), o_proj and down_proj by input columns (row-parallel, one

@@ -1,9 +1,8 @@
 """Tensor parallelism: the processes, and how each step's plan reaches them.
 
-With `tensor_parallel_size=N`, rank 0 is the caller's process: it runs the engine, and its
-model runner and compressor send each call (a step's `StepPlan`, compaction plans: a few flat
-int lists, pickled once) to ranks 1..N-1 before running it on their own shard; the workers here
-only loop over those calls. Tensors go through torch.distributed (NCCL; gloo on the CPU).
+Rank 0 is the caller's process and runs the engine; its model runner and compressor send each
+call (a `StepPlan`, compaction plans: flat int lists, pickled once) to ranks 1..N-1 before
+running it on their own shard. Tensors go through torch.distributed (NCCL; gloo on the CPU).
 
 Pipes make lifetimes simple: closing rank 0's end (`LLM.close()`, the `LLM` is collected, the
 program exits or dies) ends a worker's loop, and nothing is left to unlink. A dead worker is

@@ -1,13 +1,10 @@
-"""Eviction policies: which cached tokens a request keeps when it is compressed.
+"""Eviction policies, called by the compressor: which cached tokens a request keeps.
 
-A policy scores every cached token of one request, per layer and KV head, from that cache's
-state (`CacheState`); the engine then keeps the `kv_budget` best of each (layer, KV head) and
-the window, in position order (`select`). Every tensor here is dense (one request, its cache
-gathered out of the pages) with a leading dimension (a group of layers). The two heavy steps,
-window attention and redundancy, are kernels (`kernels/window_score.py`, `redundancy.py`,
-whose PyTorch references state their math); the rest is a few tensor ops. The engine
-and the dense reference in the tests call the same functions, so a new policy is one function
-added to `POLICIES`.
+A policy scores every cached token of one request per (layer, KV head) from its `CacheState`:
+dense tensors (the cache gathered out of the pages) with a leading group-of-layers dimension;
+`select` keeps the `kv_budget` best plus the window. The heavy steps are kernels whose PyTorch
+references state the math. The engine and the tests' dense reference call the same functions,
+so a new policy is one function added to `POLICIES`.
 """
 
 from dataclasses import dataclass
@@ -56,9 +53,8 @@ def zipage(state: CacheState, config) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def recency(state: CacheState, config) -> tuple[torch.Tensor, torch.Tensor]:
-    """The newest tokens: cache order is position order, so the cache index is the score. Like
-    every policy's, its sinks are `select`'s `num_sinks`: StreamingLLM is `policy="recency",
-    num_sinks=4`."""
+    """The newest tokens (cache order is position order). StreamingLLM is `policy="recency",
+    num_sinks=4`: sinks are `select`'s, for every policy."""
     score = torch.arange(state.keys.shape[-2], device=state.keys.device, dtype=torch.float32)
     return score.expand_as(state.prev_scores), torch.zeros_like(state.prev_scores)
 
@@ -67,8 +63,7 @@ POLICIES = {"zipage": zipage, "recency": recency}
 
 
 def select(score: torch.Tensor, keep: int, window: int, num_sinks: int) -> torch.Tensor:
-    """Indices of the `keep` tokens to keep per row, window and sinks always among them,
-    in position order: [layers, kv_heads, keep]."""
+    """Indices of the `keep` best tokens per row, window and sinks included, in position order."""
     score = score.clone()
     score[..., score.shape[-1] - window :] = float("inf")
     score[..., :num_sinks] = float("inf")

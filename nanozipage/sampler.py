@@ -1,13 +1,9 @@
-"""Next-token choice for a batch, each row with its own sampling settings, in vLLM's order.
-
-Penalties change the logits first (repetition over prompt and output tokens, then frequency and
-presence over output tokens). Greedy rows take the argmax. Sampled rows divide by their
-temperature, drop tokens below min_p times the most likely one and outside top-k / top-p, and
-draw with the exponential race: argmax of (logits / T - log E), E ~ Exp(1), draws from the
-softmax without computing it, and lets seeded rows use their own generator for E. The returned
-logprob is the chosen token's under the model's raw distribution (before penalties, temperature
-and filters), what evaluation compares. The penalties' token counts live on the device and are
-updated there from the sampled ids: nothing here waits for the device.
+"""Next-token choice for a batch (called by the model runner), per-row settings, vLLM's order:
+penalties, then greedy argmax or temperature, min_p, top-k / top-p and the exponential race:
+argmax of (logits / T - log E), E ~ Exp(1), draws from the softmax without computing it, and
+lets seeded rows use their own generator for E. The logprob is under the raw distribution
+(before penalties and filters), what evaluation compares. Penalty counts stay on the device,
+updated from the sampled ids: nothing here waits for the device.
 """
 
 import torch
@@ -16,11 +12,9 @@ from nanozipage.context import to_device
 
 
 class TokenCounts:
-    """The token histories of the requests that use a penalty, on the device, one row each:
-    `counts` [rows, vocab] int32 (times sampled) and `in_prompt` [rows, vocab] bool. The model
-    runner takes a row when such a request is first scheduled and frees it when it ends. The
-    tensors are made on first use and double when full, so engines without penalties allocate
-    nothing; their last row stays empty, read by row -1: a request without penalties."""
+    """Per-row token histories of requests with a penalty: `counts` [rows, vocab] int32 (times
+    sampled), `in_prompt` [rows, vocab] bool. Made on first use and doubled when full, so
+    engines without penalties allocate nothing; the last row stays empty, read by row -1."""
 
     def __init__(self, vocab_size: int, device: torch.device | str):
         self.device = torch.device(device)
@@ -51,8 +45,7 @@ class TokenCounts:
         self.free_rows.append(row)
 
     def penalize(self, logits: torch.Tensor, rows: torch.Tensor, penalties: torch.Tensor):
-        """logits [B, V] float; rows [B] long; penalties [B, 3] float: repetition, frequency and
-        presence penalty. -> the penalized logits, as vLLM's apply_penalties."""
+        """logits [B, V]; rows [B]; penalties [B, 3]: repetition, frequency, presence (vLLM's)."""
         counts = self.counts[rows]
         repetition, frequency, presence = penalties.unsqueeze(2).unbind(1)  # each [B, 1]
         repetition = torch.where(self.in_prompt[rows] | (counts > 0), repetition, 1.0)
@@ -79,8 +72,7 @@ def sample(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [B, V]; temperatures, top_ps, min_ps float [B]; top_ks int [B] (0 or -1: off);
     rows and penalties as in `TokenCounts.penalize`, which then records the sampled tokens.
-    -> tokens, logprobs. A feature's arguments are None when no row uses it (top_ks with top_ps,
-    token_counts with rows and penalties): the caller knows that on the host, so the common case
+    A feature's arguments are None when no row uses it (known on the host), so the common case
     costs no sort, no penalty and no device sync."""
     logits = raw = logits.float()
     if penalties is not None:

@@ -1,13 +1,9 @@
 """Move the tokens a compression keeps into the first blocks of the request's new block table.
 
-Data flow: `ModelRunner.compress` scores a group of layers, selects the kept cache indices per
-(layer, KV head) and calls `compact` for the K and the V of that group. The kept tokens' stored
-scores are not compacted: they are gathered from this compression's dense scores and written
-into the new blocks.
-
-The new table may reuse the old table's block ids, even at other positions, so writing a kept
-token can overwrite a source that is still to be read. Two launches keep this simple and
-correct: the first gathers every kept token into a dense temporary, the second writes it out.
+Called by the compressor for the K and V of a group of layers, after `policy.select`. The new
+table may reuse old block ids, even at other positions, so a write can overwrite a source still
+to be read: two launches keep it correct, one gathering the kept tokens into a dense temporary,
+one writing it out.
 """
 
 import math

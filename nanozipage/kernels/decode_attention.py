@@ -1,8 +1,7 @@
 """Attention of one new token per sequence over its paged KV cache (the decode step).
 
-Data flow: in a decode step the attention layer writes the new token's key and value with
-`rope_store_kv`, then calls `decode_attention`; the model runner captures this in a CUDA graph, so
-the launch may depend only on the batch and head counts, never on the context lengths.
+Runs after `rope_store_kv` inside a captured CUDA graph, so the launch may depend only on the
+batch and head counts, never on the context lengths.
 
 Split-KV ("flash decoding"): each program attends one (sequence, kv head, split) share of the
 context for all query heads of that GQA group at once (one read of K/V serves the whole group),

@@ -1,10 +1,8 @@
 """Causal attention for the new tokens of a prefill step, over the paged KV cache.
 
-Data flow: the attention layer first writes the new keys and values with `rope_store_kv`, then calls
-`prefill_attention`. Each sequence's new queries are the last `q_len` tokens of its context, so
-a prefix already in the cache (prefix caching, earlier prefill chunks) is read through the block
-table exactly like the new tokens. The kernel is flash attention (one pass, online softmax)
-whose key/value tiles are gathered token by token from the cache blocks.
+Runs after `rope_store_kv`. The new queries are the last `q_len` tokens of each context, so a
+cached prefix (prefix caching, earlier chunks) is read through the block table like the new
+tokens. Flash attention (online softmax) with K/V tiles gathered token by token from blocks.
 """
 
 import os

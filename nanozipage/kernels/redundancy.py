@@ -1,8 +1,6 @@
 """Per-token redundancy sums of R-KV "lightning": how much each key repeats the keys of its block.
 
-Data flow: `ModelRunner.compress` gathers a group of layers of one request's cache densely and
-hands the keys to the policy; its redundancy score (docs/DESIGN.md section 2, step 4) divides these
-sums by tau * block_size and takes a softmax over the request's tokens.
+The policy's redundancy score (docs/DESIGN.md section 2, step 4) is softmax(sums / (tau * b)).
 
 One program per (layer, KV head, block). The similarity of the block's keys with each other is
 b x b, computed once, one tile of rows (m) at a time against all b columns (n): each row is

@@ -1,11 +1,8 @@
 """Finish this step's q/k/v projections in one pass: q/k RMSNorm (Qwen3), RoPE on q and k, k
 and v into the paged KV cache, and window queries into the query cache. Returns q.
 
-Data flow: the attention layer calls `rope_store_kv` on the output of its qkv projection, then
-runs prefill or decode attention, which read every key and value (new and cached alike) back
-through the block table. The stored window queries are read later by `ModelRunner.compress`.
-Written as torch ops this is six kernels per layer (two norms, a cos/sin gather, two rotations,
-the store), each moving a few kilobytes in a decode step; fused it is one launch.
+Runs before prefill or decode attention; the compressor reads the window queries later. As
+torch ops this is six tiny kernels per layer in a decode step; fused it is one launch.
 
 Cache layout, per layer: `[num_blocks, num_kv_heads, block_size, head_dim]`; the token in
 `slot = block_id * block_size + offset` lives at `cache[block_id, :, offset, :]`. Query cache,

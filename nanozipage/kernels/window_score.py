@@ -1,14 +1,10 @@
 """Attention of the observation window over a request's cache: the attention score of a policy.
 
-Data flow: `ModelRunner.compress` gathers a group of layers of one request's cache densely and
-hands the keys with the window queries (read from the query cache) to the policy, whose
-attention score is this kernel (docs/DESIGN.md section 2, step 1).
-
-Two passes over the keys, one program per (layer, KV head). All window queries of all query
-heads of the GQA group are the rows of one tile (padded to >= 16 so that tl.dot applies); row
-r is window query r // GROUP_P2 of query head r % GROUP_P2 of the group. Pass 1 finds each row's
-softmax maximum and sum; pass 2 turns the scores into probabilities, takes the maximum over the
-group and the mean over the window, and stores one score per key.
+Called by the policy on a dense group of layers (docs/DESIGN.md section 2, step 1). Two passes
+over the keys, one program per (layer, KV head). All window queries of all query heads of the
+GQA group are the rows of one tile (padded to >= 16 for tl.dot); row r is window query
+r // GROUP_P2 of query head r % GROUP_P2. Pass 1 finds each row's softmax maximum and sum;
+pass 2 takes probabilities, the max over the group and the mean over the window, per key.
 """
 
 import torch
