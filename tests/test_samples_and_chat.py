@@ -50,9 +50,9 @@ def test_samples_share_the_prompts_full_blocks_which_are_prefilled_once(
         fed.append(sum(seq.num_new_tokens for seq in seqs))
         return prefill_plan(seqs, window)
 
+    llm = LLM(model_dir, **config)  # before the spies: on a GPU, warmup runs a prefill
     monkeypatch.setattr(BlockManager, "allocate", allocate_spy)
     monkeypatch.setattr(model_runner, "prefill_plan", prefill_plan_spy)
-    llm = LLM(model_dir, **config)
     prompt, n = PROMPT[:prompt_len], 3
     outputs = llm.generate(prompt, replace(SAMPLED, n=n, seed=1), use_tqdm=False)
 

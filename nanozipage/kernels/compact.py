@@ -76,7 +76,8 @@ def compact(
     cache: torch.Tensor, old_blocks: torch.Tensor, new_blocks: torch.Tensor, kept: torch.Tensor
 ) -> None:
     """In a group of layers' cache `[G, num_blocks, kv_heads, block_size, *rest]` (rest is
-    `(head_dim,)` for K and V, `()` for the stored scores), write old token `kept[g, h, j]` (an
+    `(head_dim,)` for K and V; the compressor gathers the kept stored scores itself, from its
+    dense scores), write old token `kept[g, h, j]` (an
     index into the tokens of the `old_blocks` table) to slot j of the `new_blocks` table,
     which may reuse old block ids. Blocks outside `new_blocks` keep their contents."""
     (compact_triton if uses_triton(cache) else compact_ref)(cache, old_blocks, new_blocks, kept)
