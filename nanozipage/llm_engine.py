@@ -205,6 +205,8 @@ class LLMEngine:
     ) -> list[dict]:
         """One result per sample, in prompt order (a prompt's `n` samples side by side); other
         requests' results are kept for `step()`. Interrupted, it aborts its own requests."""
+        if not isinstance(prompts, str | list):
+            raise TypeError(f"prompts: expected a prompt or a list of prompts, got {prompts!r}")
         if isinstance(prompts, str) or (prompts and type(prompts[0]) is int):
             prompts = [prompts]  # one prompt, as text or token ids
         sampling_params = SamplingParams() if sampling_params is None else sampling_params

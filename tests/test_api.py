@@ -272,3 +272,8 @@ def test_two_engines_with_different_block_sizes_in_one_process(compressed_model)
         for i, llm in enumerate(engines):
             in_turn[i].append(llm.generate(prompt, params, use_tqdm=False)[0]["token_ids"])
     assert in_turn == alone
+
+
+def test_prompts_that_are_neither_a_prompt_nor_a_list_raise_a_type_error(llm):
+    with pytest.raises(TypeError, match="prompts"):
+        llm.generate(None, use_tqdm=False)
