@@ -28,13 +28,8 @@ def main():
     sampling_params = SamplingParams(
         temperature=0.0 if args.greedy else 0.6, max_tokens=args.max_tokens
     )
-    prompts = [
-        llm.tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-        )
-        for question in QUESTIONS
-    ]
-    outputs = llm.generate(prompts, sampling_params)
+    conversations = [[{"role": "user", "content": question}] for question in QUESTIONS]
+    outputs = llm.chat(conversations, sampling_params)  # the model's chat template, applied once
     for question, output in zip(QUESTIONS, outputs):
         print(f"\nPrompt: {question}\nAnswer: {output['text'].strip()}")
 
