@@ -146,17 +146,22 @@ def test_ctrl_c_in_generate_aborts_its_own_requests_and_keeps_an_added_one(
     assert_clean(llm)
 
 
-def test_compaction_launch_failing_under_tensor_parallelism_keeps_the_ranks_in_step(
+def test_a_step_failing_at_any_stage_under_tensor_parallelism_keeps_the_ranks_in_step(
     model_dir, monkeypatch
 ):
-    """Two ranks (gloo on the CPU): rank 0's compaction launch raises before it reaches the
-    worker; the next call gives the same tokens as before the failure, and the worker lives."""
+    """Two ranks (gloo on the CPU), one engine, a failure at each stage in turn: each failed call
+    raises, the next one gives the same tokens as before any failure, and the worker lives (a
+    failure while rank 0 samples still sends the worker that step's samples)."""
     with LLM(model_dir, **CONFIG, tensor_parallel_size=2) as llm:
         before = [o["token_ids"] for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
-        fail_on_call(monkeypatch, llm.model_runner.compressor, "launch", 2)
-        with pytest.raises(Injected):
-            llm.generate(PROMPTS, PARAMS, use_tqdm=False)
-        assert_clean(llm)
-        assert [o["token_ids"] for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)] == before
-        assert_clean(llm)
+        compressor = llm.model_runner.compressor
+        for stage, k in STAGES:
+            counts = (lambda: compressor.under_way) if stage == "poll" else None
+            fail_on_call(monkeypatch, stage_owner(llm, stage), stage, k, counts=counts)
+            with pytest.raises(Injected):
+                llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+            monkeypatch.undo()
+            assert_clean(llm)
+            assert [o["token_ids"] for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)] == before
+            assert_clean(llm)
         assert llm.model_runner.workers.processes[0].is_alive()
