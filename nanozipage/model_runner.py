@@ -130,10 +130,8 @@ class ModelRunner:
                 "gpu_memory_utilization leaves no memory for the KV cache; raise it "
                 "or lower max_num_batched_tokens"
             )
-        self.num_blocks, self.num_query_slots = num_blocks, 0
-        self.kv_cache = self._empty_kv_cache(num_blocks)
-        self._set_kv_cache(self.kv_cache)
-        if config.kv_budget:
+        num_slots = 0
+        if config.kv_budget:  # checked before anything is allocated
             num_slots = int(spare // (block_bytes * n_max + slot_bytes))
             num_slots = min(num_slots, num_blocks // n_max, config.max_num_seqs)
             if num_slots < 1:
@@ -141,12 +139,15 @@ class ModelRunner:
                     f"kv_budget={config.kv_budget} needs {n_max} KV blocks per request, the pool "
                     f"has {num_blocks}; lower kv_budget or give the pool more memory"
                 )
+        self.num_blocks, self.num_query_slots = num_blocks, num_slots
+        self.kv_cache = self._empty_kv_cache(num_blocks)
+        self._set_kv_cache(self.kv_cache)
+        if config.kv_budget:
             self.score_cache = torch.zeros(self.kv_cache.shape[1:-1], device=self.device)
             rows = num_slots * config.window  # one per (query slot, window position)
             self.q_cache = self.kv_cache.new_zeros(num_layers, rows, self.num_heads, self.head_dim)
             for i, layer in enumerate(self.model.model.layers):
                 layer.self_attn.q_cache = self.q_cache[i]
-            self.num_query_slots = num_slots
 
     @torch.inference_mode()
     def run(
