@@ -10,12 +10,14 @@ seen before every call and while rank 0 waits on the GPU. This module imports ne
 runner: the runner passes its class.
 """
 
+import gc
 import multiprocessing as mp
 import multiprocessing.connection
 import multiprocessing.util
 import os
 import pickle
 import sys
+import threading
 import traceback
 import weakref
 from datetime import timedelta
@@ -140,21 +142,37 @@ class Workers:
             self.check_alive()
 
 
+def _synchronize(seconds: float = 10.0):
+    """`torch.cuda.synchronize()`, given up after `seconds`: a collective whose peer died never
+    ends (the abort that follows ends it). Nothing to wait for without CUDA."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        waiter = threading.Thread(target=torch.cuda.synchronize, daemon=True)
+        waiter.start()
+        waiter.join(seconds)
+
+
 def _receive(conn):
     """A worker's next message: "started", "ready" or its error; None if it sent none."""
     try:
         return conn.recv() if conn.poll() else None
-    except EOFError:
+    except (EOFError, OSError):  # a killed worker's pipe may also read as reset
         return None
 
 
 def _shut_down(conns, processes, graphs: dict):
     for conn in conns:
         conn.close()  # a worker waiting for its next call sees EOF and exits
-    # The graphs first: NCCL frees no communicator while a live CUDA graph holds it (it waits
-    # forever); one still running is freed when it ends. Then abort, not destroy: destroying
-    # waits for every rank, aborting also ends a collective left waiting on a dead one.
+    # The graphs go before the communicator: NCCL frees no communicator while a live CUDA graph
+    # holds it (it waits forever). Dropping a graph that is still running defers its
+    # destruction, and CUDA releases what a graph holds asynchronously: on two H200s, aborting
+    # right after dropping the graphs left the next engine's graph capture hung in its first
+    # all-reduce. So let the last replay end, drop the graphs, let the GPU settle, then abort
+    # (not destroy: destroying waits for every rank, aborting also ends a collective left
+    # waiting on a dead one). The waits are bounded for that last case.
+    _synchronize()
     graphs.clear()
+    gc.collect()  # also a graph that a reference cycle holds
+    _synchronize()
     if dist.is_initialized():
         dist.distributed_c10d._abort_process_group()
     for process in processes:

@@ -9,6 +9,7 @@ call that fails raises; the next call gives what a fresh engine gives and no blo
 import random
 
 import pytest
+import torch
 from helpers import make_tiny_model
 
 from nanozipage import LLM, SamplingParams
@@ -146,6 +147,9 @@ def test_ctrl_c_in_generate_aborts_its_own_requests_and_keeps_an_added_one(
     assert_clean(llm)
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="needs two GPUs"
+)
 def test_a_step_failing_at_any_stage_under_tensor_parallelism_keeps_the_ranks_in_step(
     model_dir, monkeypatch
 ):

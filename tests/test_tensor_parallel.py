@@ -238,8 +238,10 @@ def test_a_script_without_the_main_guard_is_told_so_at_once(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO, mark: "1"}  # inherited by every process it starts
     start = time.perf_counter()
     run = subprocess.run([sys.executable, str(script), model], env=env, capture_output=True,
-                         text=True, timeout=60, check=False)  # fmt: skip
-    assert time.perf_counter() - start < 30
+                         text=True, timeout=120, check=False)  # fmt: skip
+    # Imports dominate: CUDA's torch twice (the script, and its re-run in the worker) took 31 s on
+    # the two-H200 machine; the rendezvous it no longer waits on took 5 minutes.
+    assert time.perf_counter() - start < (60 if ON_GPU else 30)
     assert run.returncode == 1 and 'outside `if __name__ == "__main__":`' in run.stderr
     assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and has_variable(pid, mark)]
 
