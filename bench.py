@@ -358,6 +358,18 @@ def decode_gpu_seconds(llm: LLM, repeat: int = 20) -> float:
     return times[0]
 
 
+def set_eager(runner, eager: bool, rank: int = 0):
+    """Decode without CUDA graphs (eager) or with them again, on every rank: a rank replaying a
+    graph padded to 32 requests while another runs 28 eagerly all-reduce different sizes, and
+    NCCL waits forever. run_decode replays no graph when it finds none."""
+    if rank == 0 and runner.workers:
+        runner.workers.call(set_eager, eager, 1)  # runs as set_eager(worker's runner, eager, 1)
+    if eager:
+        runner.saved_graphs, runner.graphs = runner.graphs, {}
+    else:
+        runner.graphs = runner.saved_graphs  # the same dict: the workers' shutdown clears it
+
+
 def decode_step(model: str, args) -> dict:
     """One engine decode step of `batch` requests with `context` cached tokens each, for each
     BxC of --decode-shapes; full KV, so that no compression interferes.
@@ -367,14 +379,18 @@ def decode_step(model: str, args) -> dict:
     of that step's work (`decode_gpu_seconds`). host_ms_not_hidden = max(0, wall - gpu): host
     time the GPU waits for. bound_ms: the step's least time on this device (`bound_seconds`:
     the weights and the batch's K/V at the copy bandwidth); of_bound = bound / wall.
-    eager_wall_ms: the same step without CUDA graphs. max_tokens covers every step measured,
-    so the batch never shrinks, and the contexts grow by under 100 tokens meanwhile.
+    eager_wall_ms: the same step without CUDA graphs. engine_start_s: the time `LLM(...)` took
+    (weights, KV pool, kernels compiled, CUDA graphs captured; workers too). max_tokens covers
+    every step measured, so the batch never shrinks, and the contexts grow by under 100 tokens
+    meanwhile.
     """
     results, steps, max_tokens = {}, 32, 96
     for batch, context in args.decode_shapes:
         blocks = batch * -(-(context + max_tokens) // 256)
+        start = time.perf_counter()
         llm = LLM(model, **args.engine, max_num_seqs=max(batch, 256), num_kvcache_blocks=blocks,
                   kv_budget=None)  # fmt: skip
+        start = time.perf_counter() - start
         rng, vocab = random.Random(args.seed), llm.config.hf_config["vocab_size"]
         params = SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True,
                                 presence_penalty=args.presence_penalty)  # fmt: skip
@@ -391,11 +407,11 @@ def decode_step(model: str, args) -> dict:
         bound = (
             sorted(bound_seconds(llm, steps_run, args.rates))[steps // 2] if args.rates else None
         )
-        graphs, runner.graphs = runner.graphs, {}  # eager: run_decode finds no graph to replay
+        set_eager(runner, True)
         for _ in range(3):
             llm.step()
         eager = median_seconds(llm.step, 16)
-        runner.graphs = graphs
+        set_eager(runner, False)
         assert len(llm.scheduler.running) == batch, "a request finished while being measured"
         name = f"batch{batch}_context{context}"
         results[name] = {
@@ -403,6 +419,7 @@ def decode_step(model: str, args) -> dict:
             "host_ms_not_hidden": 1000 * max(0.0, wall - gpu),
             "bound_ms": 1000 * bound if bound else None,
             "of_bound": bound / wall if bound else None, "eager_wall_ms": 1000 * eager,
+            "engine_start_s": start,
         }  # fmt: skip
         print(name, results[name], flush=True)
         llm.close()  # a tensor-parallel engine's workers end now, not when it is collected

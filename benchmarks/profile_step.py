@@ -1,9 +1,10 @@
 """Where a decode step's GPU time goes: `python benchmarks/profile_step.py [--batch 28]
-[--context 2350] [--model DIR]`.
+[--context 2350] (--model DIR | --model-shape qwen3-8b) [--tensor-parallel-size 2]`.
 
 Fills a batch of requests to about --context cached tokens, then records 20 steady-state engine
 steps (CUDA graphs, overlapped loop, full KV) with the torch profiler, and prints each
-kernel's count and GPU time per step, largest first, and the GPU kernel time per step.
+kernel's count and GPU time per step, largest first, and the GPU kernel time per step. Under
+tensor parallelism, rank 0's kernels (an all-reduce's time includes its wait for the peer).
 """
 
 import argparse
@@ -12,18 +13,24 @@ import random
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench import MODEL_SHAPES, config_only_model
 from nanozipage import LLM, SamplingParams
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model")
+    parser.add_argument("--model-shape", choices=list(MODEL_SHAPES))
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--batch", type=int, default=28)
     parser.add_argument("--context", type=int, default=2350)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     blocks = args.batch * (-(-(args.context + 200) // 256))
-    llm = LLM(args.model, kv_budget=None, num_kvcache_blocks=blocks, max_num_seqs=args.batch)
+    model, engine = args.model, {"tensor_parallel_size": args.tensor_parallel_size}
+    if args.model_shape:
+        model, engine["load_format"] = config_only_model(args.model_shape), "dummy"
+    llm = LLM(model, kv_budget=None, num_kvcache_blocks=blocks, max_num_seqs=args.batch, **engine)
     rng = random.Random(0)
     params = SamplingParams(temperature=0.6, max_tokens=150, ignore_eos=True)
     for _ in range(args.batch):
@@ -44,6 +51,7 @@ def main():
     for e in kernels[:40]:
         print(f"{e.count / args.steps:7.1f}/step {e.device_time_total / args.steps:9.1f} us/step"
               f"  {e.key[:110]}")  # fmt: skip
+    llm.close()
 
 
 if __name__ == "__main__":
