@@ -358,12 +358,12 @@ def decode_gpu_seconds(llm: LLM, repeat: int = 20) -> float:
     return times[0]
 
 
-def set_eager(runner, eager: bool, rank: int = 0):
+def set_eager(runner, eager: bool):
     """Decode without CUDA graphs (eager) or with them again, on every rank: a rank replaying a
     graph padded to 32 requests while another runs 28 eagerly all-reduce different sizes, and
     NCCL waits forever. run_decode replays no graph when it finds none."""
-    if rank == 0 and runner.workers:
-        runner.workers.call(set_eager, eager, 1)  # runs as set_eager(worker's runner, eager, 1)
+    if runner.workers:  # rank 0 (a worker's runner has none)
+        runner.workers.call(set_eager, eager)  # runs as set_eager(worker's runner, eager)
     if eager:
         runner.saved_graphs, runner.graphs = runner.graphs, {}
     else:
@@ -387,10 +387,10 @@ def decode_step(model: str, args) -> dict:
     results, steps, max_tokens = {}, 32, 96
     for batch, context in args.decode_shapes:
         blocks = batch * -(-(context + max_tokens) // 256)
-        start = time.perf_counter()
+        started = time.perf_counter()
         llm = LLM(model, **args.engine, max_num_seqs=max(batch, 256), num_kvcache_blocks=blocks,
                   kv_budget=None)  # fmt: skip
-        start = time.perf_counter() - start
+        engine_start = time.perf_counter() - started
         rng, vocab = random.Random(args.seed), llm.config.hf_config["vocab_size"]
         params = SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True,
                                 presence_penalty=args.presence_penalty)  # fmt: skip
@@ -419,7 +419,7 @@ def decode_step(model: str, args) -> dict:
             "host_ms_not_hidden": 1000 * max(0.0, wall - gpu),
             "bound_ms": 1000 * bound if bound else None,
             "of_bound": bound / wall if bound else None, "eager_wall_ms": 1000 * eager,
-            "engine_start_s": start,
+            "engine_start_s": engine_start,
         }  # fmt: skip
         print(name, results[name], flush=True)
         llm.close()  # a tensor-parallel engine's workers end now, not when it is collected

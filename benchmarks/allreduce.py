@@ -1,7 +1,7 @@
 """Latency of one decode step's all-reduces on two GPUs, inside a CUDA graph.
 
 A Qwen3-8B decode step under tensor parallelism all-reduces a [batch, 4096] bf16 activation
-twice per layer, 72 times in all. This captures 72 all-reduces of that shape in one graph and
+twice per layer, 72 times in all (73 with the embedding's). This captures 72 all-reduces of that shape in one graph and
 times its replays, per all-reduce, for NCCL (`dist.all_reduce`) and for PyTorch's
 symmetric-memory one-shot all-reduce (each GPU reads its peer's buffer over NVLink and sums;
 no NVLink multicast). Also checks that both give the exact sum.
@@ -43,6 +43,10 @@ def timed_graph(fn, repeat: int = 20) -> float:
     return 1000 * start.elapsed_time(end) / repeat / CALLS
 
 
+def random_rows(batch: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(batch, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=generator)
+
+
 def main(rank: int, world: int):
     torch.cuda.set_device(rank)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
@@ -50,16 +54,17 @@ def main(rank: int, world: int):
     group = dist.group.WORLD.group_name
     buffer = symm_mem.empty(max(BATCHES) * HIDDEN, dtype=torch.bfloat16, device="cuda")
     symm_mem.rendezvous(buffer, group)
-    torch.manual_seed(0)  # the same x on every rank
     for batch in BATCHES:
-        x = torch.randn(batch, HIDDEN, device="cuda", dtype=torch.bfloat16)
-        expected = x.float() * world  # every rank holds the same x (same seed)
+        # Every rank makes every rank's x, to know the sum: an fp32 sum, rounded once.
+        generators = [torch.Generator("cuda").manual_seed(r) for r in range(world)]
+        xs = [random_rows(batch, generator) for generator in generators]
+        x, expected = xs[rank], sum(each.float() for each in xs).bfloat16()
         y, out = x.clone(), torch.empty_like(x)
         dist.all_reduce(y)
         torch.ops.symm_mem.one_shot_all_reduce_copy_out(
             buffer[: x.numel()], x.view(-1), "sum", group, out.view(-1)
         )
-        exact = (y.float() == expected).all().item(), (out.float() == expected).all().item()
+        exact = torch.equal(y, expected), torch.equal(out, expected)
         nccl = timed_graph(partial(dist.all_reduce, y))
         one_shot = timed_graph(
             partial(

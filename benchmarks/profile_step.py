@@ -1,10 +1,11 @@
-"""Where a decode step's GPU time goes: `python benchmarks/profile_step.py [--batch 28]
-[--context 2350] (--model DIR | --model-shape qwen3-8b) [--tensor-parallel-size 2]`.
+"""Where a decode step's GPU time goes: `PYTHONPATH=. python benchmarks/profile_step.py
+(--model DIR | --model-shape qwen3-8b) [--batch 28] [--context 2350] [--tensor-parallel-size 2]`.
 
 Fills a batch of requests to about --context cached tokens, then records 20 steady-state engine
 steps (CUDA graphs, overlapped loop, full KV) with the torch profiler, and prints each
 kernel's count and GPU time per step, largest first, and the GPU kernel time per step. Under
-tensor parallelism, rank 0's kernels (an all-reduce's time includes its wait for the peer).
+tensor parallelism it profiles rank 0's kernels, where an all-reduce's time includes its wait
+for the peer.
 """
 
 import argparse
@@ -19,8 +20,9 @@ from nanozipage import LLM, SamplingParams
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model")
-    parser.add_argument("--model-shape", choices=list(MODEL_SHAPES))
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", help="checkpoint directory")
+    model.add_argument("--model-shape", choices=list(MODEL_SHAPES), help="random weights")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--batch", type=int, default=28)
     parser.add_argument("--context", type=int, default=2350)

@@ -17,7 +17,7 @@ import multiprocessing.util
 import os
 import pickle
 import sys
-import threading
+import time
 import traceback
 import weakref
 from datetime import timedelta
@@ -131,8 +131,11 @@ class Workers:
         function travels by name, so it must be defined at a module's top level."""
         self.check_alive()
         message = pickle.dumps((function, args))
-        for conn in self.conns:
-            conn.send_bytes(message)
+        for rank, conn in enumerate(self.conns, 1):
+            try:
+                conn.send_bytes(message)
+            except OSError:  # it died since check_alive: a broken or reset pipe
+                raise self._failed(rank, None) from None
 
     def wait_on_gpu(self, event: torch.cuda.Event | None = None):
         """Wait for `event` (by default, all work queued so far), checking the workers all the
@@ -142,13 +145,16 @@ class Workers:
             self.check_alive()
 
 
-def _synchronize(seconds: float = 10.0):
-    """`torch.cuda.synchronize()`, given up after `seconds`: a collective whose peer died never
-    ends (the abort that follows ends it). Nothing to wait for without CUDA."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        waiter = threading.Thread(target=torch.cuda.synchronize, daemon=True)
-        waiter.start()
-        waiter.join(seconds)
+def _settle(processes: list, seconds: float = 10.0):
+    """Wait for the work queued on rank 0's stream, for at most `seconds` and only while every
+    worker lives: a collective whose peer died never ends (the abort that follows ends it)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return
+    done, deadline = torch.cuda.current_stream().record_event(), time.monotonic() + seconds
+    while not done.query() and time.monotonic() < deadline:
+        if any(process.exitcode is not None for process in processes):
+            return
+        time.sleep(0.001)
 
 
 def _receive(conn):
@@ -160,19 +166,19 @@ def _receive(conn):
 
 
 def _shut_down(conns, processes, graphs: dict):
+    # Wait for the GPU first: the last step (the overlapped loop may have launched one more)
+    # needs the workers, and a graph dropped while it runs is destroyed later, when it ends.
+    _settle(processes)
     for conn in conns:
         conn.close()  # a worker waiting for its next call sees EOF and exits
-    # The graphs go before the communicator: NCCL frees no communicator while a live CUDA graph
-    # holds it (it waits forever). Dropping a graph that is still running defers its
-    # destruction, and CUDA releases what a graph holds asynchronously: on two H200s, aborting
-    # right after dropping the graphs left the next engine's graph capture hung in its first
-    # all-reduce. So let the last replay end, drop the graphs, let the GPU settle, then abort
-    # (not destroy: destroying waits for every rank, aborting also ends a collective left
-    # waiting on a dead one). The waits are bounded for that last case.
-    _synchronize()
+    # Then the graphs, then the communicator: NCCL frees no communicator while a live CUDA graph
+    # holds it (it waits forever), and what a graph holds is released when it is destroyed. On
+    # two H200s, aborting right after dropping graphs that were still running left the next
+    # engine's capture hung in its first all-reduce; with a wait for the GPU in between it
+    # worked (one run each, 2026-11-30). Abort, not destroy: destroying waits for every rank,
+    # aborting also ends a collective left waiting on a dead one.
     graphs.clear()
     gc.collect()  # also a graph that a reference cycle holds
-    _synchronize()
     if dist.is_initialized():
         dist.distributed_c10d._abort_process_group()
     for process in processes:

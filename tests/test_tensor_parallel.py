@@ -115,6 +115,21 @@ def test_deleting_the_llm_ends_its_worker(tmp_path):
     assert shared_memory_segments() <= shm
 
 
+def test_a_worker_dead_before_its_call_is_sent_ends_the_engine(tmp_path, monkeypatch):
+    """A worker that died after the liveness check, so that sending its call fails on a broken
+    pipe: the caller learns which worker exited, and the engine is closed (a next one starts)."""
+    model = make_tiny_model("llama", tmp_path)
+    llm = LLM(model, tensor_parallel_size=2, kv_budget=None, num_kvcache_blocks=8)
+    workers = llm.model_runner.workers
+    workers.processes[0].kill()
+    workers.processes[0].join()
+    monkeypatch.setattr(workers, "check_alive", lambda: None)  # as if it died just after
+    with pytest.raises(RuntimeError, match="tensor-parallel worker 1 exited"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert not dist.is_initialized()
+    LLM(model, tensor_parallel_size=2, kv_budget=None, num_kvcache_blocks=8).close()
+
+
 def test_a_worker_killed_mid_step_raises_and_ends_the_engine(tmp_path, monkeypatch):
     """A worker dying inside a step (here: while rank 0 samples the third step) raises in the
     caller within seconds, never hangs; the process group ends, and a later call raises at once."""
