@@ -68,9 +68,7 @@ class Compressor:
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             self.run(plans)
-            done = torch.cuda.Event()
-            done.record()
-        self.under_way.append((done, jobs))
+        self.under_way.append((self.stream.record_event(), jobs))
 
     def poll(self, wait: bool = False) -> list[tuple[Sequence, list[int]]]:
         """Rank 0: the jobs whose compaction has finished (all with `wait`). Their old blocks will
