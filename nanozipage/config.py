@@ -9,7 +9,6 @@ import torch
 
 # model_type -> architecture (qwen3 -> Qwen3ForCausalLM), for a config without `architectures`
 ARCHITECTURES = {t: f"{t.title()}ForCausalLM" for t in ("qwen3", "qwen2", "llama")}
-SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
 LOAD_FORMATS = ("safetensors", "dummy")
 DTYPES = (None, "float32", "float16", "bfloat16")
 
@@ -58,10 +57,10 @@ class Config:
             self.hf_config = hf = json.load(f)
         model_type = hf.get("model_type")
         arch = (hf.get("architectures") or [ARCHITECTURES.get(model_type, f"of {model_type=}")])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
+        if arch not in ARCHITECTURES.values():
             raise ValueError(
                 f"model: architecture {arch} is not supported; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"supported: {', '.join(ARCHITECTURES.values())}"
             )
         hf["architectures"] = [arch]  # the model reads the architecture here, always set
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,9 +72,8 @@ class Config:
         model_len = hf.get("max_position_embeddings", 1 << 20)
         if self.max_model_len is None:
             self.max_model_len = model_len
-        _check_int("block_size", self.block_size, 1)
-        _check_int("max_num_seqs", self.max_num_seqs, 1)
-        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            _check_int(name, getattr(self, name), 1)
         _check_int("max_model_len", self.max_model_len, 1, model_len)
         gpus = torch.cuda.device_count() if cuda else None
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1, gpus)
