@@ -10,11 +10,6 @@ from nanozipage.overlap import pending_rows
 from nanozipage.sequence import Sequence
 
 
-def _slot(seq: Sequence, index: int) -> int:
-    b = seq.block_size
-    return seq.block_table[index // b] * b + index % b
-
-
 def _query_row(seq: Sequence, index: int, last_block: int, window: int) -> int:
     """Row of the query cache for the token at cache index `index`, or -1: window queries are
     the last `window` tokens of a block, and only those of seq's newest block are kept."""
@@ -35,9 +30,10 @@ def step_plan(seqs: list[Sequence], is_prefill: bool, window: int) -> StepPlan:
         input_ids += seq.token_ids[start:end]
         positions += range(start, end)
         cache_indices = range(start - seq.num_evicted, end - seq.num_evicted)
-        slots += [_slot(seq, i) for i in cache_indices]
+        b = seq.block_size
+        slots += [seq.block_table[i // b] * b + i % b for i in cache_indices]
         if window:
-            last_block = cache_indices[-1] // seq.block_size
+            last_block = cache_indices[-1] // b
             query_rows += [_query_row(seq, i, last_block, window) for i in cache_indices]
         cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
         context_lens.append(cache_indices.stop)
