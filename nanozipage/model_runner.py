@@ -276,9 +276,8 @@ class ModelRunner:
     def capture_cudagraphs(self):
         """Capture the decode forward pass for a ladder of batch sizes over static buffers."""
         max_bs = min(self.config.max_num_seqs, self.num_blocks)  # a request holds >= 1 block
-        self.graph_sizes = sorted(
-            {b for b in [1, 2, 4, 8, *range(16, max_bs, 16)] if b < max_bs} | {max_bs}
-        )
+        sizes = [1, 2, 4, 8, *range(16, max_bs, 16)]
+        self.graph_sizes = [b for b in sizes if b < max_bs] + [max_bs]  # ascending
         hidden_size, int32, long = self.config.hf_config["hidden_size"], torch.int32, torch.long
         zeros = lambda *shape, dtype: torch.zeros(shape, dtype=dtype, device=self.device)
         buf = self.graph_buffers = {
