@@ -100,8 +100,7 @@ class LLMEngine:
 
     def _add(self, seqs: list[Sequence]) -> int:
         self.requests[seqs[0].request_id] = seqs
-        for seq in seqs:
-            self.scheduler.add(seq)
+        self.scheduler.add(seqs)
         return seqs[0].request_id
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> int:

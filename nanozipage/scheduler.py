@@ -32,8 +32,8 @@ class Scheduler:
         finished while compacting is freed when its compaction ends)."""
         return not self.waiting and not self.running and not self.num_compress_blocks
 
-    def add(self, seq: Sequence):
-        self.waiting.append(seq)
+    def add(self, seqs: list[Sequence]):
+        self.waiting.extend(seqs)
 
     def schedule(self) -> tuple[list[Sequence], bool, list[tuple[Sequence, list[int]]]]:
         """The requests of the next step, whether it is a prefill step, and the compressions to
