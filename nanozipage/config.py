@@ -87,7 +87,7 @@ class Config:
         if self.kv_budget is not None:  # the compression knobs
             from nanozipage.policy import POLICIES
 
-            check_kv_budget("kv_budget", self.kv_budget, self.block_size, self.window)
+            check_kv_budget(self.kv_budget, self.block_size, self.window)
             _check_int("compress_layers", self.compress_layers, 1)
             _check_int("max_compress_blocks", self.max_compress_blocks, 1)
             _check_int("num_sinks", self.num_sinks, 0)
@@ -129,12 +129,12 @@ def model_dir(model: str) -> str:
         ) from None
 
 
-def check_kv_budget(name: str, budget, block_size: int, window: int):
+def check_kv_budget(budget, block_size: int, window: int):
     """A budget is whole blocks, leaves room for the window, and the window fits in a block."""
     _check_int("window", window, 1, block_size)
     if not isinstance(budget, int) or budget % block_size or budget < window + block_size:
         raise ValueError(
-            f"{name} must be a multiple of block_size={block_size} and at least window + "
+            f"kv_budget must be a multiple of block_size={block_size} and at least window + "
             f"block_size = {window + block_size}, got {budget!r}"
         )
 
