@@ -39,8 +39,7 @@ class Scheduler:
         """The requests of the next step, whether it is a prefill step, and the compressions to
         run before it (each request with its block table before the compression)."""
         self._assign_query_slots()
-        decodable = any(not seq.in_prefill for seq in self.running)
-        prefer_decode = decodable and self.last_step_was_prefill
+        prefer_decode = self.last_step_was_prefill and any(not s.in_prefill for s in self.running)
         for is_prefill in (False, True) if prefer_decode else (True, False):
             seqs, compressions = self._schedule_prefill() if is_prefill else self._schedule_decode()
             if seqs or compressions:
