@@ -60,17 +60,14 @@ class Compressor:
     def compact(self, plans: list[Compaction], jobs: list | None = None):
         """Every rank: run the compactions; asynchronous ones go on the side stream after the
         work already queued on the main stream (the requests' last K/V)."""
-        if not (self.config.async_compression and self.stream):
+        if not self.config.async_compression:  # on the main stream, before the step
             self.run(plans)
-            if self.config.async_compression:  # no side stream off the GPU: done at once
-                self.under_way.append((None, jobs))
             return
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
+        if self.stream:
+            self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):  # no side stream off the GPU: done at once
             self.run(plans)
-            done = torch.cuda.Event()
-            done.record()
-        self.under_way.append((done, jobs))
+        self.under_way.append((self.stream and self.stream.record_event(), jobs))
 
     def poll(self, wait: bool = False) -> list[tuple[Sequence, list[int]]]:
         """Rank 0: the jobs whose compaction has finished (all with `wait`). Their old blocks will
@@ -99,16 +96,14 @@ class Compressor:
     @torch.inference_mode()
     def run(self, plans: list[Compaction]):
         """Score, select and compact, a group of layers at a time (bounds temporary memory)."""
-        config, b, device = self.config, self.config.block_size, self.kv_cache.device
-        policy, num_layers = POLICIES[config.policy], self.kv_cache.shape[1]
+        config, b, w = self.config, self.config.block_size, self.config.window
+        policy, device = POLICIES[config.policy], self.kv_cache.device
         for plan in plans:
             keep = len(plan.new_table) * b
             old, new = to_device(plan.old_table, device), to_device(plan.new_table, device)
-            window_rows = slice(
-                plan.query_slot * config.window, (plan.query_slot + 1) * config.window
-            )
-            for start in range(0, num_layers, config.compress_layers):
-                layers = slice(start, min(start + config.compress_layers, num_layers))
+            window_rows = slice(plan.query_slot * w, (plan.query_slot + 1) * w)
+            for start in range(0, self.kv_cache.shape[1], config.compress_layers):
+                layers = slice(start, start + config.compress_layers)
                 k_cache, v_cache = self.kv_cache[0, layers], self.kv_cache[1, layers]
                 score_cache = self.score_cache[layers]
                 # The request's keys and stored scores, dense: [layers, kvh, T, ...]
@@ -117,7 +112,7 @@ class Compressor:
                 prev[..., 0 if plan.first else keep :] = 0  # newer tokens were never scored
                 state = CacheState(keys, self.q_cache[layers, window_rows], prev, plan.first, b)
                 score, stored = policy(state, config)
-                kept = select(score, keep, config.window, config.num_sinks)  # [L, kvh, keep]
+                kept = select(score, keep, w, config.num_sinks)  # [L, kvh, keep]
                 compact(k_cache, old, new, kept)
                 compact(v_cache, old, new, kept)
                 # Scores to store are this compression's (dense), not the cache's: gathered.

@@ -9,7 +9,6 @@ import torch
 
 # model_type -> architecture (qwen3 -> Qwen3ForCausalLM), for a config without `architectures`
 ARCHITECTURES = {t: f"{t.title()}ForCausalLM" for t in ("qwen3", "qwen2", "llama")}
-SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
 LOAD_FORMATS = ("safetensors", "dummy")
 DTYPES = (None, "float32", "float16", "bfloat16")
 
@@ -58,10 +57,10 @@ class Config:
             self.hf_config = hf = json.load(f)
         model_type = hf.get("model_type")
         arch = (hf.get("architectures") or [ARCHITECTURES.get(model_type, f"of {model_type=}")])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
+        if arch not in ARCHITECTURES.values():
             raise ValueError(
                 f"model: architecture {arch} is not supported; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"supported: {', '.join(ARCHITECTURES.values())}"
             )
         hf["architectures"] = [arch]  # the model reads the architecture here, always set
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,9 +72,8 @@ class Config:
         model_len = hf.get("max_position_embeddings", 1 << 20)
         if self.max_model_len is None:
             self.max_model_len = model_len
-        _check_int("block_size", self.block_size, 1)
-        _check_int("max_num_seqs", self.max_num_seqs, 1)
-        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            _check_int(name, getattr(self, name), 1)
         _check_int("max_model_len", self.max_model_len, 1, model_len)
         gpus = torch.cuda.device_count() if cuda else None
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1, gpus)
@@ -89,7 +87,7 @@ class Config:
         if self.kv_budget is not None:  # the compression knobs
             from nanozipage.policy import POLICIES
 
-            check_kv_budget("kv_budget", self.kv_budget, self.block_size, self.window)
+            check_kv_budget(self.kv_budget, self.block_size, self.window)
             _check_int("compress_layers", self.compress_layers, 1)
             _check_int("max_compress_blocks", self.max_compress_blocks, 1)
             _check_int("num_sinks", self.num_sinks, 0)
@@ -131,12 +129,12 @@ def model_dir(model: str) -> str:
         ) from None
 
 
-def check_kv_budget(name: str, budget, block_size: int, window: int):
+def check_kv_budget(budget, block_size: int, window: int):
     """A budget is whole blocks, leaves room for the window, and the window fits in a block."""
     _check_int("window", window, 1, block_size)
     if not isinstance(budget, int) or budget % block_size or budget < window + block_size:
         raise ValueError(
-            f"{name} must be a multiple of block_size={block_size} and at least window + "
+            f"kv_budget must be a multiple of block_size={block_size} and at least window + "
             f"block_size = {window + block_size}, got {budget!r}"
         )
 

@@ -83,7 +83,7 @@ class LLMEngine:
                 raise ValueError(
                     f"kv_budget: may only lower the engine's {kv_budget}, got {params.kv_budget}"
                 )
-            check_kv_budget("kv_budget", params.kv_budget, b, self.config.window)
+            check_kv_budget(params.kv_budget, b, self.config.window)
             kv_budget = params.kv_budget
         seqs = [Sequence(prompt, params, b) for _ in range(params.n)]
         for i, seq in enumerate(seqs):
@@ -100,8 +100,7 @@ class LLMEngine:
 
     def _add(self, seqs: list[Sequence]) -> int:
         self.requests[seqs[0].request_id] = seqs
-        for seq in seqs:
-            self.scheduler.add(seq)
+        self.scheduler.add(seqs)
         return seqs[0].request_id
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> int:

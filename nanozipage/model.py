@@ -70,28 +70,24 @@ class RMSNorm(nn.Module):
         return add_rms_norm(x, residual, self.weight, self.eps)
 
 
-def rope_inv_freq(hf: dict, head_dim: int) -> torch.Tensor:
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "llama3":  # Llama 3.1 / DeepSeek-R1-Distill-Llama: stretch low frequencies
-        factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
-        old_len = params["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = ((old_len / wavelen - low) / (high - low)).clamp(0, 1)
-        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    elif rope_type != "default":
-        raise ValueError(f"model: rope type {rope_type!r} is not supported (default, llama3)")
-    return inv_freq.float()
-
-
 class Rotary(nn.Module):
     """The cos | sin table of every position, shared by the layers (applied in `rope_store_kv`)."""
 
     def __init__(self, hf: dict, head_dim: int, max_positions: int):
         super().__init__()
-        freqs = torch.outer(torch.arange(max_positions).float(), rope_inv_freq(hf, head_dim))
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "llama3":  # Llama 3.1 / DeepSeek-R1-Distill-Llama: stretch low frequencies
+            factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+            old_len = rope["original_max_position_embeddings"]
+            wavelen = 2 * math.pi / inv_freq
+            smooth = ((old_len / wavelen - low) / (high - low)).clamp(0, 1)
+            inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        elif rope_type != "default":
+            raise ValueError(f"model: rope type {rope_type!r} is not supported (default, llama3)")
+        freqs = torch.outer(torch.arange(max_positions).float(), inv_freq.float())
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
 
 

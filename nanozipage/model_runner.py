@@ -19,7 +19,7 @@ from nanozipage.parallel import Workers
 from nanozipage.sampler import TokenCounts, sample
 from nanozipage.sampling_params import SamplingParams
 from nanozipage.sequence import PENDING, Sequence
-from nanozipage.step_plan import decode_plan, prefill_plan
+from nanozipage.step_plan import step_plan
 
 CPU_KV_CACHE_BYTES = 1 << 30  # with no GPU to size from, give the KV pool 1 GiB by default
 _GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -96,7 +96,7 @@ class ModelRunner:
             seq.num_new_tokens, budget = len(seq), budget - len(seq)
             seq.block_table = [0] * seq.num_blocks
             seqs.append(seq)
-        self.execute(prefill_plan(seqs, 0))  # every rank at once; no query cache yet
+        self.execute(step_plan(seqs, True, 0))  # every rank at once; no query cache yet
         self.workers.wait_on_gpu() if self.workers else torch.cuda.synchronize()
 
     def allocate_kv_cache(self):
@@ -155,9 +155,8 @@ class ModelRunner:
     ) -> Samples | None:
         """Rank 0: launch one step and the sampling of the requests that reach their last token;
         returns their samples without waiting for the GPU (None if no request samples)."""
-        plan = (prefill_plan if is_prefill else decode_plan)(seqs, self.window)
-        if is_prefill:
-            seqs = [seq for seq in seqs if seq.num_computed_tokens + seq.num_new_tokens == len(seq)]
+        plan = step_plan(seqs, is_prefill, self.window)
+        seqs = [seq for seq in seqs if seq.num_computed_tokens + seq.num_new_tokens == len(seq)]
         if self.workers:
             self.workers.call(ModelRunner.step, plan)
         try:
@@ -276,9 +275,8 @@ class ModelRunner:
     def capture_cudagraphs(self):
         """Capture the decode forward pass for a ladder of batch sizes over static buffers."""
         max_bs = min(self.config.max_num_seqs, self.num_blocks)  # a request holds >= 1 block
-        self.graph_sizes = sorted(
-            {b for b in [1, 2, 4, 8, *range(16, max_bs, 16)] if b < max_bs} | {max_bs}
-        )
+        sizes = [1, 2, 4, 8, *range(16, max_bs, 16)]
+        self.graph_sizes = [b for b in sizes if b < max_bs] + [max_bs]  # ascending
         hidden_size, int32, long = self.config.hf_config["hidden_size"], torch.int32, torch.long
         zeros = lambda *shape, dtype: torch.zeros(shape, dtype=dtype, device=self.device)
         buf = self.graph_buffers = {

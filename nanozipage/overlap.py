@@ -20,21 +20,19 @@ class Samples:
     def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, workers=None):
         self.tokens, self.workers = tokens, workers
         self._host = [self._to_host(t) for t in (tokens, logprobs) if t is not None]
-        self._copied = torch.cuda.Event() if tokens.is_cuda else None
-        if self._copied:
-            self._copied.record()
+        self._copied = torch.cuda.current_stream().record_event() if tokens.is_cuda else None
 
     @staticmethod
     def _to_host(t: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(t, device="cpu", pin_memory=t.is_cuda).copy_(t, non_blocking=True)
 
-    def tolist(self) -> tuple[list[int], list[float] | None]:
+    def tolist(self) -> tuple[list[int], list[float | None]]:
         if self.workers:  # a dead worker would leave NCCL waiting: check them while waiting
             self.workers.wait_on_gpu(self._copied)
         elif self._copied:
             self._copied.synchronize()
         tokens, *logprobs = (t.tolist() for t in self._host)
-        return tokens, logprobs[0] if logprobs else None
+        return tokens, logprobs[0] if logprobs else [None] * len(tokens)
 
 
 @dataclass(slots=True)
@@ -48,11 +46,9 @@ class InFlight:
     def collect(self) -> list[tuple[Sequence, int, float | None]]:
         """Fill the placeholders; returns (request, token index, logprob) per request. One that
         finished (or was aborted) since the launch keeps nothing: the token is past its end."""
-        token_ids, logprobs = self.samples.tolist() if self.samples else ([], None)
+        token_ids, logprobs = self.samples.tolist() if self.samples else ([], [])
         sampled = []
-        for (seq, index), token_id, logprob in zip(
-            self.sampling, token_ids, logprobs or [None] * len(token_ids)
-        ):
+        for (seq, index), token_id, logprob in zip(self.sampling, token_ids, logprobs):
             if not seq.is_finished:
                 seq.token_ids[index] = token_id
                 sampled.append((seq, index, logprob))

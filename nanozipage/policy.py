@@ -40,14 +40,13 @@ def redundancy(state: CacheState, tau: float) -> torch.Tensor:
 
 def zipage(state: CacheState, config) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's recipe (docs/DESIGN.md section 2): returns (score, score to store)."""
-    score = window_attention(state)
-    if not state.first:
-        score = torch.maximum(score, config.decay * state.prev_scores)
-    stored = score
-    if state.first:
+    stored = score = window_attention(state)
+    if state.first:  # pooled, but stored as is
         pad = config.pool_kernel // 2
         score = F.max_pool1d(score.flatten(0, -2).unsqueeze(1), config.pool_kernel, 1, pad)
         score = score.view_as(stored)
+    else:
+        stored = score = torch.maximum(score, config.decay * state.prev_scores)
     w = config.score_weight
     return w * score - (1 - w) * redundancy(state, config.redundancy_tau), stored
 

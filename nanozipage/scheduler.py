@@ -18,13 +18,9 @@ from nanozipage.stop import StopConditions
 
 class Scheduler:
     def __init__(self, config: Config, num_blocks: int, num_query_slots: int, stop: StopConditions):
-        self.max_num_seqs = config.max_num_seqs
-        self.block_size, self.window = config.block_size, config.window
+        self.config, self.stop = config, stop
         self.free_query_slots = list(range(num_query_slots - 1, -1, -1))
-        self.async_compression = config.async_compression
-        self.max_compress_blocks, self.num_compress_blocks = config.max_compress_blocks, 0
-        self.max_num_batched_tokens = config.max_num_batched_tokens
-        self.stop = stop
+        self.num_compress_blocks = 0  # blocks of the compactions under way
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
@@ -36,15 +32,14 @@ class Scheduler:
         finished while compacting is freed when its compaction ends)."""
         return not self.waiting and not self.running and not self.num_compress_blocks
 
-    def add(self, seq: Sequence):
-        self.waiting.append(seq)
+    def add(self, seqs: list[Sequence]):
+        self.waiting.extend(seqs)
 
     def schedule(self) -> tuple[list[Sequence], bool, list[tuple[Sequence, list[int]]]]:
         """The requests of the next step, whether it is a prefill step, and the compressions to
         run before it (each request with its block table before the compression)."""
         self._assign_query_slots()
-        decodable = any(not seq.in_prefill for seq in self.running)
-        prefer_decode = decodable and self.last_step_was_prefill
+        prefer_decode = self.last_step_was_prefill and any(not s.in_prefill for s in self.running)
         for is_prefill in (False, True) if prefer_decode else (True, False):
             seqs, compressions = self._schedule_prefill() if is_prefill else self._schedule_decode()
             if seqs or compressions:
@@ -66,18 +61,18 @@ class Scheduler:
     def _needs_query_slot(self, seq: Sequence) -> bool:
         """A request must hold a slot once its queries may be window queries: from the window of
         its N_max-th block on (a prompt that long needs one to be admitted)."""
-        window_start = seq.max_blocks * self.block_size - self.window
+        window_start = seq.max_blocks * self.config.block_size - self.config.window
         return seq.query_slot < 0 and seq.num_computed_tokens + seq.num_new_tokens > window_start
 
     def _schedule_prefill(self) -> tuple[list[Sequence], list]:
         """Chunks of prompts already admitted first, then newly admitted prompts."""
-        seqs, budget = [], self.max_num_batched_tokens
+        seqs, budget = [], self.config.max_num_batched_tokens
         for seq in self.running:
             if seq.in_prefill and budget > 0:
                 seq.num_new_tokens = min(len(seq) - seq.num_computed_tokens, budget)
                 budget -= seq.num_new_tokens
                 seqs.append(seq)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if seq.last_token == PENDING or self._waits_for_prefix(seq):
                 break  # preempted with its last token still on the GPU, or see below
@@ -100,7 +95,7 @@ class Scheduler:
     def _waits_for_prefix(self, seq: Sequence) -> bool:
         """The samples of one prompt (`SamplingParams.n`) share its blocks through the prefix
         cache: a later sample waits until the first one's prompt blocks are registered."""
-        first, b = seq.first_sample, self.block_size
+        first, b = seq.first_sample, self.config.block_size
         return (
             first is not None
             and first.status == SequenceStatus.RUNNING
@@ -120,12 +115,12 @@ class Scheduler:
                 continue  # waits in the running queue until a query slot frees up
             if seq.needs_compression:
                 busy = self.num_compress_blocks  # under asynchronous compression
-                if busy and busy + len(seq.block_table) > self.max_compress_blocks:
+                if busy and busy + len(seq.block_table) > self.config.max_compress_blocks:
                     continue  # too many blocks under compression already: wait a step
                 if self._free_blocks(self.block_manager.num_compress_fresh_blocks(seq), seq, seqs):
                     old_table = self.block_manager.compress(seq)
                     compressions.append((seq, old_table))
-                    if self.async_compression:  # resumes in `finish_compression`
+                    if self.config.async_compression:  # resumes in `finish_compression`
                         seq.compressing = True
                         self.num_compress_blocks += len(old_table)
                     else:  # compacted before this step's forward pass, on the same stream

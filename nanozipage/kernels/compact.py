@@ -53,8 +53,7 @@ def compact_triton(cache, old_blocks, new_blocks, kept, *, block_t=64):
     assert old_blocks.is_contiguous() and new_blocks.is_contiguous()
     if num_kept == 0:
         return
-    dense = torch.empty((num_layers, num_kv_heads, num_kept, row), dtype=cache.dtype,
-                        device=cache.device)  # fmt: skip
+    dense = cache.new_empty((num_layers, num_kv_heads, num_kept, row))
     grid = (triton.cdiv(num_kept, block_t), num_kv_heads, num_layers)
     for gather, block_table in ((True, old_blocks), (False, new_blocks)):
         _compact_kernel[grid](
@@ -77,7 +76,7 @@ def compact(
 ) -> None:
     """In a group of layers' cache `[G, num_blocks, kv_heads, block_size, *rest]` (rest is
     `(head_dim,)` for K and V; the compressor gathers the kept stored scores itself, from its
-    dense scores), write old token `kept[g, h, j]` (an
-    index into the tokens of the `old_blocks` table) to slot j of the `new_blocks` table,
-    which may reuse old block ids. Blocks outside `new_blocks` keep their contents."""
+    dense scores), write old token `kept[g, h, j]` (an index into the tokens of the `old_blocks`
+    table) to slot j of the `new_blocks` table, which may reuse old block ids. Blocks outside
+    `new_blocks` keep their contents."""
     (compact_triton if uses_triton(cache) else compact_ref)(cache, old_blocks, new_blocks, kept)

@@ -104,10 +104,9 @@ def decode_attention_triton(
     assert context_lens.dtype == block_tables.dtype == torch.int32
     group = num_q_heads // num_kv_heads
     num_splits = num_splits or default_num_splits(batch, num_kv_heads, q.device)
-    o_part = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32,
-                         device=q.device)  # fmt: skip
-    lse_part = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
-    o = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    o_part = q.new_empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32)
+    lse_part = q.new_empty((batch, num_q_heads, num_splits), dtype=torch.float32)
+    o = q.new_empty((batch, num_q_heads, head_dim))
     if batch == 0:
         return o
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](

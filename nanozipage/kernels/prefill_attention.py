@@ -93,7 +93,7 @@ def prefill_attention_triton(
     assert cu_seqlens_q.dtype == context_lens.dtype == block_tables.dtype == torch.int32
     num_seqs = context_lens.shape[0]
     assert cu_seqlens_q.shape == (num_seqs + 1,) and block_tables.shape[0] == num_seqs
-    o = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    o = q.new_empty((num_tokens, num_q_heads, head_dim))
     if num_tokens == 0:
         return o
     # 128 x 128 tiles were the fastest on an H100 (bf16, head_dim 128: benchmarks/kernels.py);

@@ -102,7 +102,7 @@ def rope_store_kv_triton(
         assert query_rows.shape == (num_tokens,)
     else:  # unused pointers: the kernel does not read them
         q_cache, query_rows = k_cache, slot_mapping
-    q = torch.empty(num_tokens, num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    q = qkv.new_empty(num_tokens, num_q_heads, head_dim)
     if num_tokens == 0:
         return q
     norm = q_weight is not None

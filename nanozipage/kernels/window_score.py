@@ -83,8 +83,7 @@ def window_scores_triton(keys, queries, *, block_n=64, num_warps=4, num_stages=2
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
     assert 1 <= window <= num_tokens, "the window queries are the last cached tokens"
     group = num_q_heads // num_kv_heads
-    out = torch.empty((num_layers, num_kv_heads, num_tokens), dtype=torch.float32,
-                      device=keys.device)  # fmt: skip
+    out = keys.new_empty((num_layers, num_kv_heads, num_tokens), dtype=torch.float32)
     group_p2 = triton.next_power_of_2(group)
     # tl.dot needs at least 16 rows: a small window x group tile gets extra (padding) queries.
     window_p2 = max(triton.next_power_of_2(window), 16 // min(group_p2, 16))
