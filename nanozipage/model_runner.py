@@ -156,7 +156,8 @@ class ModelRunner:
         """Rank 0: launch one step and the sampling of the requests that reach their last token;
         returns their samples without waiting for the GPU (None if no request samples)."""
         plan = step_plan(seqs, is_prefill, self.window)
-        seqs = [seq for seq in seqs if seq.num_computed_tokens + seq.num_new_tokens == len(seq)]
+        if is_prefill:  # every decoding request samples (as many as the workers expect)
+            seqs = [seq for seq in seqs if seq.num_computed_tokens + seq.num_new_tokens == len(seq)]
         if self.workers:
             self.workers.call(ModelRunner.step, plan)
         try:
