@@ -166,23 +166,25 @@ def _receive(conn):
 
 
 def _shut_down(conns, processes, graphs: dict):
-    # Wait for the GPU first: the last step (the overlapped loop may have launched one more)
-    # needs the workers, and a graph dropped while it runs is destroyed later, when it ends.
-    _settle(processes)
-    for conn in conns:
-        conn.close()  # a worker waiting for its next call sees EOF and exits
-    # Then the graphs, then the communicator: NCCL frees no communicator while a live CUDA graph
-    # holds it (it waits forever), and what a graph holds is released when it is destroyed. On
-    # two H200s, aborting right after dropping graphs that were still running left the next
-    # engine's capture hung in its first all-reduce; with a wait for the GPU in between it
-    # worked (one run each, 2026-11-30). Abort, not destroy: destroying waits for every rank,
-    # aborting also ends a collective left waiting on a dead one.
-    graphs.clear()
-    gc.collect()  # also a graph that a reference cycle holds
-    if dist.is_initialized():
-        dist.distributed_c10d._abort_process_group()
-    for process in processes:
-        process.join(timeout=5)
-        if process.exitcode is None:  # stuck in a collective that rank 0 left: no use waiting
-            process.kill()
-            process.join()
+    try:
+        # Wait for the GPU first: the last step (the overlapped loop may have launched one more)
+        # needs the workers, and a graph dropped while it runs is destroyed later, when it ends.
+        _settle(processes)
+    finally:  # also after Ctrl-C: weakref.finalize runs this once, so it must reach the end
+        for conn in conns:
+            conn.close()  # a worker waiting for its next call sees EOF and exits
+        # Then the graphs, then the communicator: NCCL frees no communicator while a live CUDA
+        # graph holds it (it waits forever), and a graph releases what it holds when destroyed.
+        # On two H200s, aborting right after dropping graphs that were still running left the
+        # next engine's capture hung in its first all-reduce; with a wait for the GPU in between
+        # it worked (one run each, 2026-11-30). Abort, not destroy: destroying waits for every
+        # rank, aborting also ends a collective left waiting on a dead one.
+        graphs.clear()
+        gc.collect()  # also a graph that a reference cycle holds
+        if dist.is_initialized():
+            dist.distributed_c10d._abort_process_group()
+        for process in processes:
+            process.join(timeout=5)
+            if process.exitcode is None:  # stuck in a collective that rank 0 left: no use waiting
+                process.kill()
+                process.join()
