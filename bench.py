@@ -50,7 +50,7 @@ from tqdm import tqdm
 from nanozipage import LLM, SamplingParams
 from nanozipage.model_runner import ModelRunner
 from nanozipage.sequence import Sequence
-from nanozipage.step_plan import step_plan
+from nanozipage.step_plan import decode_plan
 
 QWEN3_0_6B = {
     "architectures": ["Qwen3ForCausalLM"],
@@ -337,7 +337,7 @@ def decode_gpu_seconds(llm: LLM, repeat: int = 20) -> float:
 
     @torch.inference_mode()
     def timed_run(seqs: list[Sequence], is_prefill: bool, pending=None):
-        plan = step_plan(seqs, False, runner.window)
+        plan = decode_plan(seqs, runner.window)
 
         def step():  # what `runner.run` does on the GPU (with penalties, they count each token)
             if runner.workers:  # every rank's forward pass, or rank 0's collectives wait forever

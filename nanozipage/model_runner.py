@@ -19,7 +19,7 @@ from nanozipage.parallel import Workers
 from nanozipage.sampler import TokenCounts, sample
 from nanozipage.sampling_params import SamplingParams
 from nanozipage.sequence import PENDING, Sequence
-from nanozipage.step_plan import step_plan
+from nanozipage.step_plan import decode_plan, prefill_plan
 
 CPU_KV_CACHE_BYTES = 1 << 30  # with no GPU to size from, give the KV pool 1 GiB by default
 _GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -96,7 +96,7 @@ class ModelRunner:
             seq.num_new_tokens, budget = len(seq), budget - len(seq)
             seq.block_table = [0] * seq.num_blocks
             seqs.append(seq)
-        self.execute(step_plan(seqs, True, 0))  # every rank at once; no query cache yet
+        self.execute(prefill_plan(seqs, 0))  # every rank at once; no query cache yet
         self.workers.wait_on_gpu() if self.workers else torch.cuda.synchronize()
 
     def allocate_kv_cache(self):
@@ -155,7 +155,7 @@ class ModelRunner:
     ) -> Samples | None:
         """Rank 0: launch one step and the sampling of the requests that reach their last token;
         returns their samples without waiting for the GPU (None if no request samples)."""
-        plan = step_plan(seqs, is_prefill, self.window)
+        plan = (prefill_plan if is_prefill else decode_plan)(seqs, self.window)
         if is_prefill:  # every decoding request samples (as many as the workers expect)
             seqs = [seq for seq in seqs if seq.num_computed_tokens + seq.num_new_tokens == len(seq)]
         if self.workers:

@@ -10,6 +10,11 @@ from nanozipage.overlap import pending_rows
 from nanozipage.sequence import Sequence
 
 
+def _slot(seq: Sequence, index: int) -> int:
+    b = seq.block_size
+    return seq.block_table[index // b] * b + index % b
+
+
 def _query_row(seq: Sequence, index: int, last_block: int, window: int) -> int:
     """Row of the query cache for the token at cache index `index`, or -1: window queries are
     the last `window` tokens of a block, and only those of seq's newest block are kept."""
@@ -19,32 +24,47 @@ def _query_row(seq: Sequence, index: int, last_block: int, window: int) -> int:
     return seq.query_slot * window + index % b - (b - window)
 
 
-def step_plan(seqs: list[Sequence], is_prefill: bool, window: int) -> StepPlan:
-    """Each request's next `num_new_tokens` tokens: a prompt chunk, or in a decode step its last
-    token, whose cache index trails its position once compressed and which, if PENDING, is read
-    on the device from the previous step's samples (`overlap.py`). `window` 0: no window queries."""
+def prefill_plan(seqs: list[Sequence], window: int) -> StepPlan:
+    """The next chunk of each prompt; `window` 0 when no window queries are stored."""
     input_ids, positions, slots, context_lens, sample_rows, query_rows = [], [], [], [], [], []
     cu_seqlens_q = [0]
     for seq in seqs:
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_new_tokens
         input_ids += seq.token_ids[start:end]
         positions += range(start, end)
-        cache_indices = range(start - seq.num_evicted, end - seq.num_evicted)
-        b = seq.block_size
-        slots += [seq.block_table[i // b] * b + i % b for i in cache_indices]
+        slots += [_slot(seq, i) for i in range(start, end)]
         if window:
-            last_block = cache_indices[-1] // b
-            query_rows += [_query_row(seq, i, last_block, window) for i in cache_indices]
+            last_block = (end - 1) // seq.block_size
+            query_rows += [_query_row(seq, i, last_block, window) for i in range(start, end)]
         cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
-        context_lens.append(cache_indices.stop)
+        context_lens.append(end)
         if end == len(seq):
             sample_rows.append(cu_seqlens_q[-1] - 1)
     return StepPlan(
-        is_prefill, input_ids, positions, slots, context_lens,
+        True, input_ids, positions, slots, context_lens,
         block_tables=[seq.block_table for seq in seqs],
         query_rows=query_rows or None,
-        sample_rows=sample_rows if is_prefill else None,
-        pending_rows=None if is_prefill else pending_rows(seqs),
-        cu_seqlens_q=cu_seqlens_q if is_prefill else None,
+        sample_rows=sample_rows,
+        cu_seqlens_q=cu_seqlens_q,
         max_seqlen_q=max(seq.num_new_tokens for seq in seqs),
     )  # fmt: skip
+
+
+def decode_plan(seqs: list[Sequence], window: int) -> StepPlan:
+    """Each request's last token, at position len - 1 but cache index cache_len - 1; a PENDING
+    one is read on the device from the previous step's samples (`overlap.py`)."""
+    index = [seq.cache_len - 1 for seq in seqs]
+    query_rows = None
+    if window:
+        query_rows = [_query_row(s, i, i // s.block_size, window) for s, i in zip(seqs, index)]
+    return StepPlan(
+        False,
+        input_ids=[seq.last_token for seq in seqs],
+        positions=[len(seq) - 1 for seq in seqs],
+        slot_mapping=[_slot(seq, i) for seq, i in zip(seqs, index)],
+        context_lens=[i + 1 for i in index],
+        block_tables=[seq.block_table for seq in seqs],
+        query_rows=query_rows,
+        pending_rows=pending_rows(seqs),
+        sample_rows=None,
+    )

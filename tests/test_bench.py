@@ -1,4 +1,12 @@
-"""bench.py's roofline: the bytes and FLOPs a perfect engine needs for a step, by hand."""
+"""bench.py's roofline: the bytes and FLOPs a perfect engine needs for a step, by hand; and
+every task runs end to end on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
 
 from bench import CPU_WORKLOADS, QWEN3_0_6B, WORKLOADS, make_parser, step_cost
 
@@ -45,3 +53,24 @@ def test_cpu_workloads_mirror_the_gpu_ones_and_fit_their_pool():
         assert name in WORKLOADS and config["block_size"] == 16
         pool = config.get("num_kvcache_blocks", 1 << 20) * config["block_size"]
         assert prompt + output <= pool
+
+
+# decode-step and compress-cost build steps by hand, outside the scheduler: a change to what a
+# step plan reads from a request can break them alone. About 40 s, hence exhaustive.
+@pytest.mark.exhaustive
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--task", "decode-step", "--decode-shapes", "1x16"],
+        ["--task", "compress-cost", "--batch", "1"],
+        ["--task", "throughput", "--mode", "zipage"],
+    ],
+)
+def test_every_task_runs_on_the_cpu(args):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, os.path.join(repo, "bench.py"), *args], env=env,
+                         capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result["task"] == args[1] and result["device"] == "cpu"

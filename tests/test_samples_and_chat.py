@@ -39,21 +39,20 @@ def test_samples_share_the_prompts_full_blocks_which_are_prefilled_once(
     model_dir, monkeypatch, prompt_len, config
 ):
     allocated, fed = [], []
-    allocate, step_plan = BlockManager.allocate, model_runner.step_plan
+    allocate, prefill_plan = BlockManager.allocate, model_runner.prefill_plan
 
     def allocate_spy(self, seq):
         allocate(self, seq)
         refs = [self.blocks[b].ref_count for b in seq.block_table]
         allocated.append((seq.sample_index, list(seq.block_table), refs))
 
-    def step_plan_spy(seqs, is_prefill, window):
-        if is_prefill:
-            fed.append(sum(seq.num_new_tokens for seq in seqs))
-        return step_plan(seqs, is_prefill, window)
+    def prefill_plan_spy(seqs, window):
+        fed.append(sum(seq.num_new_tokens for seq in seqs))
+        return prefill_plan(seqs, window)
 
     llm = LLM(model_dir, **config)  # before the spies: on a GPU, warmup runs a prefill
     monkeypatch.setattr(BlockManager, "allocate", allocate_spy)
-    monkeypatch.setattr(model_runner, "step_plan", step_plan_spy)
+    monkeypatch.setattr(model_runner, "prefill_plan", prefill_plan_spy)
     prompt, n = PROMPT[:prompt_len], 3
     outputs = llm.generate(prompt, replace(SAMPLED, n=n, seed=1), use_tqdm=False)
 
