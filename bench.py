@@ -37,6 +37,7 @@ architecture's config.json to a cache folder and the engine makes random weights
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -49,6 +50,7 @@ from tqdm import tqdm
 
 from nanozipage import LLM, SamplingParams
 from nanozipage.model_runner import ModelRunner
+from nanozipage.parallel import Workers
 from nanozipage.sequence import Sequence
 from nanozipage.step_plan import decode_plan
 
@@ -358,6 +360,40 @@ def decode_gpu_seconds(llm: LLM, repeat: int = 20) -> float:
     return times[0]
 
 
+@contextlib.contextmanager
+def timed_start_phases():
+    """Seconds of an engine's start-up as rank 0 sees them, by wrapping its stages: start_s, all
+    of it; workers_started_s, spawning the workers until each runs (tensor parallelism);
+    warmup_s, the largest prefill step (it compiles the kernels); kv_cache_s; graphs_s,
+    capturing the decode graphs; workers_ready_s, waiting for the workers' shards after its
+    own. What start_s holds beyond these is building the model and its weights."""
+    phases, began = {}, time.perf_counter()
+
+    def timed(cls, name, key, message=None):
+        def wrapper(self, *args):
+            start = time.perf_counter()
+            result = original(self, *args)
+            if message is None or args == (message,):
+                phases[key] = phases.get(key, 0.0) + time.perf_counter() - start
+            return result
+
+        original = getattr(cls, name)
+        setattr(cls, name, wrapper)
+        return cls, name, original
+
+    patched = [timed(Workers, "__init__", "workers_started_s"),
+               timed(ModelRunner, "warmup", "warmup_s"),
+               timed(ModelRunner, "allocate_kv_cache", "kv_cache_s"),
+               timed(ModelRunner, "capture_cudagraphs", "graphs_s"),
+               timed(Workers, "expect", "workers_ready_s", "ready")]  # fmt: skip
+    try:
+        yield phases
+    finally:
+        for cls, name, original in patched:
+            setattr(cls, name, original)
+        phases["start_s"] = time.perf_counter() - began
+
+
 def set_eager(runner, eager: bool):
     """Decode without CUDA graphs (eager) or with them again, on every rank: a rank replaying a
     graph padded to 32 requests while another runs 28 eagerly all-reduce different sizes, and
@@ -379,18 +415,17 @@ def decode_step(model: str, args) -> dict:
     of that step's work (`decode_gpu_seconds`). host_ms_not_hidden = max(0, wall - gpu): host
     time the GPU waits for. bound_ms: the step's least time on this device (`bound_seconds`:
     the weights and the batch's K/V at the copy bandwidth); of_bound = bound / wall.
-    eager_wall_ms: the same step without CUDA graphs. engine_start_s: the time `LLM(...)` took
-    (weights, KV pool, kernels compiled, CUDA graphs captured; workers too). max_tokens covers
+    eager_wall_ms: the same step without CUDA graphs. start_*_s: where `LLM(...)` spent its time
+    (`timed_start_phases`). max_tokens covers
     every step measured, so the batch never shrinks, and the contexts grow by under 100 tokens
     meanwhile.
     """
     results, steps, max_tokens = {}, 32, 96
     for batch, context in args.decode_shapes:
         blocks = batch * -(-(context + max_tokens) // 256)
-        started = time.perf_counter()
-        llm = LLM(model, **args.engine, max_num_seqs=max(batch, 256), num_kvcache_blocks=blocks,
-                  kv_budget=None)  # fmt: skip
-        engine_start = time.perf_counter() - started
+        with timed_start_phases() as phases:
+            llm = LLM(model, **args.engine, max_num_seqs=max(batch, 256),
+                      num_kvcache_blocks=blocks, kv_budget=None)  # fmt: skip
         rng, vocab = random.Random(args.seed), llm.config.hf_config["vocab_size"]
         params = SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True,
                                 presence_penalty=args.presence_penalty)  # fmt: skip
@@ -419,7 +454,7 @@ def decode_step(model: str, args) -> dict:
             "host_ms_not_hidden": 1000 * max(0.0, wall - gpu),
             "bound_ms": 1000 * bound if bound else None,
             "of_bound": bound / wall if bound else None, "eager_wall_ms": 1000 * eager,
-            "engine_start_s": engine_start,
+            **phases,
         }  # fmt: skip
         print(name, results[name], flush=True)
         llm.close()  # a tensor-parallel engine's workers end now, not when it is collected
