@@ -18,7 +18,7 @@ from nanozipage.kernels.prefill_attention import (
     attend_tile,
     check_attention_inputs,
     dot_precision,
-    paged_kv,
+    prefill_attention_ref,
     uses_triton,
 )
 
@@ -125,16 +125,11 @@ def decode_attention_triton(
 
 
 def decode_attention_ref(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None):
-    o = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    group = q.shape[1] // k_cache.shape[1]
-    for b, ctx_len in enumerate(context_lens.tolist()):
-        if ctx_len == 0:
-            continue  # a padding row of a captured batch
-        k = paged_kv(k_cache, block_tables[b], ctx_len).repeat_interleave(group, 0).float()
-        v = paged_kv(v_cache, block_tables[b], ctx_len).repeat_interleave(group, 0).float()
-        scores = (k @ q[b, :, :, None].float()).squeeze(-1) * scale  # [heads, ctx_len]
-        o[b] = (scores.softmax(-1)[:, None, :] @ v).squeeze(1).to(q.dtype)
-    return o
+    """Prefill attention of one query per sequence, its context's last token (a context of
+    length 0, a padding row of a captured batch, attends to nothing: zeros)."""
+    cu_seqlens_q = torch.arange(len(q) + 1)
+    args = (cu_seqlens_q, context_lens, block_tables, 1, scale)
+    return prefill_attention_ref(q, k_cache, v_cache, *args)
 
 
 def decode_attention(
