@@ -24,12 +24,6 @@ class CacheState:
     block_size: int
 
 
-def window_attention(state: CacheState) -> torch.Tensor:
-    """Softmax attention of each window query over all cached keys (causal inside the window),
-    max over the query heads of a GQA group, mean over the window: [layers, kv_heads, T]."""
-    return window_scores(state.keys, state.queries)
-
-
 def redundancy(state: CacheState, tau: float) -> torch.Tensor:
     """R-KV "lightning" redundancy: cosine similarity between keys of the same block only; for
     every token n, its most recent near-duplicate m (sim > 0.5) does not count sim(m, n), so the
@@ -40,7 +34,7 @@ def redundancy(state: CacheState, tau: float) -> torch.Tensor:
 
 def zipage(state: CacheState, config) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's recipe (docs/DESIGN.md section 2): returns (score, score to store)."""
-    stored = score = window_attention(state)
+    stored = score = window_scores(state.keys, state.queries)  # step 1: window attention
     if state.first:  # pooled, but stored as is
         pad = config.pool_kernel // 2
         score = F.max_pool1d(score.flatten(0, -2).unsqueeze(1), config.pool_kernel, 1, pad)
