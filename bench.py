@@ -492,7 +492,8 @@ def compress_cost(model: str, args) -> dict:
     target.query_slot = 0
     for seq in [*batch, target]:
         seq.kv_budget, seq.num_new_tokens = budget, len(seq)
-        blocks.allocate(seq)
+        if not blocks.allocate(seq):
+            raise SystemExit("compress-cost: the KV pool has too few blocks for --batch")
         runner.run([seq], is_prefill=True)
         seq.num_computed_tokens = len(seq)
     target.token_ids.append(0)  # the token whose decode step triggers the compression

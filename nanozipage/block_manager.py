@@ -67,15 +67,13 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        hits = self._cached_prefix(seq)
-        num_reused_free = sum(self.blocks[b].ref_count == 0 for b in hits)
-        return seq.num_blocks - len(hits) + num_reused_free <= self.num_free_blocks
-
-    def allocate(self, seq: Sequence):
-        """Give seq blocks for all its tokens, reusing cached prefix blocks."""
+    def allocate(self, seq: Sequence) -> bool:
+        """Give seq blocks for its tokens, reusing prefix-cache hits; False if too few are free."""
         assert not seq.block_table
         hits = self._cached_prefix(seq)
+        num_reused_free = sum(self.blocks[b].ref_count == 0 for b in hits)
+        if seq.num_blocks - len(hits) + num_reused_free > self.num_free_blocks:
+            return False
         for block_id in hits:
             block = self.blocks[block_id]
             if block.ref_count == 0:
@@ -84,6 +82,7 @@ class BlockManager:
         seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
         seq.num_hashed_blocks, seq.block_table = len(hits), hits
         self.append_blocks(seq)
+        return True
 
     def _release(self, block_id: int):
         block = self.blocks[block_id]

@@ -81,10 +81,9 @@ class Scheduler:
                 if not self.free_query_slots:
                     break
                 seq.query_slot = self.free_query_slots.pop()
-            if not self.block_manager.can_allocate(seq):
+            if not self.block_manager.allocate(seq):
                 self._release_query_slot(seq)
                 break
-            self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(self.waiting.popleft())
             seq.num_new_tokens = min(len(seq) - seq.num_computed_tokens, budget)

@@ -74,11 +74,13 @@ def test_last_token_is_never_served_from_the_cache():
     assert b.num_cached_tokens == 4 and b.block_table[1] != a.block_table[1]
 
 
-def test_can_allocate_counts_free_blocks_that_a_hit_revives():
+def test_allocate_counts_free_blocks_that_a_hit_revives_and_gives_none_when_short():
     bm = BlockManager(num_blocks=2, block_size=BS)
     a = seq_of(list(range(5)))
     bm.allocate(a)
     compute_all(bm, a)
     bm.deallocate(a)
-    assert bm.can_allocate(seq_of(list(range(5))))
-    assert not bm.can_allocate(seq_of(list(range(9))))
+    too_long = seq_of(list(range(9)))
+    assert not bm.allocate(too_long)
+    assert too_long.block_table == [] and bm.num_free_blocks == 2
+    assert bm.allocate(seq_of(list(range(5))))
