@@ -71,8 +71,7 @@ class LLMEngine:
             raise ValueError("prompt: must hold at least one token, got an empty prompt")
         vocab = self.config.hf_config["vocab_size"]
         for name, ids in (("prompt", prompt), ("stop_token_ids", params.stop_token_ids)):
-            bad = [t for t in ids if type(t) is not int or not 0 <= t < vocab]
-            if bad:
+            if bad := [t for t in ids if type(t) is not int or not 0 <= t < vocab]:
                 raise ValueError(f"{name}: ids must be integers in [0, {vocab}), got {bad[:5]}")
         total, max_len = len(prompt) + params.max_tokens, self.config.max_model_len
         if total > max_len:
