@@ -17,9 +17,8 @@ class TokenCounts:
     engines without penalties allocate nothing; the last row stays empty, read by row -1."""
 
     def __init__(self, vocab_size: int, device: torch.device | str):
-        self.device = torch.device(device)
-        self.counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=self.device)
-        self.in_prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=self.device)
+        self.counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=device)
+        self.in_prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
         self.free_rows: list[int] = []
 
     def add_row(self, prompt_ids: list[int], output_ids: list[int]) -> int:
@@ -27,7 +26,7 @@ class TokenCounts:
         if not self.free_rows:
             self._grow()
         row = self.free_rows.pop()
-        ids = to_device(output_ids + prompt_ids, self.device, torch.long)
+        ids = to_device(output_ids + prompt_ids, self.counts.device, torch.long)
         output, prompt = ids.tensor_split([len(output_ids)])
         self.counts[row].zero_().scatter_add_(0, output, torch.ones_like(output, dtype=torch.int32))
         self.in_prompt[row].zero_().index_fill_(0, prompt, True)
