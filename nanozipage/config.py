@@ -88,9 +88,8 @@ class Config:
             from nanozipage.policy import POLICIES
 
             check_kv_budget(self.kv_budget, self.block_size, self.window)
-            _check_int("compress_layers", self.compress_layers, 1)
-            _check_int("max_compress_blocks", self.max_compress_blocks, 1)
-            _check_int("num_sinks", self.num_sinks, 0)
+            for name, low in (("compress_layers", 1), ("max_compress_blocks", 1), ("num_sinks", 0)):
+                _check_int(name, getattr(self, name), low)
             odd = isinstance(self.pool_kernel, int) and self.pool_kernel % 2 == 1
             checks |= {
                 "policy": (self.policy in POLICIES, f"one of {sorted(POLICIES)}"),
