@@ -46,7 +46,7 @@ class StepPlan:
     context_lens: list[int]
     block_tables: list[list[int]]  # unpadded
     query_rows: list[int] | None
-    sample_rows: list[int] | None  # rows whose logits are sampled; None: all (decode)
+    sample_rows: list[int] | None = None  # rows whose logits are sampled; None: all (decode)
     # Decode, overlapped loop: per request, its row in the samples of the step launched before
     # when its input id is PENDING there, else -1; None when no input id is PENDING.
     pending_rows: list[int] | None = None

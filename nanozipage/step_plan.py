@@ -66,5 +66,4 @@ def decode_plan(seqs: list[Sequence], window: int) -> StepPlan:
         block_tables=[seq.block_table for seq in seqs],
         query_rows=query_rows,
         pending_rows=pending_rows(seqs),
-        sample_rows=None,
     )
