@@ -70,8 +70,7 @@ class Config:
         if self.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(1)  # small CPU ops: more threads mostly wait for busy cores
         model_len = hf.get("max_position_embeddings", 1 << 20)
-        if self.max_model_len is None:
-            self.max_model_len = model_len
+        self.max_model_len = model_len if self.max_model_len is None else self.max_model_len
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             _check_int(name, getattr(self, name), 1)
         _check_int("max_model_len", self.max_model_len, 1, model_len)
