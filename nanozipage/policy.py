@@ -28,8 +28,7 @@ def redundancy(state: CacheState, tau: float) -> torch.Tensor:
     """R-KV "lightning" redundancy: cosine similarity between keys of the same block only; for
     every token n, its most recent near-duplicate m (sim > 0.5) does not count sim(m, n), so the
     newest of a group survives; sum per token, softmax over the request: [layers, kv_heads, T]."""
-    sums = redundancy_sums(state.keys, state.block_size)
-    return (sums / (tau * state.block_size)).softmax(-1)
+    return (redundancy_sums(state.keys, state.block_size) / (tau * state.block_size)).softmax(-1)
 
 
 def zipage(state: CacheState, config) -> tuple[torch.Tensor, torch.Tensor]:
