@@ -106,8 +106,7 @@ def redundancy_sums_ref(keys, block_size):
 
 
 def redundancy_sums(keys: torch.Tensor, block_size: int) -> torch.Tensor:
-    """For keys `[G, kv_heads, T, head_dim]` (T a multiple of `block_size`): per token m, the sum
-    of its cosine similarities with the other keys n of its block, without sim(m, n) where m is
-    n's newest near-duplicate (the largest slot with sim > 0.5). Returns float32 `[G, kv_heads, T]`.
-    """
+    """For keys `[G, kv_heads, T, head_dim]` (T a multiple of `block_size`): per token m, the
+    sum of its cosine similarities with the other keys n of its block, without sim(m, n) where m
+    is n's newest near-duplicate (the largest slot with sim > 0.5); float32 `[G, kv_heads, T]`."""
     return (redundancy_sums_triton if uses_triton(keys) else redundancy_sums_ref)(keys, block_size)
