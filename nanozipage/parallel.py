@@ -141,20 +141,18 @@ class Workers:
         """Wait for `event` (by default, all work queued so far), checking the workers all the
         while: on NCCL a dead peer leaves a collective spinning rather than failing."""
         event = event or torch.cuda.current_stream().record_event()
-        while not event.query():
-            self.check_alive()
+        if not _wait(event, self.processes):
+            self.check_alive()  # raises, naming the dead worker
 
 
-def _settle(processes: list, seconds: float = 10.0):
-    """Wait for the work queued on rank 0's stream, for at most `seconds` and only while every
-    worker lives: a collective whose peer died never ends (the abort that follows ends it)."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        return
-    done, deadline = torch.cuda.current_stream().record_event(), time.monotonic() + seconds
-    while not done.query() and time.monotonic() < deadline:
-        if any(process.exitcode is not None for process in processes):
-            return
-        time.sleep(0.001)
+def _wait(event: torch.cuda.Event, processes: list, seconds: float = float("inf")) -> bool:
+    """Poll `event` until it completes (True); False as soon as a worker has exited or `seconds`
+    have passed: on NCCL a collective whose peer died spins for ever instead of failing."""
+    deadline = time.monotonic() + seconds
+    while not event.query():
+        if time.monotonic() > deadline or any(p.exitcode is not None for p in processes):
+            return False
+    return True
 
 
 def _receive(conn):
@@ -167,9 +165,11 @@ def _receive(conn):
 
 def _shut_down(conns, processes, graphs: dict):
     try:
-        # Wait for the GPU first: the last step (the overlapped loop may have launched one more)
-        # needs the workers, and a graph dropped while it runs is destroyed later, when it ends.
-        _settle(processes)
+        # Wait for the GPU first (for 10 s at most, and only while every worker lives): the last
+        # step (the overlapped loop may have launched one more) needs the workers, and a graph
+        # dropped while it runs is destroyed later, when it ends.
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            _wait(torch.cuda.current_stream().record_event(), processes, seconds=10)
     finally:  # also after Ctrl-C: weakref.finalize runs this once, so it must reach the end
         for conn in conns:
             conn.close()  # a worker waiting for its next call sees EOF and exits
