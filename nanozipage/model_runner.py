@@ -250,7 +250,7 @@ class ModelRunner:
             (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) for p in params
         ]
         if any(x != (1, 0, 0) for x in penalties):
-            rows = [self._count_row(s) if x != (1, 0, 0) else -1 for s, x in zip(seqs, penalties)]
+            rows = self._count_rows(seqs, [x != (1, 0, 0) for x in penalties])
             extra.update(token_counts=self.token_counts, rows=self.tensor(rows, torch.long),
                          penalties=self.tensor(penalties, f32))  # fmt: skip
         return sample(
@@ -262,15 +262,15 @@ class ModelRunner:
             **extra,
         )
 
-    def _count_row(self, seq: Sequence) -> int:
-        """seq's row of token counts for its penalties, made at its first sample and kept across
-        preemption; the rows of finished requests are handed back here."""
+    def _count_rows(self, seqs: list[Sequence], penalized: list[bool]) -> list[int]:
+        """Each penalized request's row of token counts (-1 for the others), made at its first
+        sample and kept across preemption; finished requests' rows are handed back first."""
         for done in [s for s in self.count_rows if s.is_finished]:
             self.token_counts.free_row(self.count_rows.pop(done))
-        if seq not in self.count_rows:
+        for seq in (seq for seq, p in zip(seqs, penalized) if p and seq not in self.count_rows):
             output = [t for t in seq.completion_token_ids if t != PENDING]
             self.count_rows[seq] = self.token_counts.add_row(seq.prompt_token_ids, output)
-        return self.count_rows[seq]
+        return [self.count_rows[seq] if p else -1 for seq, p in zip(seqs, penalized)]
 
     @torch.inference_mode()
     def capture_cudagraphs(self):
