@@ -117,9 +117,10 @@ def test_deleting_the_llm_ends_its_worker(tmp_path):
 
 def test_a_worker_dead_before_its_call_is_sent_ends_the_engine(tmp_path, monkeypatch):
     """A worker that died after the liveness check, so that sending its call fails on a broken
-    pipe: the caller learns which worker exited, and the engine is closed (a next one starts)."""
-    model = make_tiny_model("llama", tmp_path)
-    llm = LLM(model, tensor_parallel_size=2, kv_budget=None, num_kvcache_blocks=8)
+    pipe: the caller learns which worker exited, and the engine is closed (its process group
+    too, which is what a next engine needs: test_two_engines_in_turn_in_one_process)."""
+    llm = LLM(make_tiny_model("llama", tmp_path), tensor_parallel_size=2, kv_budget=None,
+              num_kvcache_blocks=8)  # fmt: skip
     workers = llm.model_runner.workers
     workers.processes[0].kill()
     workers.processes[0].join()
@@ -127,7 +128,6 @@ def test_a_worker_dead_before_its_call_is_sent_ends_the_engine(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="tensor-parallel worker 1 exited"):
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
     assert not dist.is_initialized()
-    LLM(model, tensor_parallel_size=2, kv_budget=None, num_kvcache_blocks=8).close()
 
 
 def test_a_worker_killed_mid_step_raises_and_ends_the_engine(tmp_path, monkeypatch):
@@ -189,20 +189,27 @@ raise SystemExit(3) if sys.argv[2] == "exit" else RuntimeError("rank 0 fails")
 """
 
 
-@pytest.mark.parametrize("how", ["exit", "raise"])
-def test_program_end_ends_the_worker(tmp_path, how):
-    """A program that exits, or dies of an exception, with its LLM alive leaves no worker."""
+def test_program_end_ends_the_worker(tmp_path):
+    """A program that exits, or dies of an exception, with its LLM alive leaves no worker. The
+    two programs run at once: each takes most of a minute on GPUs, importing and starting."""
     shm = shared_memory_segments()
     model = make_tiny_model("qwen3", tmp_path)
     env = {**os.environ, "PYTHONPATH": REPO}
-    run = subprocess.run([sys.executable, "-c", EXITING_PROGRAM, model, how], env=env,
-                         capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
-    assert run.returncode == (3 if how == "exit" else 1), run.stderr
-    pid = int(run.stdout.split()[-1])
-    deadline = time.time() + 10
-    while os.path.exists(f"/proc/{pid}") and time.time() < deadline:
-        time.sleep(0.1)
-    assert not os.path.exists(f"/proc/{pid}")
+    runs = {how: subprocess.Popen([sys.executable, "-c", EXITING_PROGRAM, model, how], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for how in ("exit", "raise")}  # fmt: skip
+    try:
+        for how, run in runs.items():
+            stdout, stderr = run.communicate(timeout=120)
+            assert run.returncode == (3 if how == "exit" else 1), stderr
+            pid = int(stdout.split()[-1])
+            deadline = time.time() + 10
+            while os.path.exists(f"/proc/{pid}") and time.time() < deadline:
+                time.sleep(0.1)
+            assert not os.path.exists(f"/proc/{pid}")
+    finally:  # a program that failed the test is not left running
+        for run in runs.values():
+            run.kill()
     assert shared_memory_segments() <= shm
 
 
@@ -254,8 +261,8 @@ def test_a_script_without_the_main_guard_is_told_so_at_once(tmp_path):
     start = time.perf_counter()
     run = subprocess.run([sys.executable, str(script), model], env=env, capture_output=True,
                          text=True, timeout=120, check=False)  # fmt: skip
-    # Imports dominate: CUDA's torch twice (the script, and its re-run in the worker) took 31 s on
-    # the two-H200 machine; the rendezvous it no longer waits on took 5 minutes.
+    # Imports dominate: CUDA's torch twice (the script, and its re-run in the worker) took 29-31 s
+    # on the two-H200 machine; the rendezvous it no longer waits on took 5 minutes.
     assert time.perf_counter() - start < (60 if ON_GPU else 30)
     assert run.returncode == 1 and 'outside `if __name__ == "__main__":`' in run.stderr
     assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and has_variable(pid, mark)]
