@@ -7,7 +7,7 @@ import torch
 # The tests' shapes are tiny: one thread is as fast as several, and on a shared machine torch's
 # default of one thread per core makes every op wait for the busiest core. The variable reaches
 # the child processes too (the Triton interpreter's, the tensor-parallel workers).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or "1"  # unset or empty
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
