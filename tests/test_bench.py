@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import make_tiny_model
 
 from bench import CPU_WORKLOADS, QWEN3_0_6B, WORKLOADS, make_parser, step_cost
 
@@ -56,19 +57,24 @@ def test_cpu_workloads_mirror_the_gpu_ones_and_fit_their_pool():
 
 
 # decode-step and compress-cost build steps by hand, outside the scheduler: a change to what a
-# step plan reads from a request can break them alone. About 40 s, hence exhaustive.
+# step plan reads from a request can break them alone. Each task also under two ranks (gloo),
+# where every rank must run the same steps, and "both" makes two engines in one process.
+# About 90 s, hence exhaustive.
 @pytest.mark.exhaustive
+@pytest.mark.parametrize("ranks", ["1", "2"])
 @pytest.mark.parametrize(
     "args",
     [
-        ["--task", "decode-step", "--decode-shapes", "1x16"],
+        ["--task", "decode-step", "--decode-shapes", "1x16,2x16"],
         ["--task", "compress-cost", "--batch", "1"],
-        ["--task", "throughput", "--mode", "zipage"],
+        ["--task", "throughput", "--mode", "both"],
     ],
 )
-def test_every_task_runs_on_the_cpu(args):
+def test_every_task_runs_on_the_cpu(args, ranks, tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    if ranks == "2":  # the CPU's default shape has 9 heads: a tiny model that two ranks split
+        args = [*args, "--tensor-parallel-size", "2", "--model", make_tiny_model("qwen3", tmp_path)]
     run = subprocess.run([sys.executable, os.path.join(repo, "bench.py"), *args], env=env,
                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
