@@ -62,5 +62,12 @@ def child_run(path: str):
 @pytest.fixture(autouse=True)
 def nan_poisoned_empty(monkeypatch):
     """Every buffer a kernel wrapper allocates starts as NaN: an unwritten output fails."""
-    real_empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+
+    def poisoned(allocate):  # the wrappers allocate in all three ways; integers cannot be NaN
+        return lambda *a, **k: (t := allocate(*a, **k)).fill_(
+            float("nan") if t.is_floating_point() else -1
+        )
+
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned(torch.Tensor.new_empty))
