@@ -415,10 +415,9 @@ def decode_step(model: str, args) -> dict:
     of that step's work (`decode_gpu_seconds`). host_ms_not_hidden = max(0, wall - gpu): host
     time the GPU waits for. bound_ms: the step's least time on this device (`bound_seconds`:
     the weights and the batch's K/V at the copy bandwidth); of_bound = bound / wall.
-    eager_wall_ms: the same step without CUDA graphs. start_*_s: where `LLM(...)` spent its time
-    (`timed_start_phases`). max_tokens covers
-    every step measured, so the batch never shrinks, and the contexts grow by under 100 tokens
-    meanwhile.
+    eager_wall_ms: the same step without CUDA graphs. start_s, warmup_s, ...: where `LLM(...)`
+    spent its time (`timed_start_phases`). max_tokens covers every step measured, so the batch
+    never shrinks, and the contexts grow by under 100 tokens meanwhile.
     """
     results, steps, max_tokens = {}, 32, 96
     for batch, context in args.decode_shapes:

@@ -45,11 +45,11 @@ class LLMEngine:
         model = self.config.model  # a directory, also when given as a Hugging Face id
         names = ("tokenizer.json", "tokenizer_config.json")
         has_tokenizer = any(os.path.isfile(os.path.join(model, name)) for name in names)
-        # Imported here, not at the top: the import takes 9 s on an H200 host, and every
-        # tensor-parallel worker imports this package but needs no tokenizer.
-        from transformers import AutoTokenizer
+        self.tokenizer = None
+        if has_tokenizer:  # imported only here: 9 s on an H200 host, and workers need no tokenizer
+            from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model) if has_tokenizer else None
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
         eos = eos_token_ids(model, self.config.hf_config, self.tokenizer)
         runner = self.model_runner = ModelRunner(self.config)
         stop = StopConditions(eos, self.tokenizer)
