@@ -79,6 +79,8 @@ class Workers:
         if getattr(mp.current_process(), "_inheriting", False):  # a worker re-running the script
             sys.exit(MISSING_GUARD)
         if dist.is_initialized():
+            gc.collect()  # an LLM that only a reference cycle holds is closed when collected
+        if dist.is_initialized():
             raise RuntimeError("another tensor-parallel LLM is open in this process: close it")
         # Rank 0 serves the rendezvous on a free port, and waits for no one there.
         store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)

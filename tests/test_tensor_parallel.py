@@ -258,6 +258,13 @@ def test_two_engines_in_turn_in_one_process(tmp_path):
                 LLM(model, tensor_parallel_size=2, kv_budget=None, num_kvcache_blocks=8)
         assert llm.model_runner.workers.processes[0].exitcode == 0 and not dist.is_initialized()
     assert outputs[0] == outputs[1]
+    # An engine that nobody closed and only a reference cycle holds (a traceback can make one)
+    # is collected, so closed, when the next one starts.
+    cycle = [LLM(model, tensor_parallel_size=2, kv_budget=None, num_kvcache_blocks=8)]
+    cycle.append(cycle)
+    del cycle
+    with LLM(model, tensor_parallel_size=2, kv_budget=None, num_kvcache_blocks=8) as llm:
+        assert llm.generate([[1, 2, 3]], params, use_tqdm=False)[0]["token_ids"] == outputs[0]
 
 
 class FailingRunner:
