@@ -10,12 +10,14 @@ seen before every call and while rank 0 waits on the GPU. This module imports ne
 runner: the runner passes its class.
 """
 
+import contextlib
 import gc
 import multiprocessing as mp
 import multiprocessing.connection
 import multiprocessing.util
 import os
 import pickle
+import signal
 import sys
 import time
 import traceback
@@ -51,7 +53,10 @@ def _init_group(config: Config, rank: int, store: dist.TCPStore):
 def _worker(config: Config, target: type, rank: int, port: int, conn):
     """Ranks 1..N-1: report "started", join the process group, build `target(config, rank)`
     (this rank's model runner), report "ready", then run rank 0's calls on it until its pipe
-    closes. An exception is sent to rank 0, which raises it at once, and ends the process."""
+    closes. An exception is sent to rank 0, which raises it at once, and ends the process.
+    Ctrl-C in a terminal reaches every process of the group: it is rank 0's to handle (its step
+    keeps the ranks in step, or ends the workers), so a worker ignores it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         conn.send("started")
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=TIMEOUT)
@@ -65,7 +70,8 @@ def _worker(config: Config, target: type, rank: int, port: int, conn):
         mp.util._run_finalizers(0)  # unlinks the named semaphores this process made
         os._exit(0)  # skips the interpreter's teardown: seconds with torch loaded, nothing to save
     except BaseException:
-        conn.send(traceback.format_exc())
+        with contextlib.suppress(OSError):  # rank 0 may be gone already: no one to tell
+            conn.send(traceback.format_exc())
         raise
 
 

@@ -190,27 +190,31 @@ def test_a_worker_killed_mid_step_raises_and_ends_the_engine(tmp_path, monkeypat
         llm.generate([[1, 2, 3]], params, use_tqdm=False)
 
 
-def test_rank_0_raising_while_it_samples_leaves_the_engine_usable(tmp_path, monkeypatch):
-    """The workers still get the step's samples (zeros), so they stay in step with rank 0: the
-    failed call raises, the next one gives what a fresh engine gives, and no block leaks."""
+def test_ctrl_c_while_rank_0_samples_leaves_the_engine_usable(tmp_path, monkeypatch):
+    """A terminal's Ctrl-C signals every process of its group: the worker ignores it, and rank 0
+    raises while it samples. The workers still get the step's samples (zeros), so they stay in
+    step with rank 0: the call raises, the next one gives what a fresh engine gives, and no
+    block leaks."""
     llm = LLM(make_tiny_model("qwen2", tmp_path), tensor_parallel_size=2, kv_budget=None,
               num_kvcache_blocks=8)  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     fresh = llm.generate([[1, 2, 3]], params, use_tqdm=False)[0]["token_ids"]
-    sample, calls = llm.model_runner.sample, []
+    worker, sample, calls = llm.model_runner.workers.processes[0], llm.model_runner.sample, []
 
-    def failing_sample(*args):
+    def interrupted_sample(*args):
         calls.append(args)
         if len(calls) == 3:
-            raise ZeroDivisionError("rank 0 fails")
+            os.kill(worker.pid, signal.SIGINT)
+            raise KeyboardInterrupt
         return sample(*args)
 
-    monkeypatch.setattr(llm.model_runner, "sample", failing_sample)
-    with pytest.raises(ZeroDivisionError):
-        llm.generate([[1, 2, 3]], params, use_tqdm=False)
-    assert llm.generate([[1, 2, 3]], params, use_tqdm=False)[0]["token_ids"] == fresh
-    assert llm.scheduler.block_manager.num_free_blocks == llm.model_runner.num_blocks
-    assert llm.model_runner.workers.processes[0].is_alive()
+    with llm:
+        monkeypatch.setattr(llm.model_runner, "sample", interrupted_sample)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate([[1, 2, 3]], params, use_tqdm=False)
+        assert llm.generate([[1, 2, 3]], params, use_tqdm=False)[0]["token_ids"] == fresh
+        assert llm.scheduler.block_manager.num_free_blocks == llm.model_runner.num_blocks
+        assert worker.is_alive()
 
 
 EXITING_PROGRAM = """
