@@ -17,7 +17,7 @@ from nanozipage.model_runner import ModelRunner
 from nanozipage.overlap import InFlight, launch
 from nanozipage.sampling_params import SamplingParams
 from nanozipage.scheduler import Scheduler
-from nanozipage.sequence import PENDING, Sequence
+from nanozipage.sequence import Sequence
 from nanozipage.stop import StopConditions
 
 USER_CONFIG_KEYS = {f.name for f in dataclasses.fields(Config)} - {"model", "hf_config"}
@@ -174,7 +174,7 @@ class LLMEngine:
             "request_id": seq.request_id,
             "index": seq.sample_index,
             "text": self.scheduler.stop.text(seq),
-            "token_ids": [t for t in seq.completion_token_ids if t != PENDING],
+            "token_ids": seq.completion_token_ids,
             "prompt_token_ids": seq.prompt_token_ids,
             "finish_reason": seq.finish_reason,
             "stop_reason": seq.stop_reason,

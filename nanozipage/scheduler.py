@@ -182,6 +182,8 @@ class Scheduler:
         """Finish seq wherever it is; its blocks are freed (after its compaction, if one runs)."""
         if not seq.is_finished:
             seq.finish_reason = "abort"
+            while seq.last_token == PENDING:  # places of tokens in flight, which never come
+                seq.token_ids.pop()
             self._finish(seq)
 
     def _finish(self, seq: Sequence):

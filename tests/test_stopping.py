@@ -341,3 +341,29 @@ def test_stop_strings_give_the_same_outputs_in_the_overlapped_and_the_plain_loop
     # Only the overlapped engine ran the free runs first: its prefix cache holds more.
     also = ["num_cached_tokens"]
     assert without_request_id(overlapped, also) == without_request_id(plain, also)
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "plain"])
+def test_a_failed_steps_requests_come_back_with_the_text_of_their_tokens(smollm2, overlap,
+                                                                          monkeypatch):  # fmt: skip
+    """Ctrl-C inside a step: the requests it touched come back from the next `step()` as
+    "abort", with the text of the tokens they have (a token still in flight is not one)."""
+    llm, params = smollm2[overlap], replace(FREE, max_tokens=20)
+    ids = [llm.add_request(prompt, params) for prompt in ("Hello world", "Good morning")]
+    run, calls = llm.model_runner.run, []
+
+    def interrupted_run(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(llm.model_runner, "run", interrupted_run)
+    with pytest.raises(KeyboardInterrupt):
+        while not llm.is_finished():
+            llm.step()
+    outputs, _ = llm.step()
+    assert sorted(o["request_id"] for o in outputs) == ids and llm.is_finished()
+    for output in outputs:
+        assert output["finish_reason"] == "abort" and 0 < len(output["token_ids"]) < 20
+        assert output["text"] == llm.tokenizer.decode(output["token_ids"], skip_special_tokens=True)
