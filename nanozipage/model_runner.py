@@ -61,6 +61,7 @@ class ModelRunner:
         self.pending_tokens = None  # ranks 1..N-1: the last step's samples, broadcast by rank 0
         self.token_counts = TokenCounts(hf["vocab_size"], self.device)  # rows for penalties
         self.count_rows: dict[Sequence, int] = {}
+        self.eos_token_ids: set[int] = set()  # rank 0: set by the engine (min_tokens masks them)
         if self.use_cuda:
             self.warmup()
         self.allocate_kv_cache()
@@ -253,6 +254,15 @@ class ModelRunner:
             rows = self._count_rows(seqs, [x != (1, 0, 0) for x in penalties])
             extra.update(token_counts=self.token_counts, rows=self.tensor(rows, torch.long),
                          penalties=self.tensor(penalties, f32))  # fmt: skip
+        banned = [  # before min_tokens, as vLLM: EOS and stop ids are not sampled at all
+            (row, t)
+            for row, seq in enumerate(seqs)
+            if seq.num_completion_tokens < (p := seq.sampling_params).min_tokens
+            for t in {*p.stop_token_ids, *(() if p.ignore_eos else self.eos_token_ids)}
+        ]
+        if banned:
+            rows, ids = zip(*banned)
+            extra["banned"] = (self.tensor(rows, torch.long), self.tensor(ids, torch.long))
         return sample(
             logits,
             temperatures=self.tensor([p.temperature for p in params], f32),

@@ -68,12 +68,15 @@ def sample(
     token_counts: TokenCounts | None = None,
     rows: torch.Tensor | None = None,
     penalties: torch.Tensor | None = None,
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [B, V]; temperatures, top_ps, min_ps float [B]; top_ks int [B] (0 or -1: off);
     rows and penalties as in `TokenCounts.penalize`, which then records the sampled tokens.
     A feature's arguments are None when no row uses it (known on the host), so the common case
     costs no sort, no penalty and no device sync."""
     logits = raw = logits.float()
+    if banned is not None:  # (rows, token ids) that may not be sampled yet: min_tokens, as vLLM
+        logits = logits.index_put(banned, torch.tensor(float("-inf"), device=logits.device))
     if penalties is not None:
         logits = token_counts.penalize(logits, rows, penalties)
     tokens = logits.argmax(-1)
@@ -105,5 +108,6 @@ def _top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tenso
     probs = sorted_logits.softmax(-1)
     # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
     drop = probs.cumsum(-1) - probs >= top_ps.unsqueeze(1)
+    drop[:, 0] = False  # also when top_p underflows to 0 in float32 (top_p < 1.4e-45)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)

@@ -132,6 +132,25 @@ def test_top_k_and_top_p_restrict_the_support():
     assert set(tokens.tolist()) == set(order[:n].tolist())
 
 
+def test_the_likeliest_token_stays_however_small_top_p_is():
+    logits = torch.randn(50, 20)
+    for top_p in (1e-3, 1e-50):  # 1e-50 is 0 in float32: every token would reach it
+        tokens, _ = run(logits, top_p=top_p, generators=seeded(50))
+        assert torch.equal(tokens, logits.argmax(-1))
+
+
+def test_banned_tokens_are_never_chosen_nor_change_the_logprobs():
+    logits = torch.randn(3, 10)
+    top = logits.argmax(-1)
+    banned = (torch.tensor([0, 0, 2]), torch.stack([top[0], (top[0] + 1) % 10, top[2]]))
+    for temperature in (0, 1.0):
+        tokens, logprobs = sample(logits, torch.full((3,), float(temperature)), [None] * 3,
+                                  temperature == 0, True, banned=banned)  # fmt: skip
+        assert tokens[0] not in banned[1][:2] and tokens[2] != top[2]
+        assert temperature or tokens[1] == top[1]
+        assert torch.allclose(logprobs, logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0])
+
+
 def test_min_p_keeps_the_tokens_at_least_min_p_times_as_likely_as_the_top_one():
     logits = torch.randn(1, 20).repeat(3000, 1)
     probs = (logits[0] / 0.7).softmax(-1)  # min_p reads the probabilities after temperature
