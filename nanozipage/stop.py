@@ -6,6 +6,8 @@ text of the newest tokens, so one spanning several tokens is found; only an occu
 the newest token counts (an earlier one was seen, or was before `min_tokens`).
 """
 
+import functools
+
 from nanozipage.sequence import Sequence
 
 
@@ -26,31 +28,37 @@ class StopConditions:
                 # Tokens enough to hold any stop string: a character is at most 4 byte tokens.
                 window = 4 * max(len(stop) for stop in params.stop) + 4
                 start = max(seq.num_prompt_tokens, length - window)
-                match, _ = self._find(params.stop, seq.token_ids[start:length])
+                match, _ = self._find(params.stop, seq.token_ids, start, length)
                 if match:
                     seq.finish_reason, seq.stop_reason = "stop", match[1]
         if seq.finish_reason is None and num_completion == params.max_tokens:
             seq.finish_reason = "length"
         return seq.finish_reason is not None
 
-    def _find(self, stops: list[str], ids: list[int]) -> tuple[tuple[int, str] | None, str]:
-        """The decoded text of `ids`, and the stop string (with its start) whose occurrence
-        ends in the text of the last id; the earliest if several do."""
-        text, before = self._decode(ids), self._decode(ids[:-1]).rstrip("\ufffd")
+    def _find(self, stops: list[str], ids: list[int], start: int, end: int):
+        """The text of `ids[start:end]`, and the stop string (with its start in that text) whose
+        occurrence ends in the text of the last id; the earliest if several do."""
+        text, before = self._decode(ids, start, end), self._decode(ids, start, end - 1)
+        before = before.rstrip("\ufffd")  # an unfinished character, which the last id may finish
         found = [(text.find(stop, max(0, len(before) - len(stop) + 1)), stop) for stop in stops]
         return min(((i, stop) for i, stop in found if i >= 0), default=None), text
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def _decode(self, ids: list[int], start: int, end: int) -> str:
+        """The text of ids[start:end] as it reads after the ids before it: decoded from a few ids
+        earlier, whose text is cut off (a SentencePiece decoder drops the leading space of the
+        first id it decodes: "Hello world" would end "...Helloworld")."""
+        decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
+        context = max(0, start - 4)
+        return decode(ids[context:end])[len(decode(ids[context:start]).rstrip("\ufffd")) :]
 
     def text(self, seq: Sequence) -> str | None:
         """The completion's text, cut before a stop string (after, `include_stop_str_in_output`)."""
         if self.tokenizer is None:
             return None
-        stop, ids = seq.stop_reason, seq.completion_token_ids
+        stop, ids, start = seq.stop_reason, seq.token_ids, seq.num_prompt_tokens
         if not isinstance(stop, str):  # as vLLM: a stop token's text only if asked for
             keep = stop is None or seq.sampling_params.include_stop_str_in_output
-            return self._decode(ids if keep else ids[:-1])
-        match, text = self._find([stop], ids)
+            return self._decode(ids, start, len(ids) if keep else len(ids) - 1)
+        match, text = self._find([stop], ids, start, len(ids))
         keep = len(stop) if seq.sampling_params.include_stop_str_in_output else 0
         return text[: match[0] + keep] if match else text

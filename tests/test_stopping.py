@@ -6,6 +6,7 @@ from a greedy free run (ignore_eos, no stop) of the same prompt: a stopped run m
 cut right after the token that stops it. The overlapped and the plain loop must agree.
 """
 
+import functools
 import json
 import random
 import shutil
@@ -14,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 from helpers import make_tiny_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from nanozipage import LLM, SamplingParams
 from nanozipage.llm_engine import eos_token_ids
@@ -166,6 +168,39 @@ def test_token_stops_give_the_same_outputs_in_the_overlapped_and_the_plain_loop(
     assert all(len(o["logprobs"]) == len(o["token_ids"]) for o in outputs[True])
     reasons = {(o["finish_reason"], o["stop_reason"]) for o in outputs[True]}
     assert {("stop", None), ("stop", stop), ("length", None)} <= reasons
+
+
+def sentencepiece_model(path) -> str:
+    """A tiny Llama with a tokenizer that decodes as Llama-2's (SentencePiece): id i is the word
+    "w{i}" after a space, and the decoder drops the space before the first word it decodes."""
+    make_tiny_model("llama", path)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"\u2581w{i}": i for i in range(3, 256)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace("\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tokenizer.save(str(path / "tokenizer.json"))
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_the_text_reads_on_from_the_prompt_with_a_sentencepiece_tokenizer(tmp_path):
+    """The text is what decoding prompt and completion together adds to the prompt's text (as
+    vLLM's), not the completion decoded alone, which loses its first space; a stop string that
+    begins with that space is found in the first token."""
+    llm = LLM(sentencepiece_model(tmp_path), **TINY_CONFIG)
+    free = llm.generate(["w5 w6 w7"], replace(FREE, max_tokens=6), use_tqdm=False)[0]
+    prompt, tokens = free["prompt_token_ids"], free["token_ids"]
+    decode = functools.partial(llm.tokenizer.decode, skip_special_tokens=True)
+    assert free["text"] == decode(prompt + tokens)[len(decode(prompt)) :]
+    assert free["text"].startswith(" w")
+    stop = " " + free["text"].split()[0]
+    stopped = llm.generate(["w5 w6 w7"], replace(FREE, max_tokens=6, stop=[stop]),
+                           use_tqdm=False)[0]  # fmt: skip
+    assert (stopped["token_ids"], stopped["text"]) == (tokens[:1], "")
 
 
 def test_stop_strings_without_a_tokenizer_are_refused(tiny_dir):
