@@ -58,7 +58,9 @@ class BlockManager:
         """Blocks of the prefix cache that hold seq's leading tokens, confirmed by token ids;
         only those before seq's last token, which is always fed to the model for its logits."""
         hits, prefix_hash = [], -1
-        for i in range((len(seq) - 1) // self.block_size):
+        # A request resuming at a compression recomputes the block before it: the compression
+        # reads that block's window queries, which the prefix cache does not hold.
+        for i in range((len(seq) - 1) // self.block_size - seq.needs_compression):
             token_ids = seq.block(i)
             prefix_hash = chained_hash(token_ids, prefix_hash)
             block_id = self.hash_to_block_id.get(prefix_hash, -1)

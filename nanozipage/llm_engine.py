@@ -146,8 +146,8 @@ class LLMEngine:
                 touched += launched.seqs
                 finished = self.scheduler.postprocess(launched.seqs, launched.collect())
                 outputs += [self._finish(seq) for seq in finished]
-        except BaseException:
-            self._recover(touched, compressions)
+        except BaseException:  # with those `schedule` planned, if it raised midway
+            self._recover(touched, compressions + self.scheduler.planned)
             raise
         num_tokens = sum(seq.num_new_tokens for seq in seqs) if is_prefill else -len(seqs)
         return outputs, num_tokens

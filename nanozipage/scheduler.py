@@ -9,6 +9,7 @@ goes back to the front of the waiting queue, to be recomputed (prompt and output
 """
 
 from collections import deque
+from collections.abc import Callable
 
 from nanozipage.block_manager import BlockManager
 from nanozipage.config import Config
@@ -25,6 +26,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.last_step_was_prefill = False
+        # The compressions planned by the last `schedule()`: a failed step ends those it planned
+        # but never launched (`LLMEngine._recover`).
+        self.planned: list[tuple[Sequence, list[int]]] = []
         self.num_preemptions = 0
 
     def is_finished(self) -> bool:
@@ -39,8 +43,10 @@ class Scheduler:
         """The requests of the next step, whether it is a prefill step, and the compressions to
         run before it (each request with its block table before the compression)."""
         self._assign_query_slots()
+        self.planned = []
         prefer_decode = self.last_step_was_prefill and any(not s.in_prefill for s in self.running)
-        for is_prefill in (False, True) if prefer_decode else (True, False):
+        # A decode that preempted every request it could run leaves them waiting: prefill again.
+        for is_prefill in (False, True) if prefer_decode else (True, False, True):
             seqs, compressions = self._schedule_prefill() if is_prefill else self._schedule_decode()
             if seqs or compressions:
                 self.last_step_was_prefill = is_prefill
@@ -69,7 +75,7 @@ class Scheduler:
         seqs, budget = [], self.config.max_num_batched_tokens
         for seq in self.running:
             if seq.in_prefill and budget > 0:
-                seq.num_new_tokens = min(len(seq) - seq.num_computed_tokens, budget)
+                seq.num_new_tokens = min(seq.prefill_end - seq.num_computed_tokens, budget)
                 budget -= seq.num_new_tokens
                 seqs.append(seq)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -86,7 +92,7 @@ class Scheduler:
                 break
             seq.status = SequenceStatus.RUNNING
             self.running.append(self.waiting.popleft())
-            seq.num_new_tokens = min(len(seq) - seq.num_computed_tokens, budget)
+            seq.num_new_tokens = min(seq.prefill_end - seq.num_computed_tokens, budget)
             budget -= seq.num_new_tokens
             seqs.append(seq)
         return seqs, []
@@ -103,7 +109,7 @@ class Scheduler:
         )
 
     def _schedule_decode(self) -> tuple[list[Sequence], list]:
-        seqs, compressions = [], []
+        seqs, compressions = [], self.planned
         for seq in list(self.running):
             if seq.status != SequenceStatus.RUNNING or seq.in_prefill or seq.compressing:
                 continue  # preempted by an earlier request of this loop, prefilling, compacting
@@ -116,7 +122,7 @@ class Scheduler:
                 busy = self.num_compress_blocks  # under asynchronous compression
                 if busy and busy + len(seq.block_table) > self.config.max_compress_blocks:
                     continue  # too many blocks under compression already: wait a step
-                if self._free_blocks(self.block_manager.num_compress_fresh_blocks(seq), seq, seqs):
+                if self._free_blocks(self.block_manager.num_compress_fresh_blocks, seq, seqs):
                     old_table = self.block_manager.compress(seq)
                     compressions.append((seq, old_table))
                     if self.config.async_compression:  # resumes in `finish_compression`
@@ -125,7 +131,7 @@ class Scheduler:
                     else:  # compacted before this step's forward pass, on the same stream
                         self.block_manager.release_replaced(seq, old_table)
                         seqs.append(seq)
-            elif self._free_blocks(self.block_manager.num_missing_blocks(seq), seq, seqs):
+            elif self._free_blocks(self.block_manager.num_missing_blocks, seq, seqs):
                 self.block_manager.append_blocks(seq)
                 seqs.append(seq)
         return seqs, compressions
@@ -137,11 +143,12 @@ class Scheduler:
         if seq.is_finished:  # its last token arrived while the compaction was running
             self._free(seq)
 
-    def _free_blocks(self, needed: int, seq: Sequence, scheduled: list[Sequence]) -> bool:
-        """Preempt until `needed` blocks are free; False if seq must wait (or was preempted).
+    def _free_blocks(self, needed: Callable, seq: Sequence, scheduled: list[Sequence]) -> bool:
+        """Preempt until `needed(seq)` blocks are free; False if seq must wait (or was preempted).
         Victims: the running queue's tail, slotless first; never a compressed request (its memory
-        is bounded and accounted for), nor one already scheduled in this step."""
-        while self.block_manager.num_free_blocks < needed:
+        is bounded and accounted for), nor one already scheduled in this step. `needed` is asked
+        again after each preemption: a victim that shared seq's blocks leaves them to seq alone."""
+        while self.block_manager.num_free_blocks < needed(seq):
             candidates = [
                 s for s in reversed(self.running) if not s.num_compressions and s not in scheduled
             ]

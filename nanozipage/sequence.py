@@ -92,12 +92,17 @@ class Sequence:
 
     @property
     def needs_compression(self) -> bool:
-        """The next decode step's token starts a new block while N_max blocks are full, and is
-        a generated token: a prompt's last token, left to a decode step by a prefill chunk that
-        ended one short, sees the whole prompt, as it would in one chunk."""
+        """Its last token starts a new block while N_max blocks are full, and is a generated
+        token: the step that feeds it compresses first. (A prompt's last token, left to a decode
+        step by a prefill chunk that ended one short, sees the whole prompt, as in one chunk.)"""
         filled, b = self.cache_len - 1, self.block_size
-        generated = self.num_computed_tokens >= self.num_prompt_tokens
-        return filled % b == 0 and filled >= self.max_blocks * b and generated
+        return filled % b == 0 and filled >= self.max_blocks * b and self.num_completion_tokens > 0
+
+    @property
+    def prefill_end(self) -> int:
+        """Tokens cached once its prefill is done. A preempted request's recompute stops one short
+        of a compression, which the next decode step runs, as it would have without preemption."""
+        return len(self.token_ids) - self.needs_compression
 
     def block(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size : (i + 1) * self.block_size]

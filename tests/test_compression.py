@@ -151,3 +151,49 @@ def test_async_and_graphs_change_nothing(model_dir, other):
                   **config)  # fmt: skip
         outputs.append([o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)])
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
+@pytest.mark.parametrize("async_compression", [False, True], ids=["sync", "async"])
+def test_samples_sharing_a_prompt_in_the_smallest_pool_match_dense_reference(
+    model_dir, overlap, async_compression
+):
+    """Two samples of a prompt in a pool of 4 blocks: at the first compression, sample 0 shares
+    its prompt blocks with sample 1 and needs fresh ones; preempting sample 1 makes them its own,
+    so sample 0 goes on (it once preempted itself too, and the step that followed scheduled
+    nothing: "no request can make progress")."""
+    prompt = [random.Random(0).randrange(256) for _ in range(20)]
+    llm = LLM(model_dir, block_size=8, kv_budget=16, window=2, num_kvcache_blocks=4,
+              max_num_batched_tokens=64, overlap_scheduling=overlap,
+              async_compression=async_compression)  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, n=2)
+    outputs = llm.generate([prompt], params, use_tqdm=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    reference = dense_generate(hf, prompt, 20, llm.config, 16)[0]
+    assert [o["token_ids"] for o in outputs] == [reference] * 2
+    assert llm.scheduler.num_preemptions > 0
+    assert llm.scheduler.block_manager.num_free_blocks == llm.model_runner.num_blocks
+
+
+def test_a_request_preempted_at_its_compression_is_compressed_there_after_recompute(model_dir):
+    """A request preempted when its next token starts a compression: its recompute stops one
+    token short, so that a decode step compresses before feeding that token, as the dense
+    reference does (a recompute that ran past it compressed a block later)."""
+    rng = random.Random(0)  # lengths that make such a preemption (a fuzzer found them)
+    prompts, lengths = [[rng.randrange(256) for _ in range(n)] for n in (5, 13)], [10, 8]
+    llm = LLM(model_dir, block_size=4, kv_budget=8, window=1, num_kvcache_blocks=6,
+              max_num_batched_tokens=64, overlap_scheduling=False,
+              async_compression=False)  # fmt: skip
+    at_compression, preempt = [], llm.scheduler._preempt
+
+    def spy(seq):
+        at_compression.append(seq.needs_compression)
+        preempt(seq)
+
+    llm.scheduler._preempt = spy
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for prompt, n, out in zip(prompts, lengths, outputs):
+        assert out["token_ids"] == dense_generate(hf, prompt, n, llm.config, 8)[0]
+    assert any(at_compression)

@@ -63,6 +63,7 @@ def stage_owner(llm: LLM, stage: str):
         "launch": llm.model_runner.compressor,
         "poll": llm.model_runner.compressor,
         "finish_compression": llm.scheduler,
+        "_free_blocks": llm.scheduler,
     }[stage]
 
 
@@ -76,8 +77,9 @@ def assert_clean(llm: LLM):
 
 # A failure in `Scheduler.finish_compression` loses the other jobs of that poll: they stay
 # "compressing" with their old blocks held for good (the engine never finishes again).
+# `_free_blocks` fails inside `schedule`, after it planned a compression that never launches.
 STAGES = [("schedule", 6), ("run", 6), ("sample", 4), ("launch", 2), ("poll", 2),
-          ("finish_compression", 2)]  # fmt: skip
+          ("finish_compression", 2), ("_free_blocks", 1)]  # fmt: skip
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
@@ -87,7 +89,10 @@ def test_a_step_failing_at_any_stage_leaves_the_engine_usable(
 ):
     llm = LLM(model_dir, **CONFIG, overlap_scheduling=overlap, async_compression=True)
     compressor = llm.model_runner.compressor
-    counts = (lambda: compressor.under_way) if stage == "poll" else None  # a poll with work
+    counts = {
+        "poll": lambda: compressor.under_way,  # a poll with work
+        "_free_blocks": lambda: any(seq.compressing for seq in llm.scheduler.running),
+    }.get(stage)
     fail_on_call(monkeypatch, stage_owner(llm, stage), stage, k, counts=counts)
     with pytest.raises(Injected):
         llm.generate(PROMPTS, PARAMS, use_tqdm=False)
