@@ -58,8 +58,7 @@ class BlockManager:
         """Blocks of the prefix cache that hold seq's leading tokens, confirmed by token ids;
         only those before seq's last token, which is always fed to the model for its logits."""
         hits, prefix_hash = [], -1
-        # A request resuming at a compression recomputes the block before it: the compression
-        # reads that block's window queries, which the prefix cache does not hold.
+        # Resuming at a compression: the block before it is recomputed, for its window queries
         for i in range((len(seq) - 1) // self.block_size - seq.needs_compression):
             token_ids = seq.block(i)
             prefix_hash = chained_hash(token_ids, prefix_hash)

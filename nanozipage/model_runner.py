@@ -254,15 +254,14 @@ class ModelRunner:
             rows = self._count_rows(seqs, [x != (1, 0, 0) for x in penalties])
             extra.update(token_counts=self.token_counts, rows=self.tensor(rows, torch.long),
                          penalties=self.tensor(penalties, f32))  # fmt: skip
-        banned = [  # before min_tokens, as vLLM: EOS and stop ids are not sampled at all
+        banned = [  # (row, id) before min_tokens, as vLLM: EOS and stop ids are not sampled
             (row, t)
-            for row, seq in enumerate(seqs)
-            if seq.num_completion_tokens < (p := seq.sampling_params).min_tokens
+            for row, (seq, p) in enumerate(zip(seqs, params))
+            if seq.num_completion_tokens < p.min_tokens
             for t in {*p.stop_token_ids, *(() if p.ignore_eos else self.eos_token_ids)}
         ]
         if banned:
-            rows, ids = zip(*banned)
-            extra["banned"] = (self.tensor(rows, torch.long), self.tensor(ids, torch.long))
+            extra["banned"] = self.tensor(banned, torch.long).T
         return sample(
             logits,
             temperatures=self.tensor([p.temperature for p in params], f32),

@@ -84,8 +84,7 @@ class Workers:
         the workers end (NCCL cannot free a communicator that a live graph captured)."""
         if getattr(mp.current_process(), "_inheriting", False):  # a worker re-running the script
             sys.exit(MISSING_GUARD)
-        if dist.is_initialized():
-            gc.collect()  # an LLM that only a reference cycle holds is closed when collected
+        gc.collect()  # an LLM that only a reference cycle holds is closed when collected
         if dist.is_initialized():
             raise RuntimeError("another tensor-parallel LLM is open in this process: close it")
         # Rank 0 serves the rendezvous on a free port, and waits for no one there.

@@ -68,15 +68,15 @@ def sample(
     token_counts: TokenCounts | None = None,
     rows: torch.Tensor | None = None,
     penalties: torch.Tensor | None = None,
-    banned: tuple[torch.Tensor, torch.Tensor] | None = None,
+    banned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [B, V]; temperatures, top_ps, min_ps float [B]; top_ks int [B] (0 or -1: off);
     rows and penalties as in `TokenCounts.penalize`, which then records the sampled tokens.
     A feature's arguments are None when no row uses it (known on the host), so the common case
     costs no sort, no penalty and no device sync."""
     logits = raw = logits.float()
-    if banned is not None:  # (rows, token ids) that may not be sampled yet: min_tokens, as vLLM
-        logits = logits.index_put(banned, torch.tensor(float("-inf"), device=logits.device))
+    if banned is not None:  # [2, n]: rows, and ids they may not sample yet (min_tokens)
+        logits = logits.index_put(tuple(banned), torch.tensor(float("-inf"), device=logits.device))
     if penalties is not None:
         logits = token_counts.penalize(logits, rows, penalties)
     tokens = logits.argmax(-1)

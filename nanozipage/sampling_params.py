@@ -26,7 +26,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once if the token occurs in the output
     stop: str | list[str] | None = None  # strings that end the output; made a list
     stop_token_ids: list[int] | None = None  # ids that end the output besides EOS; made a list
-    min_tokens: int = 0  # no stop of any kind before this many tokens
+    min_tokens: int = 0  # no EOS or stop id sampled, no stop string matched, before this many
     include_stop_str_in_output: bool = False
 
     def __post_init__(self):

@@ -26,8 +26,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.last_step_was_prefill = False
-        # The compressions planned by the last `schedule()`: a failed step ends those it planned
-        # but never launched (`LLMEngine._recover`).
+        # The last `schedule()`'s compressions, which a failed step ends (`LLMEngine._recover`)
         self.planned: list[tuple[Sequence, list[int]]] = []
         self.num_preemptions = 0
 
