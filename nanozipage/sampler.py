@@ -106,8 +106,8 @@ def _top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tenso
     drop = (top_ks.unsqueeze(1) > 0) & (rank >= top_ks.unsqueeze(1))
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     probs = sorted_logits.softmax(-1)
-    # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
-    drop = probs.cumsum(-1) - probs >= top_ps.unsqueeze(1)
-    drop[:, 0] = False  # also when top_p underflows to 0 in float32 (top_p < 1.4e-45)
+    # Drop a token once the tokens ranked above it reach top_p < 1 (float32 sums reach 1 early)
+    drop = (probs.cumsum(-1) - probs >= top_ps.unsqueeze(1)) & (top_ps.unsqueeze(1) < 1)
+    drop[:, 0] = False  # the first stays, also when top_p is 0 in float32 (top_p < 1.4e-45)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)

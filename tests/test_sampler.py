@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from nanozipage.sampler import TokenCounts, sample
+from nanozipage.sampler import TokenCounts, _top_k_top_p, sample
 
 
 def run(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=None, generators=None, **penalized):
@@ -137,6 +137,15 @@ def test_the_likeliest_token_stays_however_small_top_p_is():
     for top_p in (1e-3, 1e-50):  # 1e-50 is 0 in float32: every token would reach it
         tokens, _ = run(logits, top_p=top_p, generators=seeded(50))
         assert torch.equal(tokens, logits.argmax(-1))
+
+
+def test_top_p_of_one_keeps_every_token_beside_a_row_that_filters():
+    """A row's support does not depend on its batch: with another row's top-k the filter runs on
+    every row, and the float32 sum of a peaked row reaches 1 after its first token."""
+    logits = torch.zeros(2, 10)
+    logits[:, 0] = 30
+    filtered = _top_k_top_p(logits, torch.tensor([2, 0]), torch.tensor([1.0, 1.0]))
+    assert torch.isinf(filtered[0]).sum() == 8 and not torch.isinf(filtered[1]).any()
 
 
 def test_banned_tokens_are_never_chosen_nor_change_the_logprobs():
