@@ -44,10 +44,9 @@ class LLMEngine:
         self.config = Config(model, **config)
         model = self.config.model  # a directory, also when given as a Hugging Face id
         names = ("tokenizer.json", "tokenizer_config.json")
-        has_tokenizer = any(os.path.isfile(os.path.join(model, name)) for name in names)
         self.tokenizer = None
-        if has_tokenizer:  # imported only here: 9 s on an H200 host, and workers need no tokenizer
-            from transformers import AutoTokenizer
+        if any(os.path.isfile(os.path.join(model, name)) for name in names):
+            from transformers import AutoTokenizer  # only here: 9 s on an H200; workers need none
 
             self.tokenizer = AutoTokenizer.from_pretrained(model)
         eos = eos_token_ids(model, self.config.hf_config, self.tokenizer)
@@ -145,7 +144,7 @@ class LLMEngine:
             if launched:
                 touched += launched.seqs
                 finished = self.scheduler.postprocess(launched.seqs, launched.collect())
-                outputs += [self._finish(seq) for seq in finished]
+                outputs += [self._result(seq) for seq in finished]
         except BaseException:  # with those `schedule` planned, if it raised midway
             self._recover(touched, compressions + self.scheduler.planned)
             raise
@@ -161,14 +160,13 @@ class LLMEngine:
         for seq in touched:
             if not seq.is_finished:
                 self.scheduler.abort(seq)
-                self.unclaimed.append(self._finish(seq))
+                self.unclaimed.append(self._result(seq))
 
     def _finish_compactions(self):
         for seq, old_table in self.model_runner.compressor.poll(wait=True):
             self.scheduler.finish_compression(seq, old_table)
 
-    def _finish(self, seq: Sequence) -> dict:
-        """The result of a finished sample."""
+    def _result(self, seq: Sequence) -> dict:
         if all(s.is_finished for s in self.requests.get(seq.request_id, [])):
             self.requests.pop(seq.request_id, None)
         output = {

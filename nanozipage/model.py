@@ -196,8 +196,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, self.eps)
         self.rotary = rotary
         self.scale = self.head_dim**-0.5
-        self.k_cache = self.v_cache = torch.empty(0)  # views into the engine's KV pool
-        self.q_cache = torch.empty(0)  # window queries, for compression scores
+        self.k_cache = self.v_cache = self.q_cache = torch.empty(0)  # views of the engine's caches
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)

@@ -38,10 +38,8 @@ class ModelRunner:
         self.graphs = {}  # decode batch size -> CUDA graph (capture_cudagraphs)
         # Rank 0 starts the other ranks (each builds its own ModelRunner) before its own shard.
         self.workers = Workers(config, ModelRunner, self.graphs) if tp and rank == 0 else None
-        dtype_name = config.dtype or (
-            hf.get("dtype") or hf.get("torch_dtype") or "bfloat16" if self.use_cuda else "float32"
-        )
-        self.dtype = getattr(torch, dtype_name)
+        hf_dtype = hf.get("dtype") or hf.get("torch_dtype") or "bfloat16"
+        self.dtype = getattr(torch, config.dtype or (hf_dtype if self.use_cuda else "float32"))
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         with torch.device(self.device):

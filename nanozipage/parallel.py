@@ -51,11 +51,10 @@ def _init_group(config: Config, rank: int, store: dist.TCPStore):
 
 
 def _worker(config: Config, target: type, rank: int, port: int, conn):
-    """Ranks 1..N-1: report "started", join the process group, build `target(config, rank)`
-    (this rank's model runner), report "ready", then run rank 0's calls on it until its pipe
-    closes. An exception is sent to rank 0, which raises it at once, and ends the process.
-    Ctrl-C in a terminal reaches every process of the group: it is rank 0's to handle (its step
-    keeps the ranks in step, or ends the workers), so a worker ignores it."""
+    """Ranks 1..N-1: build this rank's model runner, `target(config, rank)`, and run rank 0's
+    calls on it until its pipe closes; an exception is sent to rank 0, which raises it at once.
+    Ctrl-C reaches every process of the group: it is rank 0's to handle (its step keeps the
+    ranks in step, or ends the workers), so a worker ignores it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         conn.send("started")
@@ -79,9 +78,8 @@ class Workers:
     """Rank 0's handle on ranks 1..N-1: starts them, forwards calls, ends them with the LLM."""
 
     def __init__(self, config: Config, target: type, graphs: dict):
-        """Start a worker per rank 1..N-1, which builds `target(config, rank)`, and join their
-        process group once all have started. `graphs`: rank 0's CUDA graphs, freed first when
-        the workers end (NCCL cannot free a communicator that a live graph captured)."""
+        """Start a worker per rank 1..N-1 and join their process group once all have started.
+        `graphs`: rank 0's CUDA graphs, freed first when the workers end (`_shut_down`: why)."""
         if getattr(mp.current_process(), "_inheriting", False):  # a worker re-running the script
             sys.exit(MISSING_GUARD)
         gc.collect()  # an LLM that only a reference cycle holds is closed when collected

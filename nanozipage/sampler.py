@@ -95,9 +95,8 @@ def sample(
         tokens = torch.where(temperatures == 0, tokens, sampled)
     if penalties is not None:
         token_counts.record(rows, tokens)
-    if not want_logprobs:
-        return tokens, None
-    return tokens, raw.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+    logprobs = raw.log_softmax(-1).gather(1, tokens[:, None])[:, 0] if want_logprobs else None
+    return tokens, logprobs
 
 
 def _top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor):

@@ -41,7 +41,9 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence], bool, list[tuple[Sequence, list[int]]]]:
         """The requests of the next step, whether it is a prefill step, and the compressions to
         run before it (each request with its block table before the compression)."""
-        self._assign_query_slots()
+        for seq in self.running:  # hybrid scheduling: query slots go to the queue's first requests
+            if seq.query_slot < 0 and self.free_query_slots:
+                seq.query_slot = self.free_query_slots.pop()
         self.planned = []
         prefer_decode = self.last_step_was_prefill and any(not s.in_prefill for s in self.running)
         # A decode that preempted every request it could run leaves them waiting: prefill again.
@@ -51,12 +53,6 @@ class Scheduler:
                 self.last_step_was_prefill = is_prefill
                 return seqs, is_prefill, compressions
         return [], False, []  # every request that could run waits for a compaction or a token
-
-    def _assign_query_slots(self):
-        """Hybrid scheduling: query slots go to the first requests of the running queue."""
-        for seq in self.running:
-            if seq.query_slot < 0 and self.free_query_slots:
-                seq.query_slot = self.free_query_slots.pop()
 
     def _release_query_slot(self, seq: Sequence):
         if seq.query_slot >= 0:
