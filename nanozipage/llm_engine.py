@@ -152,7 +152,13 @@ class LLMEngine:
         return outputs, num_tokens
 
     def _recover(self, touched: list[Sequence], compressions: list):
-        """After a failed step: wait for every compaction, then abort the touched requests."""
+        """After a failed step: collect the step in flight, wait for every compaction, then abort
+        the touched requests. Collected now, because its requests' PENDING tokens must not be
+        read from the samples: other ranks hold the failed step's (zeros), not that step's."""
+        if self.in_flight:
+            launched, self.in_flight = self.in_flight, None
+            finished = self.scheduler.postprocess(launched.seqs, launched.collect())
+            self.unclaimed += [self._result(seq) for seq in finished]
         self._finish_compactions()
         for seq, old_table in compressions:
             if seq.compressing:  # planned, never launched

@@ -192,27 +192,32 @@ def test_a_worker_killed_mid_step_raises_and_ends_the_engine(tmp_path, monkeypat
 
 def test_ctrl_c_while_rank_0_samples_leaves_the_engine_usable(tmp_path, monkeypatch):
     """A terminal's Ctrl-C signals every process of its group: the worker ignores it, and rank 0
-    raises while it samples. The workers still get the step's samples (zeros), so they stay in
-    step with rank 0: the call raises, the next one gives what a fresh engine gives, and no
-    block leaks."""
+    raises while it samples a new prompt. The workers still get the step's samples (zeros), so
+    they stay in step with rank 0: the call raises, the requests decoding beside it go on as if
+    nothing happened, the next call gives what a fresh engine gives, and no block leaks."""
     llm = LLM(make_tiny_model("qwen2", tmp_path), tensor_parallel_size=2, kv_budget=None,
               num_kvcache_blocks=8)  # fmt: skip
-    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
-    fresh = llm.generate([[1, 2, 3]], params, use_tqdm=False)[0]["token_ids"]
-    worker, sample, calls = llm.model_runner.workers.processes[0], llm.model_runner.sample, []
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8]]
+    fresh = [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
+    worker, outputs = llm.model_runner.workers.processes[0], []
 
     def interrupted_sample(*args):
-        calls.append(args)
-        if len(calls) == 3:
-            os.kill(worker.pid, signal.SIGINT)
-            raise KeyboardInterrupt
-        return sample(*args)
+        os.kill(worker.pid, signal.SIGINT)
+        raise KeyboardInterrupt
 
     with llm:
+        decoding = [llm.add_request(prompt, params) for prompt in prompts[:2]]
+        for _ in range(2):  # their prefill, then a decode step, in flight in the overlapped loop
+            outputs += llm.step()[0]
         monkeypatch.setattr(llm.model_runner, "sample", interrupted_sample)
         with pytest.raises(KeyboardInterrupt):
-            llm.generate([[1, 2, 3]], params, use_tqdm=False)
-        assert llm.generate([[1, 2, 3]], params, use_tqdm=False)[0]["token_ids"] == fresh
+            llm.generate(prompts[2:], params, use_tqdm=False)
+        monkeypatch.undo()
+        while not llm.is_finished():
+            outputs += llm.step()[0]
+        assert {o["request_id"]: o["token_ids"] for o in outputs} == dict(zip(decoding, fresh))
+        assert llm.generate(prompts[2:], params, use_tqdm=False)[0]["token_ids"] == fresh[2]
         assert llm.scheduler.block_manager.num_free_blocks == llm.model_runner.num_blocks
         assert worker.is_alive()
 
