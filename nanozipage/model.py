@@ -321,8 +321,9 @@ class CausalLM(nn.Module):
     def init_dummy_weights(self, seed: int = 0):
         """Weights for `load_format="dummy"`, made in place on each parameter's device: matrices
         normal(0, 0.02), norm weights one, biases zero. Each parameter draws from its own
-        generator (seeded by its index), so the values do not depend on other parameters' sizes,
-        and a parameter holding only a shard of a matrix is filled all the same."""
+        generator (seeded by its index), so the values do not depend on other parameters' sizes.
+        A rank's shard draws the start of that stream too: under tensor parallelism the ranks'
+        shards are alike, another model than one rank's, which is fine for timing, not comparing."""
         for i, (name, param) in enumerate(self.named_parameters()):  # a tied matrix once
             if param.dim() == 2:
                 generator = torch.Generator(param.device).manual_seed(seed + i)
