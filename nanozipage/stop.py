@@ -46,10 +46,12 @@ class StopConditions:
     def _decode(self, ids: list[int], start: int, end: int) -> str:
         """The text of ids[start:end] as it reads after the ids before it: decoded from a few ids
         earlier, whose text is cut off (a SentencePiece decoder drops the leading space of the
-        first id it decodes: "Hello world" would end "...Helloworld")."""
+        first id it decodes: "Hello world" would end "...Helloworld"). Alone if the ids before
+        change in that text (a tokenizer's clean-up joins "x ." into "x.")."""
         decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
         context = max(0, start - 4)
-        return decode(ids[context:end])[len(decode(ids[context:start]).rstrip("\ufffd")) :]
+        before, text = decode(ids[context:start]).rstrip("\ufffd"), decode(ids[context:end])
+        return text[len(before) :] if text.startswith(before) else decode(ids[start:end])
 
     def text(self, seq: Sequence) -> str | None:
         """The completion's text, cut before a stop string (after, `include_stop_str_in_output`)."""

@@ -16,9 +16,12 @@ from types import SimpleNamespace
 import pytest
 from helpers import make_tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from nanozipage import LLM, SamplingParams
 from nanozipage.llm_engine import eos_token_ids
+from nanozipage.sequence import Sequence
+from nanozipage.stop import StopConditions
 
 FREE = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 _rng = random.Random(0)
@@ -201,6 +204,22 @@ def test_the_text_reads_on_from_the_prompt_with_a_sentencepiece_tokenizer(tmp_pa
     stopped = llm.generate(["w5 w6 w7"], replace(FREE, max_tokens=6, stop=[stop]),
                            use_tqdm=False)[0]  # fmt: skip
     assert (stopped["token_ids"], stopped["text"]) == (tokens[:1], "")
+
+
+def test_a_tokenizer_that_cleans_up_spaces_still_finds_a_stop_after_a_space():
+    """Prompt "x ", completion ".y": decoded together they read "x.y" (clean-up), so cutting off
+    the prompt's "x " would lose the "."; the completion is then decoded alone."""
+    vocab = {"<unk>": 0, "x": 1, " ": 2, ".": 3, "y": 4}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>",
+                                        clean_up_tokenization_spaces=True)  # fmt: skip
+    stop = StopConditions(set(), tokenizer)
+    seq = Sequence([1, 2, 3, 4], SamplingParams(max_tokens=4, stop=["."]), 4)
+    seq.num_prompt_tokens = 2  # completion ".y"
+    assert stop.text(seq) == ".y"
+    assert stop.check(seq, 3) and seq.stop_reason == "."
 
 
 def test_stop_strings_without_a_tokenizer_are_refused(tiny_dir):
