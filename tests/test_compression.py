@@ -171,7 +171,7 @@ def test_samples_sharing_a_prompt_in_the_smallest_pool_match_dense_reference(
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     reference = dense_generate(hf, prompt, 20, llm.config, 16)[0]
     assert [o["token_ids"] for o in outputs] == [reference] * 2
-    assert llm.scheduler.num_preemptions > 0
+    assert llm.scheduler.num_preemptions == 1  # sample 1 only: sample 0 keeps its place
     assert llm.scheduler.block_manager.num_free_blocks == llm.model_runner.num_blocks
 
 
@@ -197,3 +197,29 @@ def test_a_request_preempted_at_its_compression_is_compressed_there_after_recomp
     for prompt, n, out in zip(prompts, lengths, outputs):
         assert out["token_ids"] == dense_generate(hf, prompt, n, llm.config, 8)[0]
     assert any(at_compression)
+
+
+def test_samples_preempted_at_a_compression_compute_its_window_queries_again(model_dir):
+    """Samples sharing their prompt, preempted at a compression (sizes a fuzzer found): the
+    recompute finds the block before it in the prefix cache, but not the window queries it held,
+    which its query slot may have lost to another request meanwhile (here: overwritten)."""
+    rng = random.Random(0)
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (24, 28)]
+    llm = LLM(model_dir, block_size=8, window=3, kv_budget=16, num_kvcache_blocks=7,
+              max_num_batched_tokens=23, overlap_scheduling=False)  # fmt: skip
+    release, q_cache = llm.scheduler._release_query_slot, llm.model_runner.q_cache
+
+    def clobbering_release(seq):
+        if seq.query_slot >= 0:
+            q_cache[:, seq.query_slot * 3 : (seq.query_slot + 1) * 3] = 100.0
+        release(seq)
+
+    llm.scheduler._release_query_slot = clobbering_release
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, n=n)
+              for m, n in ((13, 3), (25, 2))]  # fmt: skip
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    expected = [dense_generate(hf, p, sp.max_tokens, llm.config, 16)[0]
+                for p, sp in zip(prompts, params) for _ in range(sp.n)]  # fmt: skip
+    assert [o["token_ids"] for o in outputs] == expected
+    assert llm.scheduler.num_preemptions > 0
