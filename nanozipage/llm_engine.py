@@ -51,7 +51,8 @@ class LLMEngine:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
         eos = eos_token_ids(model, self.config.hf_config, self.tokenizer)
         runner = self.model_runner = ModelRunner(self.config)
-        runner.eos_token_ids = eos
+        # Before min_tokens the sampler bans EOS: the ids that are rows of the logits
+        runner.eos_token_ids = {t for t in eos if t < self.config.hf_config["vocab_size"]}
         stop = StopConditions(eos, self.tokenizer)
         self.scheduler = Scheduler(self.config, runner.num_blocks, runner.num_query_slots, stop)
         self.in_flight: InFlight | None = None  # the step launched last, if not yet collected

@@ -140,6 +140,13 @@ def test_min_tokens_bans_stop_ids_until_that_many_tokens(tiny_dir, free, tmp_pat
     assert stop not in late[:min_tokens] and len(late) > min_tokens
 
 
+def test_an_eos_id_beyond_the_vocabulary_is_no_error_under_min_tokens(tiny_dir, tmp_path):
+    model = with_generation_config(tiny_dir, tmp_path / "model", {"eos_token_id": [300, 301]})
+    out = LLM(model, **TINY_CONFIG).generate([1, 2, 3], replace(FREE, ignore_eos=False,
+                                             min_tokens=3), use_tqdm=False)  # fmt: skip
+    assert len(out[0]["token_ids"]) == FREE.max_tokens
+
+
 def test_a_request_without_a_stop_ends_at_max_tokens_with_reason_length(tiny_dir):
     out = LLM(tiny_dir, **TINY_CONFIG).generate([1, 2, 3], replace(FREE, max_tokens=7),
                                                 use_tqdm=False)  # fmt: skip
