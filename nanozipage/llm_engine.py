@@ -50,9 +50,7 @@ class LLMEngine:
 
             self.tokenizer = AutoTokenizer.from_pretrained(model)
         eos = eos_token_ids(model, self.config.hf_config, self.tokenizer)
-        runner = self.model_runner = ModelRunner(self.config)
-        # Before min_tokens the sampler bans EOS: the ids that are rows of the logits
-        runner.eos_token_ids = {t for t in eos if t < self.config.hf_config["vocab_size"]}
+        runner = self.model_runner = ModelRunner(self.config, eos_token_ids=eos)
         stop = StopConditions(eos, self.tokenizer)
         self.scheduler = Scheduler(self.config, runner.num_blocks, runner.num_query_slots, stop)
         self.in_flight: InFlight | None = None  # the step launched last, if not yet collected
@@ -144,8 +142,7 @@ class LLMEngine:
             outputs, self.unclaimed = self.unclaimed, []
             if launched:
                 touched += launched.seqs
-                finished = self.scheduler.postprocess(launched.seqs, launched.collect())
-                outputs += [self._result(seq) for seq in finished]
+                outputs += self._collect(launched)
         except BaseException:  # with those `schedule` planned, if it raised midway
             self._recover(touched, compressions + self.scheduler.planned)
             raise
@@ -158,8 +155,7 @@ class LLMEngine:
         read from the samples: other ranks hold the failed step's (zeros), not that step's."""
         if self.in_flight:
             launched, self.in_flight = self.in_flight, None
-            finished = self.scheduler.postprocess(launched.seqs, launched.collect())
-            self.unclaimed += [self._result(seq) for seq in finished]
+            self.unclaimed += self._collect(launched)
         self._finish_compactions()
         for seq, old_table in compressions:
             if seq.compressing:  # planned, never launched
@@ -168,6 +164,11 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.abort(seq)
                 self.unclaimed.append(self._result(seq))
+
+    def _collect(self, launched: InFlight) -> list[dict]:
+        """Read a launched step's samples back; the results of the requests it finished."""
+        finished = self.scheduler.postprocess(launched.seqs, launched.collect())
+        return [self._result(seq) for seq in finished]
 
     def _finish_compactions(self):
         for seq, old_table in self.model_runner.compressor.poll(wait=True):

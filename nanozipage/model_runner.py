@@ -26,7 +26,7 @@ _GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 
 
 class ModelRunner:
-    def __init__(self, config: Config, rank: int = 0):
+    def __init__(self, config: Config, rank: int = 0, eos_token_ids: set[int] = frozenset()):
         self.config, self.rank = config, rank
         self.block_size = config.block_size
         hf = config.hf_config
@@ -59,7 +59,8 @@ class ModelRunner:
         self.pending_tokens = None  # ranks 1..N-1: the last step's samples, broadcast by rank 0
         self.token_counts = TokenCounts(hf["vocab_size"], self.device)  # rows for penalties
         self.count_rows: dict[Sequence, int] = {}
-        self.eos_token_ids: set[int] = set()  # rank 0: set by the engine (min_tokens masks them)
+        # Rank 0: the EOS ids that sampling bans before min_tokens (those that are logits' rows)
+        self.eos_token_ids = {t for t in eos_token_ids if t < hf["vocab_size"]}
         if self.use_cuda:
             self.warmup()
         self.allocate_kv_cache()
