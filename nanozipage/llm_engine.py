@@ -134,7 +134,7 @@ class LLMEngine:
                 launched = launch(seqs, samples)
             elif not self.in_flight and not compressions:
                 if self.model_runner.compressor.under_way:
-                    self.model_runner.compressor.wait()
+                    self._finish_compactions()
                 elif not self.scheduler.is_finished():
                     raise RuntimeError("no request can make progress")
             if self.config.overlap_scheduling:

@@ -178,12 +178,10 @@ def _shut_down(conns, processes, graphs: dict):
     finally:  # also after Ctrl-C: weakref.finalize runs this once, so it must reach the end
         for conn in conns:
             conn.close()  # a worker waiting for its next call sees EOF and exits
-        # Then the graphs, then the communicator: NCCL frees no communicator while a live CUDA
-        # graph holds it (it waits forever), and a graph releases what it holds when destroyed.
-        # On two H200s, aborting right after dropping graphs that were still running left the
-        # next engine's capture hung in its first all-reduce; with a wait for the GPU in between
-        # it worked (one run each, 2026-11-30). Abort, not destroy: destroying waits for every
-        # rank, aborting also ends a collective left waiting on a dead one.
+        # Then the graphs, then the communicator: NCCL frees no communicator that a live CUDA
+        # graph holds (it waits forever). On two H200s, aborting right after dropping graphs
+        # still running hung the next engine's capture; the wait above fixed it. Abort, not
+        # destroy: destroying waits for every rank, aborting also ends a collective left waiting.
         graphs.clear()
         gc.collect()  # also a graph that a reference cycle holds
         if dist.is_initialized():
