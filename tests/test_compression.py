@@ -230,10 +230,11 @@ def test_samples_preempted_at_a_compression_compute_its_window_queries_again(mod
 def test_the_engine_compresses_once_at_start_up(model_dir, monkeypatch):
     """On the GPU, the first compression compiles the kernels: 3.6-4.1 s on an H200, with every
     request waiting, when it came mid-run. The engine runs one of N_max blocks (first and later)
-    as it starts; the dense-reference tests above show it leaves no trace."""
+    as it starts; the dense-reference tests above, on the GPU, show it leaves no trace. On the
+    CPU there is nothing to compile, and a real model's warm-up would cost seconds and a GB."""
     runs = []
     monkeypatch.setattr(compressor.Compressor, "run", lambda self, plans: runs.extend(plans))
     LLM(model_dir, block_size=16, kv_budget=BUDGET, window=4, num_kvcache_blocks=40)
     LLM(model_dir, block_size=16, kv_budget=None, num_kvcache_blocks=40)  # full KV: none
     blocks = [(len(plan.old_table), len(plan.new_table), plan.first) for plan in runs]
-    assert blocks == [(3, 2, True), (3, 2, False)]
+    assert blocks == ([(3, 2, True), (3, 2, False)] if torch.cuda.is_available() else [])
