@@ -40,7 +40,7 @@ class Compressor:
         self.kv_cache, self.score_cache, self.q_cache = kv_cache, score_cache, q_cache
         self.stream = torch.cuda.Stream() if kv_cache.is_cuda else None
         self.under_way = []  # (event or None, jobs) of the compactions launched, in order
-        if config.kv_budget and self.stream:  # compile the GPU kernels at start, not at the
+        if config.kv_budget and self.stream:  # the GPU's first-use costs at start, not at the
             # first compression mid-run (3.6-4.1 s on an H200): N_max blocks, all block 0, unused
             n = config.kv_budget // config.block_size
             self.run([Compaction([0] * (n + 1), [0] * n, first, 0) for first in (True, False)])

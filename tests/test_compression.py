@@ -228,8 +228,8 @@ def test_samples_preempted_at_a_compression_compute_its_window_queries_again(mod
 
 
 def test_the_engine_compresses_once_at_start_up(model_dir, monkeypatch):
-    """On the GPU, the first compression compiles the kernels: 3.6-4.1 s on an H200, with every
-    request waiting, when it came mid-run. The engine runs one of N_max blocks (first and later)
+    """On the GPU, a process's first compression took 3.6-4.1 s on an H200 (compiling and first
+    uses), with every request waiting, when it came mid-run. The engine runs one of N_max blocks (first and later)
     as it starts; the dense-reference tests above, on the GPU, show it leaves no trace. On the
     CPU there is nothing to compile, and a real model's warm-up would cost seconds and a GB."""
     runs = []
