@@ -1,6 +1,7 @@
 """Per-request sampling settings, validated when they are made (before any work starts).
 
-Names and meanings are vLLM's. The engine checks what only it knows: stop_token_ids against
+Names and meanings are vLLM's, but `logprobs` is a switch (vLLM's counts alternatives, which
+this engine does not return). The engine checks what only it knows: stop_token_ids against
 the vocabulary, kv_budget against its own budget."""
 
 import sys
