@@ -103,6 +103,7 @@ class BlockManager:
 
     def append_blocks(self, seq: Sequence):
         seq.block_table += [self._take_free_block() for _ in range(self.num_missing_blocks(seq))]
+        seq.peak_kv_blocks = max(seq.peak_kv_blocks, len(seq.block_table))
 
     def compress(self, seq: Sequence) -> list[int]:
         """Plan a compression: seq gets its target block table and the old one is returned.

@@ -186,6 +186,9 @@ class LLMEngine:
             "finish_reason": seq.finish_reason,
             "stop_reason": seq.stop_reason,
             "num_cached_tokens": seq.num_cached_tokens,
+            "num_compressions": seq.num_compressions,
+            "num_evicted_tokens": seq.num_evicted,
+            "peak_kv_blocks": seq.peak_kv_blocks,
         }
         if seq.sampling_params.logprobs:
             output["logprobs"] = seq.logprobs

@@ -36,6 +36,7 @@ class Sequence:
         self.kv_budget: int | None = None  # tokens kept per (layer, KV head); None: full KV
         self.num_evicted = 0
         self.num_compressions = 0
+        self.peak_kv_blocks = 0  # the most KV blocks it held at once
         self.query_slot = -1  # row of the query cache holding this request's window queries
         self.compressing = False  # an asynchronous compaction of its cache is under way
         self.block_table: list[int] = []
