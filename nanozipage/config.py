@@ -111,19 +111,28 @@ class Config:
 
 
 def model_dir(model: str) -> str:
-    """`model` if a directory, else its snapshot in the local Hugging Face cache ($HF_HUB_CACHE,
-    read now). Never downloads: a load must not hang."""
-    if os.path.isdir(model):
-        return model
+    """`model` if a directory (`~` expanded), else its snapshot in the local Hugging Face cache
+    ($HF_HUB_CACHE, read now). Never downloads: a load must not hang."""
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        return path
     from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.utils import validate_repo_id
 
     cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
     try:
+        validate_repo_id(model)
+    except ValueError:  # a path, not a hub id: nothing to download
+        raise ValueError(
+            f"model: {path!r} is not a local directory and not in the Hugging Face cache at "
+            f"{cache}; pass a checkpoint directory or a hub id"
+        ) from None
+    try:
         return snapshot_download(model, cache_dir=cache, local_files_only=True)
-    except (ValueError, OSError):  # not a valid repo id, or not cached
+    except (ValueError, OSError):  # not cached
         raise ValueError(
             f"model: {model!r} is not a local directory and not in the Hugging Face cache at "
-            f"{cache}; download it with `huggingface-cli download {model}` or pass a directory"
+            f"{cache}; download it with `hf download {model}`, or pass a directory"
         ) from None
 
 
@@ -131,9 +140,11 @@ def check_kv_budget(budget, block_size: int, window: int):
     """A budget is whole blocks, leaves room for the window, and the window fits in a block."""
     _check_int("window", window, 1, block_size)
     if not isinstance(budget, int) or budget % block_size or budget < window + block_size:
+        smallest = -(-(window + block_size) // block_size) * block_size
         raise ValueError(
             f"kv_budget must be a multiple of block_size={block_size} and at least window + "
-            f"block_size = {window + block_size}, got {budget!r}"
+            f"block_size = {window + block_size} ({smallest}, {smallest + block_size}, ...), "
+            f"got {budget!r}"
         )
 
 
