@@ -6,7 +6,7 @@ blocks after comparing token ids (a hash alone could collide). A freed block kee
 contents until handed out again, so a request arriving after its twin finished still hits.
 """
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,7 +80,9 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_block_ids.remove(block_id)
             block.ref_count += 1
-        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_computed_tokens = len(hits) * self.block_size
+        if seq.num_cached_tokens < 0:  # first scheduled: a recompute's hits are its own tokens
+            seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
         seq.num_hashed_blocks, seq.block_table = len(hits), hits
         self.append_blocks(seq)
         return True
@@ -97,6 +99,17 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = seq.num_hashed_blocks = 0
 
+    def recount(self, block_tables: list[list[int]]):
+        """After a failed step: each block's references counted again from the tables in use, so
+        that a failure (a Ctrl-C) halfway through any of this bookkeeping leaks no block and
+        frees none twice. The free list keeps its order."""
+        counts = Counter(block_id for table in block_tables for block_id in table)
+        for block in self.blocks:
+            block.ref_count = counts[block.block_id]
+        free = dict.fromkeys(self.free_block_ids)  # in order, each once
+        free.update(dict.fromkeys(block.block_id for block in self.blocks))
+        self.free_block_ids = deque(block_id for block_id in free if not counts[block_id])
+
     def num_missing_blocks(self, seq: Sequence) -> int:
         """Blocks seq still needs to hold all its tokens (the next decode step writes the last)."""
         return seq.num_blocks - len(seq.block_table)
@@ -105,46 +118,53 @@ class BlockManager:
         seq.block_table += [self._take_free_block() for _ in range(self.num_missing_blocks(seq))]
         seq.peak_kv_blocks = max(seq.peak_kv_blocks, len(seq.block_table))
 
-    def compress(self, seq: Sequence) -> list[int]:
-        """Plan a compression: seq gets its target block table and the old one is returned.
-
-        Kept tokens go, in position order, into the first N_max - 1 targets; the last target is
-        empty, for the next tokens. A block shared with another request is never written: its
-        target is a fresh block (the caller checks `num_compress_fresh_blocks` beforehand). The
-        old blocks left over stay seq's until `release_replaced`: the compaction reads them."""
+    def plan_compression(self, seq: Sequence, compression):
+        """Fill `compression.old_table` and `.new_table` (docs/DESIGN.md section 2): the kept
+        tokens go, in position order, into the first N_max - 1 new blocks, and the last one is
+        empty, for the next tokens. New blocks are seq's own private blocks where it can keep
+        them; a block shared with another request is never written: a fresh block replaces it
+        (the caller checks `num_fresh_blocks` beforehand). Each block taken is recorded at once,
+        so that a compression cancelled at any point gives back exactly what it took."""
         filled = (seq.cache_len - 1) // self.block_size
         while len(seq.block_table) > filled:  # a block given for a prompt's last token, unwritten
             self._release(seq.block_table.pop())
-        old = seq.block_table
-        targets = [b if b != -1 else self._take_free_block() for b in self._targets(seq)]
-        for block_id in targets:  # overwritten by the compaction
-            self._uncache(self.blocks[block_id])
-        seq.block_table = targets
-        seq.num_evicted += seq.cache_len - 1 - seq.kv_budget
-        seq.num_compressions += 1
-        return old
+        compression.old_table = list(seq.block_table)
+        for block_id in self._new_table(seq):
+            if block_id == -1:
+                block_id = self._take_free_block()
+            compression.new_table.append(block_id)
+            self._uncache(self.blocks[block_id])  # about to be overwritten
 
-    def release_replaced(self, seq: Sequence, old_table: list[int]):
-        """After the compaction: free the old blocks that seq's new table does not use."""
+    def finish_compression(self, seq: Sequence, compression):
+        """The kept tokens sit in the new blocks: seq reads those, and the old ones it no longer
+        uses are freed."""
+        old_table, seq.block_table = seq.block_table, compression.new_table
         for block_id in old_table:
             if block_id not in seq.block_table:
                 self._release(block_id)
 
-    def _targets(self, seq: Sequence) -> list[int]:
+    def cancel_compression(self, seq: Sequence, compression):
+        """A planned compression that never ran: give back the fresh blocks it took."""
+        for block_id in compression.new_table:
+            if block_id not in seq.block_table:
+                self._release(block_id)
+
+    def _new_table(self, seq: Sequence) -> list[int]:
         """seq's own private blocks where it can keep them, -1 where a fresh block is needed."""
         private = [b for b in seq.block_table if self.blocks[b].ref_count == 1]
         kept = seq.block_table[: seq.max_blocks - 1]
-        targets = [b if b in private else -1 for b in kept]
+        new_table = [b if b in private else -1 for b in kept]
         spare = [b for b in private if b not in kept]
-        return targets + spare[:1] if spare else targets + [-1]
+        return new_table + (spare[:1] or [-1])
 
-    def num_compress_fresh_blocks(self, seq: Sequence) -> int:
-        return self._targets(seq).count(-1)
+    def num_fresh_blocks(self, seq: Sequence) -> int:
+        """Free blocks that compressing seq takes."""
+        return self._new_table(seq).count(-1)
 
     def hash_blocks(self, seq: Sequence):
         """Register the full blocks of seq whose K/V have just been computed (only requests
         never compressed: a compressed request's blocks no longer hold a plain prefix)."""
-        if seq.num_compressions:
+        if seq.num_compressions or seq.compression:
             return
         num_full = seq.num_computed_tokens // self.block_size
         for i in range(seq.num_hashed_blocks, num_full):

@@ -1,31 +1,46 @@
-"""Compression beside the model runner: plan, launch, poll (or wait).
+"""Compression beside the model runner: one record per compression, from plan to done.
 
-The scheduler picks who compresses and the block manager gives each a new block table; `launch`
-scores every cached token with the policy, keeps `kv_budget` per (layer, KV head) in position
-order, and compacts K, V and the kept scores into the new blocks. With `async_compression` that
-runs on a side stream while others decode, and `poll` returns the finished ones, whose old blocks
-the scheduler then frees. Under tensor parallelism rank 0 forwards each call and every rank
-compacts its own KV heads (a GQA group, whose queries score its KV head, never spans two ranks).
+A compression is one `Compression` record that moves through three states:
+- planned: the scheduler chose the request (`Scheduler._schedule_decode`) and the block manager
+  gave the record its new blocks (`BlockManager.plan_compression`); the request still reads its
+  old blocks.
+- running: `Compressor.launch` scored every cached token with the policy, kept `kv_budget` per
+  (layer, KV head) in position order and queued the moves of the kept K, V and scores into the
+  new blocks, on a side stream while the other requests decode (on the CPU it is done at once).
+- done: `poll` saw its work finish; the scheduler switches the request to its new blocks and
+  frees the old ones (`Scheduler.finish_compression`).
+Synchronous compression (`async_compression=False`) is the same path followed by a wait. Under
+tensor parallelism rank 0 forwards each launch and every rank compresses its own KV heads (a
+GQA group, whose queries score its KV head, never spans two ranks).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from nanozipage.context import to_device
-from nanozipage.kernels import compact
-from nanozipage.policy import POLICIES, CacheState, select
+from nanozipage.kernels import move_kept
+from nanozipage.policy import CacheState, make_policy, select
 from nanozipage.sequence import Sequence
 
+PLANNED, RUNNING, DONE = "planned", "running", "done"
 
-@dataclass(slots=True)
-class Compaction:
-    """One request's compaction, as every rank needs it (planned by the block manager)."""
 
-    old_table: list[int]  # the blocks holding the request's cached tokens before the compression
-    new_table: list[int]  # the blocks its kept tokens go to
-    first: bool  # its first compression (pooling, no stored scores)
+@dataclass(slots=True, eq=False)
+class Compression:
+    """One request's compression. Ranks 1..N-1 get a copy without `seq` (`on_worker`)."""
+
+    seq: Sequence | None
+    old_table: list[int]  # the blocks holding the request's cached tokens before
+    first: bool  # the request's first compression (pooling, no stored scores)
     query_slot: int  # its window queries' slot in the query cache
+    # Its block table once done: the kept tokens fill all but the last block, left for the next
+    new_table: list[int] = field(default_factory=list)
+    state: str = PLANNED
+    event: torch.cuda.Event | None = None  # fires when its work on the side stream is done
+
+    def for_worker(self) -> tuple:
+        return self.old_table, self.first, self.query_slot, self.new_table
 
 
 def on_worker(runner, method: str, *args):
@@ -39,81 +54,96 @@ class Compressor:
         self.config, self.workers = config, workers
         self.kv_cache, self.score_cache, self.q_cache = kv_cache, score_cache, q_cache
         self.stream = torch.cuda.Stream() if kv_cache.is_cuda else None
-        self.under_way = []  # (event or None, jobs) of the compactions launched, in order
-        if config.kv_budget and self.stream:  # the GPU's first-use costs at start, not at the
-            # first compression mid-run (3.6-4.1 s on an H200): N_max blocks, all block 0, unused
-            n = config.kv_budget // config.block_size
-            self.run([Compaction([0] * (n + 1), [0] * n, first, 0) for first in (True, False)])
+        self.running: list[Compression] = []  # launched and not yet done, oldest first
+        if config.kv_budget and self.stream:
+            self._warm_up()
 
-    def plan(self, jobs: list[tuple[Sequence, list[int]]]) -> list[Compaction]:
-        """Each job is a request, already given its new block table, with its old table."""
-        b = self.config.block_size
-        return [  # num_compressions was counted when the compression was planned
-            Compaction(old, seq.block_table[: seq.kv_budget // b],
-                       first=seq.num_compressions == 1, query_slot=seq.query_slot)
-            for seq, old in jobs
-        ]  # fmt: skip
+    def _warm_up(self):
+        """Pay the GPU's first-use costs (compiling, autotuning) now, not in the middle of a run
+        where every request would wait: compress N_max blocks that are all block 0, unused."""
+        num_blocks = self.config.max_blocks
+        for first in (True, False):
+            self.run(Compression(None, [0] * num_blocks, first, 0, [0] * num_blocks))
+        torch.cuda.synchronize()
 
-    def launch(self, jobs: list[tuple[Sequence, list[int]]]):
-        """Rank 0: compact each request from its old block table into its new one."""
-        plans = self.plan(jobs)
-        if self.workers:
-            self.workers.call(on_worker, "compact", plans)
-        self.compact(plans, jobs)
-
-    def compact(self, plans: list[Compaction], jobs: list | None = None):
-        """Every rank: run the compactions; asynchronous ones go on the side stream after the
-        work already queued on the main stream (the requests' last K/V)."""
-        if not self.config.async_compression:  # on the main stream, before the step
-            self.run(plans)
+    def launch(self, compressions: list[Compression]):
+        """Rank 0: start planned compressions; they stay listed in `running` until done."""
+        if not compressions:
             return
+        if self.workers:
+            self.workers.call(on_worker, "launch_copies", [c.for_worker() for c in compressions])
+        for compression in compressions:  # running from here: a failure below is waited for
+            compression.state = RUNNING
+            self.running.append(compression)
+        self._queue(compressions)
+
+    def launch_copies(self, compressions: list[tuple]):
+        """Ranks 1..N-1: rank 0's launch; listed until rank 0 says they are done (`follow`)."""
+        compressions = [Compression(None, *fields) for fields in compressions]
+        self._queue(compressions)
+        self.running += [c for c in compressions if c.event is not None]
+
+    def _queue(self, compressions: list[Compression]):
+        """Every rank: run them on the side stream, after the work already queued on the main
+        stream (the requests' last K/V and window queries). Off the GPU they are done at once."""
         if self.stream:
             self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):  # no side stream off the GPU: done at once
-            self.run(plans)
-        self.under_way.append((self.stream and self.stream.record_event(), jobs))
+        with torch.cuda.stream(self.stream):
+            for compression in compressions:
+                self.run(compression)
+                compression.event = self.stream and self.stream.record_event()
 
-    def poll(self, wait: bool = False) -> list[tuple[Sequence, list[int]]]:
-        """Rank 0: the jobs whose compaction has finished (all with `wait`). Their old blocks will
-        be freed, so the other ranks first order their main stream after them (`follow`)."""
+    def poll(self, wait: bool = False) -> list[Compression]:
+        """Rank 0: the running compressions whose work is done (all of them with `wait`), oldest
+        first. They stay listed until `done` (a failure while finishing them leaves the rest
+        for the next poll). Their old blocks will be freed, so the other ranks first
+        order their main stream after them (`follow`). An event is dropped once it has fired."""
         if wait and self.stream:
             self.stream.synchronize()
-        done = [wait or event is None or event.query() for event, _ in self.under_way]
-        if self.workers and any(done):
-            self.workers.call(on_worker, "follow", done)
-        finished = [job for (_, jobs), d in zip(self.under_way, done) if d for job in jobs]
-        self.under_way = [entry for entry, d in zip(self.under_way, done) if not d]
-        return finished
+        fired = [c for c in self.running if c.event is not None]
+        num_fired = next((i for i, c in enumerate(fired) if not (wait or c.event.query())), None)
+        fired = fired[:num_fired]  # the stream runs them in order
+        if self.workers and fired:
+            self.workers.call(on_worker, "follow", len(fired))
+        for compression in fired:
+            compression.event = None
+        return [c for c in self.running if c.event is None]
 
-    def follow(self, done: list[bool]):
-        """Ranks 1..N-1: later work follows the compactions rank 0 saw finish (same order)."""
-        for (event, _), d in zip(self.under_way, done):
-            if d and event is not None:
-                torch.cuda.current_stream().wait_event(event)
-        self.under_way = [entry for entry, d in zip(self.under_way, done) if not d]
+    def done(self, compression: Compression):
+        """Rank 0: the request reads its new blocks now (`Scheduler.finish_compression`)."""
+        compression.state = DONE
+        self.running.remove(compression)
+
+    def follow(self, num_done: int):
+        """Ranks 1..N-1: later work follows the oldest compressions, which rank 0 saw done."""
+        for compression in self.running[:num_done]:
+            torch.cuda.current_stream().wait_event(compression.event)
+        self.running = self.running[num_done:]
 
     @torch.inference_mode()
-    def run(self, plans: list[Compaction]):
-        """Score, select and compact, a group of layers at a time (bounds temporary memory)."""
+    def run(self, compression: Compression):
+        """Score, select and move the kept tokens, a group of layers at a time (the group bounds
+        temporary memory: about three copies of one request's keys per layer)."""
         config, b, w = self.config, self.config.block_size, self.config.window
-        policy, device = POLICIES[config.policy], self.kv_cache.device
-        for plan in plans:
-            keep = len(plan.new_table) * b
-            old, new = to_device(plan.old_table, device), to_device(plan.new_table, device)
-            window_rows = slice(plan.query_slot * w, (plan.query_slot + 1) * w)
-            for start in range(0, self.kv_cache.shape[1], config.compress_layers):
-                layers = slice(start, start + config.compress_layers)
-                k_cache, v_cache = self.kv_cache[0, layers], self.kv_cache[1, layers]
-                score_cache = self.score_cache[layers]
-                # The request's keys and stored scores, dense: [layers, kvh, T, ...]
-                keys = k_cache[:, old].transpose(1, 2).flatten(2, 3)
-                prev = score_cache[:, old].transpose(1, 2).flatten(2)
-                prev[..., 0 if plan.first else keep :] = 0  # newer tokens were never scored
-                state = CacheState(keys, self.q_cache[layers, window_rows], prev, plan.first, b)
-                score, stored = policy(state, config)
-                kept = select(score, keep, w, config.num_sinks)  # [L, kvh, keep]
-                compact(k_cache, old, new, kept)
-                compact(v_cache, old, new, kept)
-                # Scores to store are this compression's (dense), not the cache's: gathered.
-                kept_scores = stored.gather(2, kept).unflatten(2, (-1, b))
-                score_cache[:, new] = kept_scores.transpose(1, 2)
+        policy, device = make_policy(config.policy, config.policy_args), self.kv_cache.device
+        keep = (len(compression.new_table) - 1) * b
+        old = to_device(compression.old_table, device)
+        new = to_device(compression.new_table[:-1], device)
+        window_rows = slice(compression.query_slot * w, (compression.query_slot + 1) * w)
+        for start in range(0, self.kv_cache.shape[1], config.compress_layers):
+            layers = slice(start, start + config.compress_layers)
+            k_cache, v_cache = self.kv_cache[0, layers], self.kv_cache[1, layers]
+            score_cache = self.score_cache[layers]
+            # The request's keys and stored scores, dense: [layers, kvh, T, ...]
+            keys = k_cache[:, old].transpose(1, 2).flatten(2, 3)
+            prev = score_cache[:, old].transpose(1, 2).flatten(2)
+            prev[..., 0 if compression.first else keep :] = 0  # newer tokens were never scored
+            queries = self.q_cache[layers, window_rows]
+            absolute = range(start, start + len(keys))  # the group's layer indices
+            score, stored = policy(CacheState(keys, queries, prev, compression.first, b, absolute))
+            kept = select(score, keep, w, config.num_sinks)  # [L, kvh, keep]
+            move_kept(k_cache, old, new, kept)
+            move_kept(v_cache, old, new, kept)
+            # Scores to store are this compression's (dense), not the cache's: gathered.
+            kept_scores = stored.gather(2, kept).unflatten(2, (-1, b))
+            score_cache[:, new] = kept_scores.transpose(1, 2)

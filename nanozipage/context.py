@@ -33,22 +33,3 @@ def to_device(data: list, device: torch.device, dtype=torch.int32) -> torch.Tens
     """A host list on the device, copied without waiting for the work queued there."""
     pinned = torch.tensor(data, dtype=dtype, pin_memory=device.type == "cuda")
     return pinned.to(device, non_blocking=True)
-
-
-@dataclass(slots=True)
-class StepPlan:
-    """One step as flat host lists, each rank's Context built from them; what rank 0 sends."""
-
-    is_prefill: bool
-    input_ids: list[int]
-    positions: list[int]
-    slot_mapping: list[int]
-    context_lens: list[int]
-    block_tables: list[list[int]]  # unpadded
-    query_rows: list[int] | None
-    sample_rows: list[int] | None = None  # rows whose logits are sampled; None: all (decode)
-    # Decode, overlapped loop: per request, its row in the samples of the step launched before
-    # when its input id is PENDING there, else -1; None when no input id is PENDING.
-    pending_rows: list[int] | None = None
-    cu_seqlens_q: list[int] | None = None  # prefill only
-    max_seqlen_q: int = 0  # prefill only

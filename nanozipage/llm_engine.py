@@ -6,21 +6,43 @@ error, Ctrl-C), the requests it touched are aborted and freed; the others carry 
 """
 
 import dataclasses
+import functools
 import json
 import os
+import threading
 import time
 
 from tqdm.auto import tqdm
 
+from nanozipage.compressor import Compression
 from nanozipage.config import Config, check_kv_budget
 from nanozipage.model_runner import ModelRunner
-from nanozipage.overlap import InFlight, launch
+from nanozipage.overlap import InFlight, Overlap
 from nanozipage.sampling_params import SamplingParams
 from nanozipage.scheduler import Scheduler
 from nanozipage.sequence import Sequence
 from nanozipage.stop import StopConditions
 
 USER_CONFIG_KEYS = {f.name for f in dataclasses.fields(Config)} - {"model", "hf_config"}
+
+
+def one_caller_at_a_time(method):
+    """An engine's state is not thread-safe: a call from a second thread while one is inside
+    raises at once, before it touches anything (the same thread may nest calls)."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if not self.lock.acquire(blocking=False):
+            raise RuntimeError(
+                f"{method.__name__}: another thread is using this LLM; call it from one thread "
+                "at a time (a lock around the calls) or make one LLM per thread"
+            )
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.lock.release()
+
+    return guarded
 
 
 def eos_token_ids(model: str, hf_config: dict, tokenizer) -> set[int]:
@@ -53,7 +75,9 @@ class LLMEngine:
         runner = self.model_runner = ModelRunner(self.config, eos_token_ids=eos)
         stop = StopConditions(eos, self.tokenizer)
         self.scheduler = Scheduler(self.config, runner.num_blocks, runner.num_query_slots, stop)
-        self.in_flight: InFlight | None = None  # the step launched last, if not yet collected
+        self.compressor = runner.compressor
+        self.overlap = Overlap(self.config.overlap_scheduling)
+        self.lock = threading.RLock()  # `one_caller_at_a_time`
         self.requests: dict[int, list[Sequence]] = {}  # unfinished requests, by request id
         self.unclaimed: list[dict] = []  # results that the next `step()` returns
 
@@ -104,79 +128,82 @@ class LLMEngine:
         self.scheduler.add(seqs)
         return seqs[0].request_id
 
+    @one_caller_at_a_time
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> int:
         """Queue one request; returns its id, which its results carry as `request_id`."""
         return self._add(self.make_sequences(prompt, sampling_params))
 
+    @one_caller_at_a_time
     def abort(self, request_id: int):
         """End a request (all samples) without a result; unknown ids (just finished) are ignored."""
         for seq in self.requests.pop(request_id, []):
             self.scheduler.abort(seq)
+            self.model_runner.forget(seq)
 
+    @one_caller_at_a_time
     def step(self) -> tuple[list[dict], int]:
-        """Launch one step and collect the one before (`overlap.py`); returns the finished results
-        and the tokens the launched step fed (negative for decode, to tell the throughputs apart).
-        If anything raises, the requests this step touched are aborted (the next `step()` returns
-        them with finish_reason "abort") and the exception propagates."""
-        touched, compressions = list(self.scheduler.running), []  # until the schedule says
+        """Finish compressions, schedule, launch compressions, run the model, read back samples.
+        Returns the finished results and the tokens the step fed (negative for decode, to tell
+        the throughputs apart). If anything raises, `_recover` aborts the requests it touched."""
+        touched = list(self.scheduler.running)  # until the schedule says which
         try:
-            compressions = self.model_runner.compressor.poll()  # _recover ends those left
-            for seq, old_table in compressions:
-                self.scheduler.finish_compression(seq, old_table)
+            self._finish_compressions()
             seqs, is_prefill, compressions = self.scheduler.schedule()
-            touched = seqs + [seq for seq, _ in compressions]
-            if compressions:
-                self.model_runner.compressor.launch(compressions)
-            launched = None
-            if seqs:
-                previous = self.in_flight and self.in_flight.samples
-                samples = self.model_runner.run(seqs, is_prefill, previous and previous.tokens)
-                launched = launch(seqs, samples)
-            elif not self.in_flight and not compressions:
-                if self.model_runner.compressor.under_way:
-                    self._finish_compactions()
-                elif not self.scheduler.is_finished():
-                    raise RuntimeError("no request can make progress")
-            if self.config.overlap_scheduling:
-                launched, self.in_flight = self.in_flight, launched
-            outputs, self.unclaimed = self.unclaimed, []
-            if launched:
-                touched += launched.seqs
-                outputs += self._collect(launched)
-        except BaseException:  # with those `schedule` planned, if it raised midway
-            self._recover(touched, compressions + self.scheduler.planned)
+            touched = seqs + [compression.seq for compression in compressions]
+            self._launch_compressions(compressions, nothing_to_run=not seqs)
+            samples = self.model_runner.run(seqs, is_prefill, self.overlap.pending_tokens())
+            launched = self.overlap.advance(seqs, samples)  # the step to read back now
+            touched += launched.seqs if launched else []
+            outputs = self._collect(launched)
+        except BaseException:
+            self._recover(touched)
             raise
-        num_tokens = sum(seq.num_new_tokens for seq in seqs) if is_prefill else -len(seqs)
-        return outputs, num_tokens
+        outputs, self.unclaimed = self.unclaimed + outputs, []
+        return outputs, sum(s.num_new_tokens for s in seqs) if is_prefill else -len(seqs)
 
-    def _recover(self, touched: list[Sequence], compressions: list):
-        """After a failed step: collect the step in flight, wait for every compaction, then abort
-        the touched requests. Collected now, because its requests' PENDING tokens must not be
-        read from the samples: other ranks hold the failed step's (zeros), not that step's."""
-        if self.in_flight:
-            launched, self.in_flight = self.in_flight, None
-            self.unclaimed += self._collect(launched)
-        self._finish_compactions()
-        for seq, old_table in compressions:
-            if seq.compressing:  # planned, never launched
-                self.scheduler.finish_compression(seq, old_table)
+    def _finish_compressions(self, wait: bool = False):
+        for compression in self.compressor.poll(wait):
+            self.scheduler.finish_compression(compression)  # the request switches blocks
+            self.compressor.done(compression)
+
+    def _launch_compressions(self, compressions: list[Compression], nothing_to_run: bool):
+        """Synchronous compression is the same launch followed by a wait. A step that has nothing
+        to run or launch waits for the compressions under way, or no request can progress."""
+        self.compressor.launch(compressions)
+        if compressions and not self.config.async_compression:
+            self._finish_compressions(wait=True)
+        elif nothing_to_run and not compressions and not self.overlap.in_flight:
+            if not self.compressor.running and not self.scheduler.is_finished():
+                raise RuntimeError("no request can make progress")
+            self._finish_compressions(wait=True)
+
+    def _recover(self, touched: list[Sequence]):
+        """After a failed step: read back the step in flight (its requests' PENDING tokens must
+        not be read from the samples: other ranks hold the failed step's, zeros), finish every
+        compression launched and cancel those planned, abort the touched requests, and count
+        the blocks' references again (a failure may have struck halfway through bookkeeping)."""
+        self.unclaimed += self._collect(self.overlap.take())
+        self._finish_compressions(wait=True)
+        for seq in self.scheduler.running:
+            if seq.compression:  # planned, never launched
+                self.scheduler.cancel_compression(seq.compression)
         for seq in touched:
             if not seq.is_finished:
                 self.scheduler.abort(seq)
                 self.unclaimed.append(self._result(seq))
+        self.scheduler.recount_blocks()
 
-    def _collect(self, launched: InFlight) -> list[dict]:
+    def _collect(self, launched: InFlight | None) -> list[dict]:
         """Read a launched step's samples back; the results of the requests it finished."""
+        if launched is None:
+            return []
         finished = self.scheduler.postprocess(launched.seqs, launched.collect())
         return [self._result(seq) for seq in finished]
-
-    def _finish_compactions(self):
-        for seq, old_table in self.model_runner.compressor.poll(wait=True):
-            self.scheduler.finish_compression(seq, old_table)
 
     def _result(self, seq: Sequence) -> dict:
         if all(s.is_finished for s in self.requests.get(seq.request_id, [])):
             self.requests.pop(seq.request_id, None)
+        self.model_runner.forget(seq)
         output = {
             "request_id": seq.request_id,
             "index": seq.sample_index,
@@ -185,7 +212,7 @@ class LLMEngine:
             "prompt_token_ids": seq.prompt_token_ids,
             "finish_reason": seq.finish_reason,
             "stop_reason": seq.stop_reason,
-            "num_cached_tokens": seq.num_cached_tokens,
+            "num_cached_tokens": max(seq.num_cached_tokens, 0),
             "num_compressions": seq.num_compressions,
             "num_evicted_tokens": seq.num_evicted,
             "peak_kv_blocks": seq.peak_kv_blocks,
@@ -206,8 +233,12 @@ class LLMEngine:
         self.close()
 
     def is_finished(self) -> bool:
-        return self.scheduler.is_finished() and not self.in_flight and not self.unclaimed
+        """Nothing queued, running or in flight, no compression holding blocks (a request that
+        finished while compressed is freed when its compression is done), no result unclaimed."""
+        idle = not self.overlap.in_flight and not self.compressor.running
+        return self.scheduler.is_finished() and idle and not self.unclaimed
 
+    @one_caller_at_a_time
     def generate(
         self,
         prompts: str | list[int] | list[str] | list[list[int]],
@@ -230,10 +261,13 @@ class LLMEngine:
         requests = [self.make_sequences(p, sp) for p, sp in zip(prompts, sampling_params)]
         samples = [(seq.request_id, seq.sample_index) for seqs in requests for seq in seqs]
         results, others = {}, []  # by (request id, sample index); other requests' results
-        ids = {self._add(seqs) for seqs in requests}
+        ids = set()
         bar = tqdm(total=len(samples), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         rates = {}  # tokens per second of the last prefill and decode steps
         try:
+            for seqs in requests:
+                ids.add(seqs[0].request_id)  # first: an interrupt must not leave one unowned
+                self._add(seqs)
             while len(results) < len(samples):
                 start = time.perf_counter()
                 outputs, num_tokens = self.step()
@@ -247,11 +281,12 @@ class LLMEngine:
                         bar.update(1)
                     else:
                         others.append(output)
-            if any(seq.compressing for seqs in requests for seq in seqs):
-                self._finish_compactions()  # a finished request's blocks are free on return
+            if any(seq.compression for seqs in requests for seq in seqs):
+                self._finish_compressions(wait=True)  # its requests' blocks are free on return
         except BaseException:
             for request_id in ids:
                 self.abort(request_id)
+            self._recover([])  # also when it struck between two steps
             self.unclaimed = [o for o in self.unclaimed if o["request_id"] not in ids]
             raise
         finally:

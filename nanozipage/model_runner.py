@@ -4,7 +4,7 @@
 runs the model; `run` returns the samples without waiting for the GPU (`overlap.py`). Decode
 replays a CUDA graph captured for the next larger batch size; prefill runs eagerly (its shapes
 vary too much). The compressor works on the tensors allocated here. Under tensor parallelism each
-rank has a runner over its shard; rank 0 forwards plans and compactions (`parallel.Workers`).
+rank has a runner over its shard; rank 0 forwards step plans and compressions (`parallel.Workers`).
 """
 
 import torch
@@ -12,14 +12,14 @@ import torch.distributed as dist
 
 from nanozipage.compressor import Compressor
 from nanozipage.config import Config
-from nanozipage.context import StepPlan, get_context, set_context, to_device
+from nanozipage.context import get_context, set_context, to_device
 from nanozipage.model import CausalLM
 from nanozipage.overlap import Samples
 from nanozipage.parallel import Workers
 from nanozipage.sampler import TokenCounts, sample
 from nanozipage.sampling_params import SamplingParams
 from nanozipage.sequence import PENDING, Sequence
-from nanozipage.step_plan import decode_plan, prefill_plan
+from nanozipage.step_plan import StepPlan, decode_plan, prefill_plan
 
 CPU_KV_CACHE_BYTES = 1 << 30  # with no GPU to size from, give the KV pool 1 GiB by default
 _GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -54,7 +54,7 @@ class ModelRunner:
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.num_heads = attn.num_heads  # query heads
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
-        self.window = config.window if config.kv_budget else 0  # window queries to store
+        self.window = config.window if config.kv_budget else None  # None: no window queries
         self.q_cache = self.score_cache = None
         self.pending_tokens = None  # ranks 1..N-1: the last step's samples, broadcast by rank 0
         self.token_counts = TokenCounts(hf["vocab_size"], self.device)  # rows for penalties
@@ -96,7 +96,7 @@ class ModelRunner:
             seq.num_new_tokens, budget = len(seq), budget - len(seq)
             seq.block_table = [0] * seq.num_blocks
             seqs.append(seq)
-        self.execute(prefill_plan(seqs, 0))  # every rank at once; no query cache yet
+        self.execute(prefill_plan(seqs, None))  # every rank at once; no query cache yet
         self.workers.wait_on_gpu() if self.workers else torch.cuda.synchronize()
 
     def allocate_kv_cache(self):
@@ -155,11 +155,12 @@ class ModelRunner:
     ) -> Samples | None:
         """Rank 0: launch one step and the sampling of the requests that reach their last token;
         returns their samples without waiting for the GPU (None if no request samples)."""
+        if not seqs:
+            return None
         plan = (prefill_plan if is_prefill else decode_plan)(seqs, self.window)
-        if is_prefill:  # every decoding request samples (as many as the workers expect)
-            seqs = [seq for seq in seqs if seq.num_computed_tokens + seq.num_new_tokens == len(seq)]
+        seqs = [seq for seq in seqs if seq.samples_this_step]  # as many as the workers expect
         if self.workers:
-            self.workers.call(ModelRunner.step, plan)
+            self.workers.call(ModelRunner.worker_step, plan)
         try:
             logits = self.execute(plan, pending)
             if not seqs:
@@ -180,7 +181,7 @@ class ModelRunner:
         return Samples(tokens, logprobs, self.workers if self.use_cuda else None)
 
     @torch.inference_mode()
-    def step(self, plan: StepPlan):
+    def worker_step(self, plan: StepPlan):
         """Ranks 1..N-1: rank 0's step on this shard; its broadcast samples feed the next step."""
         self.execute(plan, self.pending_tokens)
         num_sampled = len(plan.input_ids if plan.sample_rows is None else plan.sample_rows)
@@ -251,8 +252,9 @@ class ModelRunner:
         ]
         if any(x != (1, 0, 0) for x in penalties):
             rows = self._count_rows(seqs, [x != (1, 0, 0) for x in penalties])
-            extra.update(token_counts=self.token_counts, rows=self.tensor(rows, torch.long),
-                         penalties=self.tensor(penalties, f32))  # fmt: skip
+            extra["token_counts"] = self.token_counts
+            extra["rows"] = self.tensor(rows, torch.long)
+            extra["penalties"] = self.tensor(penalties, f32)
         banned = [  # (row, id) before min_tokens, as vLLM: EOS and stop ids are not sampled
             (row, t)
             for row, (seq, p) in enumerate(zip(seqs, params))
@@ -272,13 +274,16 @@ class ModelRunner:
 
     def _count_rows(self, seqs: list[Sequence], penalized: list[bool]) -> list[int]:
         """Each penalized request's row of token counts (-1 for the others), made at its first
-        sample and kept across preemption; finished requests' rows are handed back first."""
-        for done in [s for s in self.count_rows if s.is_finished]:
-            self.token_counts.free_row(self.count_rows.pop(done))
+        sample and kept across preemption until the request ends (`forget`)."""
         for seq in (seq for seq, p in zip(seqs, penalized) if p and seq not in self.count_rows):
             output = [t for t in seq.completion_token_ids if t != PENDING]
             self.count_rows[seq] = self.token_counts.add_row(seq.prompt_token_ids, output)
         return [self.count_rows[seq] if p else -1 for seq, p in zip(seqs, penalized)]
+
+    def forget(self, seq: Sequence):
+        """seq has ended: its row of token counts goes back."""
+        if seq in self.count_rows:
+            self.token_counts.free_row(self.count_rows.pop(seq))
 
     @torch.inference_mode()
     def capture_cudagraphs(self):

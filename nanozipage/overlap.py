@@ -1,9 +1,11 @@
-"""The overlapped loop's bookkeeping: tokens that are sampled on the GPU but not yet read back.
+"""The engine loop's one trick, whole: step N+1 is launched before step N's tokens are read back.
 
-The engine launches step N+1 before it reads step N's tokens (`LLMEngine.step`). Planning needs
-only lengths, so a request that samples gets a `PENDING` placeholder at `launch`; step N+1 reads
-the token on the device at the row `pending_rows` names, and `InFlight.collect` fills the
-placeholders from the host copy. Everything else sees plain token ids.
+The GPU runs asynchronously, so while it runs step N the host can plan step N+1. Planning needs
+only lengths: every running request gains exactly one token per step. So a request that samples
+gets a `PENDING` placeholder (`advance`); step N+1 reads that token on the device at the row
+`pending_rows` names, and `InFlight.collect` fills the placeholders from the host copy a step
+later. Everything else sees plain token ids. `Overlap` holds the step in flight; with the
+overlapped loop off, each step is read back right after it is launched.
 """
 
 from dataclasses import dataclass
@@ -55,17 +57,40 @@ class InFlight:
         return sampled
 
 
-def launch(seqs: list[Sequence], samples: Samples | None) -> InFlight:
-    """The step is on its way to the GPU: each request advances by the tokens it was fed, and
-    one that reached its end holds a PENDING place for the token being sampled."""
-    sampling = []
-    for seq in seqs:
-        seq.num_computed_tokens += seq.num_new_tokens
-        if seq.num_computed_tokens == len(seq):
-            seq.sample_row = len(sampling)
-            sampling.append((seq, len(seq)))
-            seq.token_ids.append(PENDING)
-    return InFlight(seqs, sampling, samples)
+class Overlap:
+    """The step launched last and not yet read back (`overlap_scheduling=True`)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.in_flight: InFlight | None = None
+
+    def pending_tokens(self) -> torch.Tensor | None:
+        """The samples that the next step reads its PENDING input ids from, on the device."""
+        samples = self.in_flight and self.in_flight.samples
+        return samples.tokens if samples else None
+
+    def advance(self, seqs: list[Sequence], samples: Samples | None) -> InFlight | None:
+        """The step is on its way to the GPU: each request advances by the tokens it was fed, and
+        one that reached its end holds a PENDING place for the token being sampled. Returns the
+        step to read back now: the one before (overlapped), or this one."""
+        sampling = []
+        for seq in seqs:
+            samples_now = seq.samples_this_step
+            seq.num_computed_tokens += seq.num_new_tokens
+            if samples_now:
+                seq.sample_row = len(sampling)
+                sampling.append((seq, len(seq)))
+                seq.token_ids.append(PENDING)
+        launched = InFlight(seqs, sampling, samples) if seqs else None
+        if not self.enabled:
+            return launched
+        previous, self.in_flight = self.in_flight, launched
+        return previous
+
+    def take(self) -> InFlight | None:
+        """The step in flight, to be read back now (after a failed step)."""
+        launched, self.in_flight = self.in_flight, None
+        return launched
 
 
 def pending_rows(seqs: list[Sequence]) -> list[int] | None:

@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable
 
 from nanozipage.block_manager import BlockManager
+from nanozipage.compressor import DONE, PLANNED, Compression
 from nanozipage.config import Config
 from nanozipage.sequence import PENDING, Sequence, SequenceStatus
 from nanozipage.stop import StopConditions
@@ -21,30 +22,24 @@ class Scheduler:
     def __init__(self, config: Config, num_blocks: int, num_query_slots: int, stop: StopConditions):
         self.config, self.stop = config, stop
         self.free_query_slots = list(range(num_query_slots - 1, -1, -1))
-        self.num_compress_blocks = 0  # blocks of the compactions under way
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.last_step_was_prefill = False
-        # The last `schedule()`'s compressions, which a failed step ends (`LLMEngine._recover`)
-        self.planned: list[tuple[Sequence, list[int]]] = []
         self.num_preemptions = 0
 
     def is_finished(self) -> bool:
-        """Nothing queued, nothing running, and no compaction holding blocks (a request that
-        finished while compacting is freed when its compaction ends)."""
-        return not self.waiting and not self.running and not self.num_compress_blocks
+        return not self.waiting and not self.running
 
     def add(self, seqs: list[Sequence]):
         self.waiting.extend(seqs)
 
-    def schedule(self) -> tuple[list[Sequence], bool, list[tuple[Sequence, list[int]]]]:
-        """The requests of the next step, whether it is a prefill step, and the compressions to
-        run before it (each request with its block table before the compression)."""
+    def schedule(self) -> tuple[list[Sequence], bool, list[Compression]]:
+        """The requests of the next step, whether it is a prefill step, and the compressions
+        planned to run before it (their requests are not in this step)."""
         for seq in self.running:  # hybrid scheduling: query slots go to the queue's first requests
             if seq.query_slot < 0 and self.free_query_slots:
                 seq.query_slot = self.free_query_slots.pop()
-        self.planned = []
         prefer_decode = self.last_step_was_prefill and any(not s.in_prefill for s in self.running)
         # A decode that preempted every request it could run leaves them waiting: prefill again.
         for is_prefill in (False, True) if prefer_decode else (True, False, True):
@@ -52,7 +47,7 @@ class Scheduler:
             if seqs or compressions:
                 self.last_step_was_prefill = is_prefill
                 return seqs, is_prefill, compressions
-        return [], False, []  # every request that could run waits for a compaction or a token
+        return [], False, []  # every request that could run waits for a compression or a token
 
     def _release_query_slot(self, seq: Sequence):
         if seq.query_slot >= 0:
@@ -103,40 +98,63 @@ class Scheduler:
             and first.num_hashed_blocks < (first.num_prompt_tokens - 1) // b
         )
 
-    def _schedule_decode(self) -> tuple[list[Sequence], list]:
-        seqs, compressions = [], self.planned
+    def _schedule_decode(self) -> tuple[list[Sequence], list[Compression]]:
+        seqs, compressions = [], []
         for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING or seq.in_prefill or seq.compressing:
-                continue  # preempted by an earlier request of this loop, prefilling, compacting
+            if seq.status != SequenceStatus.RUNNING or seq.in_prefill or seq.compression:
+                continue  # preempted by an earlier request of this loop, prefilling, compressing
             if seq.num_completion_tokens == seq.sampling_params.max_tokens:
                 continue  # its last token is on its way
             seq.num_new_tokens = 1
             if self._needs_query_slot(seq):
                 continue  # waits in the running queue until a query slot frees up
             if seq.needs_compression:
-                busy = self.num_compress_blocks  # under asynchronous compression
-                if busy and busy + len(seq.block_table) > self.config.max_compress_blocks:
-                    continue  # too many blocks under compression already: wait a step
-                if self._free_blocks(self.block_manager.num_compress_fresh_blocks, seq, seqs):
-                    old_table = self.block_manager.compress(seq)
-                    compressions.append((seq, old_table))
-                    if self.config.async_compression:  # resumes in `finish_compression`
-                        seq.compressing = True
-                        self.num_compress_blocks += len(old_table)
-                    else:  # compacted before this step's forward pass, on the same stream
-                        self.block_manager.release_replaced(seq, old_table)
-                        seqs.append(seq)
+                if self._may_compress(seq, seqs):
+                    compressions.append(self._plan_compression(seq))
             elif self._free_blocks(self.block_manager.num_missing_blocks, seq, seqs):
                 self.block_manager.append_blocks(seq)
                 seqs.append(seq)
         return seqs, compressions
 
-    def finish_compression(self, seq: Sequence, old_table: list[int]):
-        self.block_manager.release_replaced(seq, old_table)
-        self.num_compress_blocks -= len(old_table)
-        seq.compressing = False
-        if seq.is_finished:  # its last token arrived while the compaction was running
+    def _may_compress(self, seq: Sequence, scheduled: list[Sequence]) -> bool:
+        """Few enough blocks are under compression (bounding the work queued at once), and the
+        fresh blocks its compression takes are free (preempting others for them if needed)."""
+        busy = sum(len(s.block_table) for s in self.running if s.compression)
+        if busy and busy + len(seq.block_table) > self.config.max_compress_blocks:
+            return False
+        return self._free_blocks(self.block_manager.num_fresh_blocks, seq, scheduled)
+
+    def _plan_compression(self, seq: Sequence) -> Compression:
+        """Record the compression on seq before the block manager takes any block for it, so
+        that a failure at any point leaves a record that gives them back (`cancel_compression`)."""
+        first = not seq.num_compressions
+        seq.compression = compression = Compression(seq, [], first, seq.query_slot)
+        self.block_manager.plan_compression(seq, compression)
+        return compression
+
+    def finish_compression(self, compression: Compression):
+        """The compression's work is done: seq reads its new blocks from the next step on."""
+        seq = compression.seq
+        if seq.compression is not compression:  # finished already, then failed before `done`
+            return
+        self.block_manager.finish_compression(seq, compression)
+        seq.num_evicted += (len(compression.old_table) - len(compression.new_table) + 1) * (
+            self.config.block_size
+        )
+        seq.num_compressions += 1
+        seq.compression = None
+        if seq.is_finished:  # its last token arrived (or it was aborted) while it was compressed
             self._free(seq)
+
+    def cancel_compression(self, compression: Compression):
+        """A failed step planned it and never launched it: nothing was written."""
+        if compression.state == PLANNED:
+            self.block_manager.cancel_compression(compression.seq, compression)
+            compression.seq.compression, compression.state = None, DONE
+
+    def recount_blocks(self):
+        """After a failed step: the blocks in use are those of the running requests' tables."""
+        self.block_manager.recount([seq.block_table for seq in self.running])
 
     def _free_blocks(self, needed: Callable, seq: Sequence, scheduled: list[Sequence]) -> bool:
         """Preempt until `needed(seq)` blocks are free; False if seq must wait (or was preempted).
@@ -145,7 +163,9 @@ class Scheduler:
         again after each preemption: a victim that shared seq's blocks leaves them to seq alone."""
         while self.block_manager.num_free_blocks < needed(seq):
             candidates = [
-                s for s in reversed(self.running) if not s.num_compressions and s not in scheduled
+                s
+                for s in reversed(self.running)
+                if not s.num_compressions and not s.compression and s not in scheduled
             ]
             if not candidates:
                 return False
@@ -181,7 +201,7 @@ class Scheduler:
         return finished
 
     def abort(self, seq: Sequence):
-        """Finish seq wherever it is; its blocks are freed (after its compaction, if one runs)."""
+        """Finish seq wherever it is; its blocks are freed (after its compression, if one runs)."""
         if not seq.is_finished:
             seq.finish_reason = "abort"
             while seq.last_token == PENDING:  # places of tokens in flight, which never come
@@ -189,9 +209,11 @@ class Scheduler:
             self._finish(seq)
 
     def _finish(self, seq: Sequence):
-        (self.running if seq.status == SequenceStatus.RUNNING else self.waiting).remove(seq)
+        for queue in (self.running, self.waiting):  # not by status: an interrupt may fall between
+            if seq in queue:
+                queue.remove(seq)
         seq.status = SequenceStatus.FINISHED
-        if not seq.compressing:  # else `finish_compression` frees it once the compaction is done
+        if not seq.compression:  # else `finish_compression` frees it once its work is done
             self._free(seq)
 
     def _free(self, seq: Sequence):

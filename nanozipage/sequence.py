@@ -4,6 +4,7 @@ from copy import copy
 from enum import Enum, auto
 from itertools import count
 
+from nanozipage.config import max_blocks
 from nanozipage.sampling_params import SamplingParams
 
 # A sampled token still on the GPU: the next step reads it there (`overlap.py`).
@@ -26,7 +27,7 @@ class Sequence:
         self.token_ids = copy(token_ids)
         self.num_prompt_tokens = len(token_ids)
         self.num_computed_tokens = 0  # tokens with K/V cached: prefix-cache hits plus prefill
-        self.num_cached_tokens = 0  # of those, served by the prefix cache
+        self.num_cached_tokens = -1  # prompt tokens the prefix cache served; -1: not yet scheduled
         self.num_new_tokens = 0  # tokens fed to the model in the step being run
         self.num_hashed_blocks = 0  # leading full blocks registered in the prefix cache
         self.sample_row = -1  # row of this request's PENDING token in its step's samples
@@ -38,7 +39,7 @@ class Sequence:
         self.num_compressions = 0
         self.peak_kv_blocks = 0  # the most KV blocks it held at once
         self.query_slot = -1  # row of the query cache holding this request's window queries
-        self.compressing = False  # an asynchronous compaction of its cache is under way
+        self.compression = None  # its `compressor.Compression` from planned until done
         self.block_table: list[int] = []
         self.sampling_params = sampling_params
         self.logprobs: list[float] = []
@@ -89,7 +90,12 @@ class Sequence:
     @property
     def max_blocks(self) -> int:
         """N_max: a request holding this many full blocks is compressed at its next token."""
-        return self.kv_budget // self.block_size + 1 if self.kv_budget else 1 << 62
+        return max_blocks(self.kv_budget, self.block_size) if self.kv_budget else 1 << 62
+
+    @property
+    def samples_this_step(self) -> bool:
+        """The step being planned feeds its last token: it ends with a sampled token."""
+        return self.num_computed_tokens + self.num_new_tokens == len(self.token_ids)
 
     @property
     def needs_compression(self) -> bool:

@@ -1,13 +1,33 @@
 """Scheduler -> here -> `ModelRunner.execute`: one step's inputs as flat host lists (`StepPlan`).
 
-Per token fed: its id, position (index in the request), cache slot (block id * block_size +
-offset of its cache index, which trails the position once compressed) and, with compression,
-its query-cache row if it is a window query; per request: context length and block table.
+Per token fed: its id, position (index in the request), KV slot (block id * block_size + offset
+of its cache index, which trails the position once compressed) and, with compression, its
+query-cache row if it is a window query; per request: context length and block table.
 """
 
-from nanozipage.context import StepPlan
+from dataclasses import dataclass
+
 from nanozipage.overlap import pending_rows
 from nanozipage.sequence import Sequence
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """One step as flat host lists, each rank's Context built from them; what rank 0 sends."""
+
+    is_prefill: bool
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]  # unpadded
+    query_rows: list[int] | None
+    sample_rows: list[int] | None = None  # rows whose logits are sampled; None: all (decode)
+    # Decode, overlapped loop: per request, its row in the samples of the step launched before
+    # when its input id is PENDING there, else -1; None when no input id is PENDING.
+    pending_rows: list[int] | None = None
+    cu_seqlens_q: list[int] | None = None  # prefill only
+    max_seqlen_q: int = 0  # prefill only
 
 
 def _slot(seq: Sequence, index: int) -> int:
@@ -24,8 +44,8 @@ def _query_row(seq: Sequence, index: int, last_block: int, window: int) -> int:
     return seq.query_slot * window + index % b - (b - window)
 
 
-def prefill_plan(seqs: list[Sequence], window: int) -> StepPlan:
-    """The next chunk of each prompt; `window` 0 when no window queries are stored."""
+def prefill_plan(seqs: list[Sequence], window: int | None) -> StepPlan:
+    """The next chunk of each prompt; `window` None when no window queries are stored."""
     input_ids, positions, slots, context_lens, sample_rows, query_rows = [], [], [], [], [], []
     cu_seqlens_q = [0]
     for seq in seqs:
@@ -38,19 +58,23 @@ def prefill_plan(seqs: list[Sequence], window: int) -> StepPlan:
             query_rows += [_query_row(seq, i, last_block, window) for i in range(start, end)]
         cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
         context_lens.append(end)
-        if end == len(seq):
+        if seq.samples_this_step:
             sample_rows.append(cu_seqlens_q[-1] - 1)
     return StepPlan(
-        True, input_ids, positions, slots, context_lens,
+        True,
+        input_ids,
+        positions,
+        slots,
+        context_lens,
         block_tables=[seq.block_table for seq in seqs],
         query_rows=query_rows or None,
         sample_rows=sample_rows,
         cu_seqlens_q=cu_seqlens_q,
         max_seqlen_q=max(seq.num_new_tokens for seq in seqs),
-    )  # fmt: skip
+    )
 
 
-def decode_plan(seqs: list[Sequence], window: int) -> StepPlan:
+def decode_plan(seqs: list[Sequence], window: int | None) -> StepPlan:
     """Each request's last token, at position len - 1 but cache index cache_len - 1; a PENDING
     one is read on the device from the previous step's samples (`overlap.py`)."""
     index = [seq.cache_len - 1 for seq in seqs]

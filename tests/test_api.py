@@ -242,7 +242,7 @@ def test_abort_frees_a_request_mid_compaction_and_the_others_finish_unchanged(co
     llm = LLM(compressed_model, **config)
     ids = [llm.add_request(p, params) for p in prompts]
     outputs = []
-    while not any(s.compressing and s.request_id == ids[1] for s in llm.scheduler.running):
+    while not any(s.compression and s.request_id == ids[1] for s in llm.scheduler.running):
         assert not llm.is_finished(), "the request never compacted"
         outputs += llm.step()[0]
     llm.abort(ids[1])

@@ -1,6 +1,7 @@
 """Compressed PagedAttention against a dense reference of the same policy (CPU, float32)."""
 
 import random
+from itertools import product
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from dense_reference import dense_generate
 from helpers import ARCHS, make_tiny_model
 
 from nanozipage import LLM, SamplingParams, compressor
+from nanozipage.policy import POLICIES
 
 BUDGET = 32  # block size 16: N_max = 3, so a request compresses at 48 cached tokens, then every 16
 
@@ -23,11 +25,11 @@ def spy_on_compression(monkeypatch) -> dict:
     kept, current, select = {}, [], compressor.select
     launch = compressor.Compressor.launch
 
-    def launch_spy(self, jobs):
-        for seq, old in jobs:  # one job at a time, so that select calls can be attributed
-            current[:] = [seq.seq_id, []]
-            launch(self, [(seq, old)])
-            kept.setdefault(seq.seq_id, []).append(torch.cat(current[1]))
+    def launch_spy(self, compressions):
+        for compression in compressions:  # one at a time, so that select calls are attributed
+            current[:] = [compression.seq.seq_id, []]
+            launch(self, [compression])
+            kept.setdefault(compression.seq.seq_id, []).append(torch.cat(current[1]))
 
     def select_spy(*args):  # outside launch: the engine's warm-up compression at start
         kept_indices = select(*args)
@@ -40,7 +42,7 @@ def spy_on_compression(monkeypatch) -> dict:
     return kept
 
 
-@pytest.mark.parametrize("batch, policy", [(1, "zipage"), (4, "zipage"), (3, "recency")])
+@pytest.mark.parametrize("batch, policy", [(1, "zipage"), (4, "zipage"), *product([3], POLICIES)])
 def test_engine_matches_dense_reference(model_dir, batch, policy, monkeypatch):
     kept = spy_on_compression(monkeypatch)
     llm = LLM(model_dir, block_size=16, kv_budget=BUDGET, window=4, num_kvcache_blocks=40,
@@ -71,9 +73,11 @@ def test_per_request_budget_matches_dense_reference(model_dir):
     assert len(ref_kept) >= 3 and out["token_ids"] == ref_tokens
 
 
-def test_first_compression_with_a_shared_prefix(model_dir):
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_first_compression_with_a_shared_prefix(model_dir, policy):
     """Two requests share cached prefix blocks; compressing one must not write into them."""
-    llm = LLM(model_dir, block_size=16, kv_budget=BUDGET, window=4, num_kvcache_blocks=40)
+    config = {"block_size": 16, "window": 4, "num_kvcache_blocks": 40, "policy": policy}
+    llm = LLM(model_dir, kv_budget=BUDGET, **config)
     shared = [(7 * i) % 256 for i in range(40)]
     prompts = [shared + [1, 2, 3], shared + [4, 5]]
     llm.generate([shared + [9]], SamplingParams(max_tokens=1), use_tqdm=False)  # cache the prefix
@@ -110,9 +114,11 @@ def test_stress_tiny_pool_every_request_finishes(model_dir, kv_budget):
     assert llm.scheduler.block_manager.num_free_blocks == llm.model_runner.num_blocks
 
 
-def test_smollm2_matches_dense_reference(smollm2_path, monkeypatch):
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_smollm2_matches_dense_reference(smollm2_path, policy, monkeypatch):
     kept = spy_on_compression(monkeypatch)
-    llm = LLM(smollm2_path, block_size=16, kv_budget=48, window=8, num_kvcache_blocks=64)
+    config = {"block_size": 16, "window": 8, "num_kvcache_blocks": 64, "policy": policy}
+    llm = LLM(smollm2_path, kv_budget=48, **config)
     chats = ["Count from one to forty in words.", "Tell me a long story about a cat."]
     prompts = [
         llm.tokenizer.apply_chat_template(
@@ -228,13 +234,14 @@ def test_samples_preempted_at_a_compression_compute_its_window_queries_again(mod
 
 
 def test_the_engine_compresses_once_at_start_up(model_dir, monkeypatch):
-    """On the GPU, a process's first compression took 3.6-4.1 s on an H200 (compiling and first
-    uses), with every request waiting, when it came mid-run. The engine runs one of N_max blocks (first and later)
-    as it starts; the dense-reference tests above, on the GPU, show it leaves no trace. On the
-    CPU there is nothing to compile, and a real model's warm-up would cost seconds and a GB."""
+    """On the GPU, a process's first compression takes seconds (compiling and first uses); mid-run
+    every request would wait for it (BENCHMARKS.md). The engine runs one of N_max blocks (first
+    and later) as it starts; the dense-reference tests above, on the GPU, show it leaves no
+    trace. On the CPU there is nothing to compile, and a real model's warm-up would cost
+    seconds and a GB."""
     runs = []
-    monkeypatch.setattr(compressor.Compressor, "run", lambda self, plans: runs.extend(plans))
+    monkeypatch.setattr(compressor.Compressor, "run", lambda self, c: runs.append(c))
     LLM(model_dir, block_size=16, kv_budget=BUDGET, window=4, num_kvcache_blocks=40)
     LLM(model_dir, block_size=16, kv_budget=None, num_kvcache_blocks=40)  # full KV: none
     blocks = [(len(plan.old_table), len(plan.new_table), plan.first) for plan in runs]
-    assert blocks == ([(3, 2, True), (3, 2, False)] if torch.cuda.is_available() else [])
+    assert blocks == ([(3, 3, True), (3, 3, False)] if torch.cuda.is_available() else [])

@@ -19,14 +19,14 @@ from interpreter import (
     runs_kernels,
 )
 
-from nanozipage.kernels.compact import compact_ref, compact_triton
+from nanozipage.kernels.move_kept import move_kept_ref, move_kept_triton
 from nanozipage.kernels.redundancy import redundancy_sums_ref, redundancy_sums_triton
 from nanozipage.kernels.window_score import window_scores_ref, window_scores_triton
 
 NUM_BLOCKS = 40 if ON_GPU else 3  # cached blocks per request
 WINDOW_TILES = {} if ON_GPU else {"block_n": 16}
 REDUNDANCY_TILES = {} if ON_GPU else {"block_m": 16}
-COMPACT_TILES = {} if ON_GPU else {"block_t": 16}
+MOVE_KEPT_TILES = {} if ON_GPU else {"block_t": 16}
 # Kernel and reference both sum exact products of the same inputs in float32 (dot_precision keeps
 # float32 dots out of tf32): they differ only in the order of the sums.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
@@ -146,7 +146,7 @@ def table_pairs(num_blocks):
         [8, 16, 32], ["prefix", "shuffled_subset", "reversed", "fresh"], [torch.int32, torch.int64]
     ),
 )
-def test_compact_moves_kept_tokens_into_new_blocks_even_over_their_sources(
+def test_move_kept_writes_kept_tokens_into_new_blocks_even_over_their_sources(
     dtype, entry, block_size, tables, table_dtype
 ):
     num_layers, num_kv_heads, num_blocks = 2, 3, 10
@@ -158,10 +158,10 @@ def test_compact_moves_kept_tokens_into_new_blocks_even_over_their_sources(
     kept = scores.topk(keep).indices.sort(-1).values
     original = cache.clone()
 
-    compact_triton(cache, old_blocks, new_blocks, kept, **COMPACT_TILES)
+    move_kept_triton(cache, old_blocks, new_blocks, kept, **MOVE_KEPT_TILES)
 
     expected = original.clone()
-    compact_ref(expected, old_blocks, new_blocks, kept)
+    move_kept_ref(expected, old_blocks, new_blocks, kept)
     assert torch.equal(cache, expected)
     untouched = torch.ones(num_blocks, dtype=torch.bool, device=DEVICE)
     untouched[new_blocks.long()] = False

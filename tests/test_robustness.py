@@ -6,7 +6,9 @@ launch, compaction finish), in the plain and the overlapped loop, with asynchron
 call that fails raises; the next call gives what a fresh engine gives and no block leaks.
 """
 
+import os
 import random
+import sys
 
 import pytest
 import torch
@@ -71,7 +73,7 @@ def assert_clean(llm: LLM):
     """Nothing queued, running, compacting or unclaimed, and every block free. (The overlapped
     loop may still hold a launched step of aborted requests: the next step drops its tokens.)"""
     assert llm.scheduler.is_finished() and not llm.unclaimed
-    assert not llm.model_runner.compressor.under_way
+    assert not llm.model_runner.compressor.running
     assert llm.scheduler.block_manager.num_free_blocks == llm.model_runner.num_blocks
 
 
@@ -90,8 +92,8 @@ def test_a_step_failing_at_any_stage_leaves_the_engine_usable(
     llm = LLM(model_dir, **CONFIG, overlap_scheduling=overlap, async_compression=True)
     compressor = llm.model_runner.compressor
     counts = {
-        "poll": lambda: compressor.under_way,  # a poll with work
-        "_free_blocks": lambda: any(seq.compressing for seq in llm.scheduler.running),
+        "poll": lambda: compressor.running,  # a poll with work
+        "_free_blocks": lambda: any(seq.compression for seq in llm.scheduler.running),
     }.get(stage)
     fail_on_call(monkeypatch, stage_owner(llm, stage), stage, k, counts=counts)
     with pytest.raises(Injected):
@@ -165,7 +167,7 @@ def test_a_step_failing_at_any_stage_under_tensor_parallelism_keeps_the_ranks_in
         before = [o["token_ids"] for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
         compressor = llm.model_runner.compressor
         for stage, k in STAGES:
-            counts = (lambda: compressor.under_way) if stage == "poll" else None
+            counts = (lambda: compressor.running) if stage == "poll" else None
             fail_on_call(monkeypatch, stage_owner(llm, stage), stage, k, counts=counts)
             with pytest.raises(Injected):
                 llm.generate(PROMPTS, PARAMS, use_tqdm=False)
@@ -174,3 +176,44 @@ def test_a_step_failing_at_any_stage_under_tensor_parallelism_keeps_the_ranks_in
             assert [o["token_ids"] for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)] == before
             assert_clean(llm)
         assert llm.model_runner.workers.processes[0].is_alive()
+
+
+def interrupt_at_line(k: int):
+    """Trace the engine's own Python lines and raise KeyboardInterrupt at the k-th one, as a
+    Ctrl-C landing there would (a trace function that raises is switched off: once only)."""
+    lines = [0]
+
+    def local(frame, event, arg):
+        if event == "line":
+            lines[0] += 1
+            if lines[0] == k:
+                raise KeyboardInterrupt(f"at {frame.f_code.co_filename}:{frame.f_lineno}")
+        return local
+
+    def on_call(frame, event, arg):
+        return local if "/nanozipage/" in frame.f_code.co_filename else None
+
+    sys.settrace(on_call)
+    return lines
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
+def test_a_ctrl_c_at_any_line_of_the_engine_leaves_it_usable(model_dir, fresh, overlap):
+    """A Ctrl-C landing on any line the engine runs during a compressing `generate` (sampled
+    evenly over all of them): `generate` raises KeyboardInterrupt, no block leaks or is freed
+    twice, and the next call gives what a fresh engine gives."""
+    llm = LLM(model_dir, **CONFIG, overlap_scheduling=overlap)
+    lines = interrupt_at_line(0)
+    llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    sys.settrace(None)
+    for k in range(1, lines[0], lines[0] // int(os.environ.get("CTRL_C_POINTS", 25))):
+        interrupt_at_line(k)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+        finally:
+            sys.settrace(None)
+        assert_clean(llm)
+        free = llm.scheduler.block_manager.free_block_ids
+        assert len(set(free)) == len(free) == llm.model_runner.num_blocks
+        assert [o["token_ids"] for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)] == fresh

@@ -71,9 +71,11 @@ def test_samples_share_the_prompts_full_blocks_which_are_prefilled_once(
 
 @pytest.mark.parametrize("config", [FULL_KV, COMPRESSED], ids=["full KV", "compressed"])
 def test_greedy_samples_are_equal_and_equal_a_single_request(model_dir, monkeypatch, config):
-    compressions, compress = [], BlockManager.compress
+    compressions, plan = [], BlockManager.plan_compression
     monkeypatch.setattr(
-        BlockManager, "compress", lambda self, seq: compressions.append(seq) or compress(self, seq)
+        BlockManager,
+        "plan_compression",
+        lambda self, seq, compression: compressions.append(seq) or plan(self, seq, compression),
     )
     params = replace(GREEDY, max_tokens=60)
     single = LLM(model_dir, **config).generate(PROMPT, params, use_tqdm=False)
@@ -82,7 +84,7 @@ def test_greedy_samples_are_equal_and_equal_a_single_request(model_dir, monkeypa
     assert tokens(outputs) == tokens(single) * 2
     assert [o["index"] for o in outputs] == [0, 1]
     assert outputs[0]["request_id"] == outputs[1]["request_id"]
-    if config is COMPRESSED:  # every sample compacts its own blocks, none of the shared ones
+    if config is COMPRESSED:  # every sample compresses its own blocks, none of the shared ones
         assert len(set(map(id, compressions))) == 3 and len(compressions) >= 9
     assert_no_leak(llm)
 

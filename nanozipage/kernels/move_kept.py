@@ -16,7 +16,7 @@ from nanozipage.kernels.prefill_attention import uses_triton
 
 
 @triton.jit
-def _compact_kernel(
+def _move_kept_kernel(
     cache, dense, block_table, kept, num_kept, num_kv_heads, block_size,
     stride_cg, stride_cb, stride_ch, stride_kg, stride_kh,
     GATHER: tl.constexpr, ROW: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -41,7 +41,7 @@ def _compact_kernel(
     tl.store(dst, tl.load(src, mask=mask[:, None]), mask=mask[:, None])
 
 
-def compact_triton(cache, old_blocks, new_blocks, kept, *, block_t=64):
+def move_kept_triton(cache, old_blocks, new_blocks, kept, *, block_t=64):
     num_layers, _, num_kv_heads, block_size = cache.shape[:4]
     row = math.prod(cache.shape[4:])  # head_dim for K/V, 1 for the scores
     num_kept = kept.shape[-1]
@@ -56,14 +56,14 @@ def compact_triton(cache, old_blocks, new_blocks, kept, *, block_t=64):
     dense = cache.new_empty((num_layers, num_kv_heads, num_kept, row))
     grid = (triton.cdiv(num_kept, block_t), num_kv_heads, num_layers)
     for gather, block_table in ((True, old_blocks), (False, new_blocks)):
-        _compact_kernel[grid](
+        _move_kept_kernel[grid](
             cache, dense, block_table, kept, num_kept, num_kv_heads, block_size,
             cache.stride(0), cache.stride(1), cache.stride(2), kept.stride(0), kept.stride(1),
             GATHER=gather, ROW=row, BLOCK_T=block_t,
         )  # fmt: skip
 
 
-def compact_ref(cache, old_blocks, new_blocks, kept):
+def move_kept_ref(cache, old_blocks, new_blocks, kept):
     block_size = cache.shape[3]
     dense = cache[:, old_blocks.long()].transpose(1, 2).flatten(2, 3)  # [G, kvh, T, *rest]
     index = kept.view(*kept.shape, *[1] * (dense.dim() - 3)).expand(*kept.shape, *dense.shape[3:])
@@ -71,7 +71,7 @@ def compact_ref(cache, old_blocks, new_blocks, kept):
     cache[:, new_blocks.long()] = kept_values.transpose(1, 2)
 
 
-def compact(
+def move_kept(
     cache: torch.Tensor, old_blocks: torch.Tensor, new_blocks: torch.Tensor, kept: torch.Tensor
 ) -> None:
     """In a group of layers' cache `[G, num_blocks, kv_heads, block_size, *rest]` (rest is
@@ -79,4 +79,4 @@ def compact(
     dense scores), write old token `kept[g, h, j]` (an index into the tokens of the `old_blocks`
     table) to slot j of the `new_blocks` table, which may reuse old block ids. Blocks outside
     `new_blocks` keep their contents."""
-    (compact_triton if uses_triton(cache) else compact_ref)(cache, old_blocks, new_blocks, kept)
+    (move_kept_triton if uses_triton(cache) else move_kept_ref)(cache, old_blocks, new_blocks, kept)
