@@ -9,8 +9,9 @@ Workloads (--workload, for throughput):
                   the KV pool capped at 256 blocks of 256 tokens
 The defaults are sized for a GPU (Qwen3-0.6B's shape, random weights). On a CPU they shrink to
 run in minutes: SmolLM2-135M's shape, kv_budget 128, and workloads in blocks of 16 tokens,
-nano as 16 requests of 6-64 tokens in and out, r1 as 8 requests with outputs of 256-512 tokens
-in a pool of 64 blocks (CPU_WORKLOADS); each option's help gives its CPU default.
+nano as 16 requests of 12-128 tokens in and out (so that about half of them pass the budget and
+are compressed), r1 as 8 requests with outputs of 256-512 tokens in a pool of 64 blocks
+(CPU_WORKLOADS); each option's help gives its CPU default.
 
 throughput (default) runs a workload in full-KV mode, in zipage mode (Compressed
 PagedAttention, once for each budget of --kv-budget), or both in one process, and reports for
@@ -30,10 +31,12 @@ compress-cost: GPU time of one compression of one request against one decode ste
 requests, and that step's time after a synchronous or beside an asynchronous compression.
 Roofline: each step's bound is its bytes (weights, and the K/V of its batch) at the copy
 bandwidth or its FLOPs at the matmul rate, whichever takes longer (`step_cost`), both measured
-here at start (`device_rates`; times --tensor-parallel-size); off the GPU they are None.
+here at start (`device_rates`; times --tensor-parallel-size); off the GPU there is no
+roofline, and its columns are left out.
 With no --model, --model-shape (default qwen3-0.6b; smollm2-135m on a CPU) writes only the
 architecture's config.json to a cache folder and the engine makes random weights on the device
-(load_format="dummy"), so that the benchmark needs no download. Prints a table, then one JSON line.
+(load_format="dummy"), so that the benchmark needs no download. Prints one table (a column per
+mode or shape), and with --json one JSON line after it.
 """
 
 import argparse
@@ -177,10 +180,12 @@ WORKLOADS = {
     "nano": (256, (100, 1024), (100, 1024), {}),  # nano-vllm's published benchmark
     "r1": (32, (128, 512), (8192, 16384), {"num_kvcache_blocks": 256, "block_size": 256}),
 }
-# Off the GPU, at 1/16 of the lengths and of kv_budget, in blocks of 16 tokens, with fewer
-# requests; r1's pool still holds kv_budget tokens per request, as on the GPU.
+# Off the GPU, at 1/16 of kv_budget, in blocks of 16 tokens, with fewer requests. r1 at 1/16 of
+# its lengths, its pool still holding kv_budget tokens per request, as on the GPU. nano at 1/8
+# of its lengths: at 1/16 no request would pass N_max blocks, and zipage would be timed without
+# a compression.
 CPU_WORKLOADS = {
-    "nano": (16, (6, 64), (6, 64), {"block_size": 16}),
+    "nano": (16, (12, 128), (12, 128), {"block_size": 16}),
     "r1": (8, (8, 32), (256, 512), {"num_kvcache_blocks": 64, "block_size": 16}),
 }
 
@@ -229,15 +234,19 @@ def run(llm: LLM, prompts, params, rates: tuple[float, float] | None, label: str
     del compressor.run
     del runner.run
     batches = [b for _, b in timeline]
-    bound = sum(bound_seconds(llm, steps, rates)) if rates else None
-    return {"output_tokens": output_tokens, "seconds": elapsed,
-            "tok_per_s": output_tokens / elapsed,
-            "bound_tok_s": output_tokens / bound if bound else None,
-            "of_bound": bound / elapsed if bound else None, "peak_running": max(batches),
-            "mean_running": sum(batches) / len(batches),
-            "preemptions": llm.scheduler.num_preemptions, "compressions": len(spans),
-            "compress_share": sum(span.seconds() for span in spans) / elapsed,
-            "timeline": timeline}  # fmt: skip
+    result = {"output_tokens": output_tokens, "seconds": elapsed}
+    result["tok_per_s"] = output_tokens / elapsed
+    if rates:  # the roofline, on the GPU
+        bound = sum(bound_seconds(llm, steps, rates))
+        result |= {"bound_tok_s": output_tokens / bound, "of_bound": bound / elapsed}
+    return result | {
+        "peak_running": max(batches),
+        "mean_running": sum(batches) / len(batches),
+        "preemptions": llm.scheduler.num_preemptions,
+        "compressions": len(spans),
+        "compress_share": sum(span.seconds() for span in spans) / elapsed,
+        "timeline": timeline,
+    }
 
 
 class Timer:
@@ -274,17 +283,22 @@ def throughput(model: str, args) -> dict:
         with open(os.path.join(model, "config.json")) as f:
             vocab = json.load(f)["vocab_size"]
         prompts, params, config = workload(args.workload, args.seed, vocab)
-        llm = LLM(model, enforce_eager=args.enforce_eager, kv_budget=kv_budget,
-                  async_compression=not args.sync_compression, **args.engine, **config)  # fmt: skip
+        llm = LLM(
+            model,
+            enforce_eager=args.enforce_eager,
+            kv_budget=kv_budget,
+            async_compression=not args.sync_compression,
+            **args.engine,
+            **config,
+        )
         # Warm-up: compile the kernels, and with compression run one compression too.
         warm = (kv_budget or 0) + 2 * llm.config.block_size
-        llm.generate(prompts[:4], [replace(p, max_tokens=min(p.max_tokens, warm)) for p in params[:4]],
-                     use_tqdm=False)  # fmt: skip
+        warm_params = [replace(p, max_tokens=min(p.max_tokens, warm)) for p in params[:4]]
+        llm.generate(prompts[:4], warm_params, use_tqdm=False)
         llm.scheduler.num_preemptions = 0
         results[mode] = run(llm, prompts, params, args.rates, mode)
         results[mode]["kv_blocks"] = llm.model_runner.num_blocks
         results[mode]["query_slots"] = llm.model_runner.num_query_slots
-        print(mode, {k: v for k, v in results[mode].items() if k != "timeline"}, flush=True)
         llm.close()  # a tensor-parallel engine's workers end now, not when it is collected
         del llm
         gc.collect()
@@ -293,7 +307,7 @@ def throughput(model: str, args) -> dict:
         for mode, kv_budget in modes.items():
             if kv_budget:
                 ratio = results[mode]["tok_per_s"] / results["full"]["tok_per_s"]
-                results[f"ratio-{kv_budget}"] = ratio
+                results[mode]["ratio_to_full"] = ratio
     if args.plot:
         plot(results, list(modes), args.plot)
     return results
@@ -439,9 +453,7 @@ def decode_step(model: str, args) -> dict:
         wall = median_seconds(llm.step, steps)
         del runner.run
         gpu = decode_gpu_seconds(llm)
-        bound = (
-            sorted(bound_seconds(llm, steps_run, args.rates))[steps // 2] if args.rates else None
-        )
+        bound = sorted(bound_seconds(llm, steps_run, args.rates))[steps // 2] if args.rates else 0
         set_eager(runner, True)
         for _ in range(3):
             llm.step()
@@ -450,13 +462,13 @@ def decode_step(model: str, args) -> dict:
         assert len(llm.scheduler.running) == batch, "a request finished while being measured"
         name = f"batch{batch}_context{context}"
         results[name] = {
-            "wall_ms": 1000 * wall, ("gpu_ms" if ON_GPU else "cpu_ms"): 1000 * gpu,
+            "wall_ms": 1000 * wall,
+            ("gpu_ms" if ON_GPU else "cpu_ms"): 1000 * gpu,
             "host_ms_not_hidden": 1000 * max(0.0, wall - gpu),
-            "bound_ms": 1000 * bound if bound else None,
-            "of_bound": bound / wall if bound else None, "eager_wall_ms": 1000 * eager,
-            **phases,
-        }  # fmt: skip
-        print(name, results[name], flush=True)
+        }
+        if bound:  # the roofline, on the GPU
+            results[name] |= {"bound_ms": 1000 * bound, "of_bound": bound / wall}
+        results[name] |= {"eager_wall_ms": 1000 * eager, **phases}
         llm.close()  # a tensor-parallel engine's workers end now, not when it is collected
         del llm
         gc.collect()
@@ -617,6 +629,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--plot", metavar="PNG", help="throughput: plot running requests over time (matplotlib)"
     )
+    parser.add_argument("--json", action="store_true", help="after the table, the figures as JSON")
     return parser
 
 
@@ -636,25 +649,42 @@ def main():
         "task": args.task,
         "model": args.model or f"{shape} (random weights)",
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "copy_TB_s": args.rates[0] / 1e12 if args.rates else None,
-        "matmul_TFLOP_s": args.rates[1] / 1e12 if args.rates else None,
     }
-    if args.rates is None:
-        print("roofline: unavailable off the GPU, bound_tok_s, bound_ms and of_bound are None")
+    if args.rates:  # the roofline's rates; off the GPU there is none
+        result |= {"copy_TB_s": args.rates[0] / 1e12, "matmul_TFLOP_s": args.rates[1] / 1e12}
     tasks = {"throughput": throughput, "decode-step": decode_step, "compress-cost": compress_cost}
     result.update(tasks[args.task](model, args))
-    width = max(len(key) for key in result)
-    for key, value in result.items():
-        if isinstance(value, dict):  # one mode's figures
-            value = {k: v for k, v in value.items() if k != "timeline"}
-            value = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                              for k, v in value.items())  # fmt: skip
-        value = f"{value:.3f}" if isinstance(value, float) else value
-        print(f"{key:>{width}} | {value}")
     for value in result.values():
         if isinstance(value, dict):
             value.pop("timeline", None)
-    print(json.dumps(result))
+    print_table(result)
+    if args.json:
+        print(json.dumps(result))
+
+
+def print_table(result: dict):
+    """The run's settings on one line, then a table: a row per figure, a column per mode (or
+    decode shape); a task without modes (compress-cost) has one column of its figures."""
+    settings = {key: value for key, value in result.items() if key in SETTINGS}
+    print(", ".join(f"{key}: {show(value)}" for key, value in settings.items()))
+    columns = {key: value for key, value in result.items() if isinstance(value, dict)}
+    if not columns:
+        columns = {"": {k: v for k, v in result.items() if k not in SETTINGS}}
+    names = list(dict.fromkeys(name for figures in columns.values() for name in figures))
+    rows = [["", *columns]]
+    rows += [
+        [name, *(show(figures.get(name, "")) for figures in columns.values())] for name in names
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(row[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(row[1:], widths[1:])))
+
+
+SETTINGS = ["task", "model", "device", "copy_TB_s", "matmul_TFLOP_s"]
+
+
+def show(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,15 @@ from bench import CPU_WORKLOADS, QWEN3_0_6B, WORKLOADS, make_parser, step_cost
 
 # hidden 4, one layer, 2 query heads of dim 2, 1 KV head, MLP 8, vocab 10. Matmul weights of the
 # layer: q 4x4, k 4x2, v 4x2, o 4x4, gate/up/down 4x8 each = 16+8+8+16+96 = 144; lm_head 40.
-TINY = {"hidden_size": 4, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 1, "head_dim": 2, "intermediate_size": 8, "vocab_size": 10}  # fmt: skip
+TINY = {
+    "hidden_size": 4,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 2,
+    "intermediate_size": 8,
+    "vocab_size": 10,
+}
 
 
 def test_decode_step_reads_weights_once_and_every_cached_kv_of_the_batch():
@@ -75,8 +82,17 @@ def test_every_task_runs_on_the_cpu(args, ranks, tmp_path):
     env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     if ranks == "2":  # the CPU's default shape has 9 heads: a tiny model that two ranks split
         args = [*args, "--tensor-parallel-size", "2", "--model", make_tiny_model("qwen3", tmp_path)]
-    run = subprocess.run([sys.executable, os.path.join(repo, "bench.py"), *args], env=env,
-                         capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    command = [sys.executable, os.path.join(repo, "bench.py"), *args, "--json"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.splitlines()[-1])
     assert result["task"] == args[1] and result["device"] == "cpu"
+    assert "None" not in run.stdout  # nothing a CPU cannot measure
+    if args[1] == "throughput" and ranks == "1":  # the default workload reaches compression
+        assert result["zipage-128"]["compressions"] > 0
+
+
+def test_the_cpu_nano_workload_passes_the_default_budget():
+    _, (_, prompt), (_, output), config = CPU_WORKLOADS["nano"]
+    n_max = 128 // config["block_size"] + 1
+    assert prompt + output > n_max * config["block_size"]
