@@ -9,6 +9,7 @@ call that fails raises; the next call gives what a fresh engine gives and no blo
 import os
 import random
 import sys
+import threading
 
 import pytest
 import torch
@@ -57,6 +58,13 @@ def fail_on_call(monkeypatch, owner, name: str, k: int, error=Injected, counts=N
     monkeypatch.setattr(owner, name, failing)
 
 
+def called_from(function: str) -> bool:
+    frame = sys._getframe()
+    while frame and frame.f_code.co_name != function:
+        frame = frame.f_back
+    return frame is not None
+
+
 def stage_owner(llm: LLM, stage: str):
     return {
         "schedule": llm.scheduler,
@@ -66,6 +74,10 @@ def stage_owner(llm: LLM, stage: str):
         "poll": llm.model_runner.compressor,
         "finish_compression": llm.scheduler,
         "_free_blocks": llm.scheduler,
+        "plan_compression": llm.scheduler.block_manager,
+        "_uncache": llm.scheduler.block_manager,
+        "_release": llm.scheduler.block_manager,
+        "done": llm.model_runner.compressor,
     }[stage]
 
 
@@ -77,11 +89,31 @@ def assert_clean(llm: LLM):
     assert llm.scheduler.block_manager.num_free_blocks == llm.model_runner.num_blocks
 
 
-# A failure in `Scheduler.finish_compression` loses the other jobs of that poll: they stay
-# "compressing" with their old blocks held for good (the engine never finishes again).
-# `_free_blocks` fails inside `schedule`, after it planned a compression that never launches.
-STAGES = [("schedule", 6), ("run", 6), ("sample", 4), ("launch", 2), ("poll", 2),
-          ("finish_compression", 2), ("_free_blocks", 1)]  # fmt: skip
+# `finish_compression` fails on the second poll with work (a failure there must neither lose the
+# compressions polled with it nor free a block twice when retried), `_free_blocks` inside
+# `schedule` after it planned a compression that never launches, `plan_compression` and
+# `_uncache` while a compression is being planned (after it took a block: its record must give
+# back what it took), `_release` while a compression frees the old blocks, `done` after a compression
+# switched its table.
+STAGES = [
+    ("schedule", 6),
+    ("run", 6),
+    ("sample", 4),
+    ("launch", 2),
+    ("poll", 2),
+    ("finish_compression", 2),
+    ("_free_blocks", 1),
+    ("plan_compression", 2),
+    ("_uncache", 2),
+    ("_release", 1),
+    ("done", 1),
+]
+COUNTS = {  # which calls count towards k: those made while a compression is under way
+    "poll": lambda llm: llm.model_runner.compressor.running,
+    "_free_blocks": lambda llm: any(seq.compression for seq in llm.scheduler.running),
+    "_uncache": lambda llm: called_from("plan_compression"),
+    "_release": lambda llm: llm.model_runner.compressor.running,
+}
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
@@ -90,12 +122,10 @@ def test_a_step_failing_at_any_stage_leaves_the_engine_usable(
     model_dir, fresh, monkeypatch, stage, k, overlap
 ):
     llm = LLM(model_dir, **CONFIG, overlap_scheduling=overlap, async_compression=True)
-    compressor = llm.model_runner.compressor
-    counts = {
-        "poll": lambda: compressor.running,  # a poll with work
-        "_free_blocks": lambda: any(seq.compression for seq in llm.scheduler.running),
-    }.get(stage)
-    fail_on_call(monkeypatch, stage_owner(llm, stage), stage, k, counts=counts)
+    counts = COUNTS.get(stage)
+    fail_on_call(
+        monkeypatch, stage_owner(llm, stage), stage, k, counts=counts and (lambda: counts(llm))
+    )
     with pytest.raises(Injected):
         llm.generate(PROMPTS, PARAMS, use_tqdm=False)
     assert_clean(llm)  # the failed call's own requests are aborted, and return nothing
@@ -165,9 +195,9 @@ def test_a_step_failing_at_any_stage_under_tensor_parallelism_keeps_the_ranks_in
     failure while rank 0 samples still sends the worker that step's samples)."""
     with LLM(model_dir, **CONFIG, tensor_parallel_size=2) as llm:
         before = [o["token_ids"] for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
-        compressor = llm.model_runner.compressor
         for stage, k in STAGES:
-            counts = (lambda: compressor.running) if stage == "poll" else None
+            counts = COUNTS.get(stage)
+            counts = counts and (lambda: counts(llm))  # noqa: B023 (used in this iteration)
             fail_on_call(monkeypatch, stage_owner(llm, stage), stage, k, counts=counts)
             with pytest.raises(Injected):
                 llm.generate(PROMPTS, PARAMS, use_tqdm=False)
@@ -206,7 +236,7 @@ def test_a_ctrl_c_at_any_line_of_the_engine_leaves_it_usable(model_dir, fresh, o
     lines = interrupt_at_line(0)
     llm.generate(PROMPTS, PARAMS, use_tqdm=False)
     sys.settrace(None)
-    for k in range(1, lines[0], lines[0] // int(os.environ.get("CTRL_C_POINTS", 25))):
+    for k in range(1, lines[0], lines[0] // int(os.environ.get("CTRL_C_POINTS", "25"))):
         interrupt_at_line(k)
         try:
             with pytest.raises(KeyboardInterrupt):
@@ -217,3 +247,50 @@ def test_a_ctrl_c_at_any_line_of_the_engine_leaves_it_usable(model_dir, fresh, o
         free = llm.scheduler.block_manager.free_block_ids
         assert len(set(free)) == len(free) == llm.model_runner.num_blocks
         assert [o["token_ids"] for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)] == fresh
+
+
+def test_a_second_thread_gets_a_clear_error_and_the_first_its_tokens(model_dir, fresh):
+    """The engine's state is not thread-safe: while one thread is inside `generate`, another
+    thread's call raises at once, before it touches anything, and the first call is unharmed."""
+    llm = LLM(model_dir, **CONFIG)
+    inside, go_on, results = threading.Event(), threading.Event(), {}
+    run = llm.model_runner.run
+
+    def slow_run(*args):
+        inside.set()
+        go_on.wait(timeout=60)
+        return run(*args)
+
+    llm.model_runner.run = slow_run
+    first = threading.Thread(target=lambda: results.update(a=llm.generate(PROMPTS, PARAMS)))
+    first.start()
+    assert inside.wait(timeout=60)
+    for call in (lambda: llm.generate(PROMPTS, PARAMS), lambda: llm.step()):
+        with pytest.raises(RuntimeError, match="another thread is using this LLM"):
+            call()
+    go_on.set()
+    first.join(timeout=120)
+    assert [o["token_ids"] for o in results["a"]] == fresh
+    assert_clean(llm)
+
+
+def test_num_cached_tokens_counts_the_prompt_once_also_after_preemptions(model_dir):
+    """Set when a request is first scheduled: a recompute after preemption finds its own blocks
+    in the prefix cache, which are not the prompt's cache hits."""
+    llm = LLM(model_dir, block_size=8, kv_budget=None, num_kvcache_blocks=10)
+    prompts = [prompt[:5] for prompt in PROMPTS]  # 35 tokens in all: 5 of the 10 blocks each
+    outputs = llm.generate(prompts, PARAMS, use_tqdm=False)
+    assert llm.scheduler.num_preemptions > 0
+    assert [o["num_cached_tokens"] for o in outputs] == [0] * len(prompts)
+
+
+def test_a_finished_request_gives_back_its_penalty_counts_row(model_dir):
+    llm = LLM(model_dir, **CONFIG)
+    penalized = SamplingParams(temperature=0, max_tokens=8, repetition_penalty=1.2)
+    llm.generate(PROMPTS, penalized, use_tqdm=False)
+    assert not llm.model_runner.count_rows
+    added = llm.add_request(PROMPTS[0], penalized)
+    llm.step()
+    llm.step()
+    llm.abort(added)
+    assert not llm.model_runner.count_rows
