@@ -7,10 +7,8 @@ layer's `weight_loader`, which also packs q/k/v into one matrix and gate/up into
 Tensor parallelism splits every layer the usual way: q/k/v and gate/up by output rows
 (column-parallel, whole heads per rank), o_proj and down_proj by input columns (row-parallel, one
 all-reduce each), embedding and LM head by vocabulary. Each layer is told its `rank` of `ranks`
-(the process group is `parallel.py`'s); with one rank they are plain linears.
-"""
+(the process group is `parallel.py`'s); with one rank they are plain linears."""
 
-import functools
 import glob
 import math
 import os
@@ -27,27 +25,18 @@ from nanozipage.kernels import decode_attention, prefill_attention, rope_store_k
 
 
 def fused_on_gpu(fn):
-    """On the GPU, torch.compile fuses a chain of elementwise ops into one kernel (unfused, a
-    decode step launches about 60 tiny kernels per layer); the CPU runs the chain as written."""
+    """On the GPU, torch.compile fuses a chain of elementwise ops into one kernel (unfused, each
+    op is a kernel launch per layer and step); the CPU runs the chain as written."""
     compiled = torch.compile(fn, dynamic=True)
-
-    @functools.wraps(fn)
-    def dispatch(x: torch.Tensor, *args):
-        return compiled(x, *args) if x.is_cuda else fn(x, *args)
-
-    return dispatch
-
-
-@fused_on_gpu
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype, x = x.dtype, x.float()
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    return lambda x, *args: (compiled if x.is_cuda else fn)(x, *args)
 
 
 @fused_on_gpu
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """x + residual -> (normalised, the next residual)."""
     x = x + residual
-    return rms_norm.__wrapped__(x, weight, eps), x
+    y = x.float()
+    return weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype), x
 
 
 @fused_on_gpu
@@ -62,11 +51,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None):
-        """Normalise x + residual (x alone in the first layer) -> (normalised, the sum), the sum
-        being the next residual."""
-        if residual is None:
-            return rms_norm(x, self.weight, self.eps), x
+    def forward(self, x: torch.Tensor, residual: torch.Tensor):
         return add_rms_norm(x, residual, self.weight, self.eps)
 
 
@@ -93,8 +78,8 @@ class Rotary(nn.Module):
 
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's rows split over the ranks: each rank computes its slice of y, with
-    no communication. W stacks checkpoint matrices (q|k|v, gate|up), each split evenly, so that
-    a rank holds its share of each: its heads of q, k and v, its features of gate and up."""
+    no communication. W stacks checkpoint matrices (q|k|v, gate|up), each split evenly: a rank
+    holds its heads of q, k and v, its features of gate and up."""
 
     def __init__(self, in_features: int, shards: list[int], bias: bool, rank: int, ranks: int):
         super().__init__()
@@ -104,7 +89,6 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(sum(self.sizes))) if bias else None
 
     def weight_loader(self, param: nn.Parameter, tensor, shard: int):
-        """tensor: a safetensors slice, of which only this rank's rows are read."""
         start, size = sum(self.sizes[:shard]), self.sizes[shard]
         param[start : start + size].copy_(tensor[self.rank * size : (self.rank + 1) * size])
 
@@ -199,22 +183,17 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = self.q_cache = torch.empty(0)  # views of the engine's caches
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx = get_context()
         qkv = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
-        ctx = get_context()
-        q = rope_store_kv(
-            qkv, positions, self.rotary.cos_sin, *norms, self.eps,
-            self.k_cache, self.v_cache, ctx.slot_mapping, self.q_cache, ctx.query_rows,
-        )  # fmt: skip
+        # Where the new k and v go, and their q too for the tokens a compression will score.
+        store = (self.k_cache, self.v_cache, ctx.slot_mapping, self.q_cache, ctx.query_rows)
+        q = rope_store_kv(qkv, positions, self.rotary.cos_sin, *norms, self.eps, *store)
+        kv, paged = (self.k_cache, self.v_cache), (ctx.context_lens, ctx.block_tables)
         if ctx.is_prefill:
-            o = prefill_attention(
-                q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.context_lens,
-                ctx.block_tables, ctx.max_seqlen_q, self.scale,
-            )  # fmt: skip
+            o = prefill_attention(q, *kv, ctx.cu_seqlens_q, *paged, ctx.max_seqlen_q, self.scale)
         else:
-            o = decode_attention(
-                q, self.k_cache, self.v_cache, ctx.context_lens, ctx.block_tables, self.scale
-            )
+            o = decode_attention(q, *kv, *paged, self.scale)
         return self.o_proj(o.flatten(1))
 
 
@@ -256,7 +235,8 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(hf["hidden_size"], hf["rms_norm_eps"])
 
     def forward(self, input_ids, positions):
-        x, residual = self.embed_tokens(input_ids), None
+        x = self.embed_tokens(input_ids)
+        residual = torch.zeros_like(x)  # x + 0 is x exactly: the first layer adds nothing
         for layer in self.layers:
             x, residual = layer(positions, x, residual)
         return self.norm(x, residual)[0]
@@ -287,7 +267,7 @@ class CausalLM(nn.Module):
         """Write every parameter exactly once (a packed one once per shard), or raise naming the
         tensors missing, unexpected or repeated, or the unreadable file. A tied LM head is the
         embedding: an `lm_head.weight` beside it is skipped, as vLLM does."""
-        params = dict(self.named_parameters())  # a tied LM head appears once, as the embedding
+        params = dict(self.named_parameters())  # a tied LM head is listed as the embedding
         tied = "lm_head.weight" not in params
         expected = {}  # checkpoint tensor -> (parameter, shard), removed when loaded
         for target in params:
@@ -308,7 +288,7 @@ class CausalLM(nn.Module):
                 if name not in expected:
                     raise ValueError(f"model: {file} holds {name!r}, unexpected or loaded twice")
                 target, shard = expected.pop(name)
-                # A sharded layer reads its rank's rows or columns of the slice, no more.
+                # A sharded layer reads its rank's rows or columns of the safetensors slice, no more.
                 module = self.get_submodule(target.rpartition(".")[0])
                 if hasattr(module, "weight_loader"):
                     module.weight_loader(params[target], f.get_slice(name), shard)
@@ -321,9 +301,9 @@ class CausalLM(nn.Module):
     def init_dummy_weights(self, seed: int = 0):
         """Weights for `load_format="dummy"`, made in place on each parameter's device: matrices
         normal(0, 0.02), norm weights one, biases zero. Each parameter draws from its own
-        generator (seeded by its index), so the values do not depend on other parameters' sizes.
-        A rank's shard draws the start of that stream too: under tensor parallelism the ranks'
-        shards are alike, another model than one rank's, which is fine for timing, not comparing."""
+        generator (seeded by its index), so its values do not depend on other parameters' sizes;
+        a rank's shard draws the stream's start, so the ranks' shards are alike: fine for timing,
+        not for comparing."""
         for i, (name, param) in enumerate(self.named_parameters()):  # a tied matrix once
             if param.dim() == 2:
                 generator = torch.Generator(param.device).manual_seed(seed + i)
