@@ -7,8 +7,7 @@ running it on their own shard. Tensors go through torch.distributed (NCCL; gloo 
 Pipes make lifetimes simple: closing rank 0's end (`LLM.close()`, the `LLM` is collected, the
 program exits or dies) ends a worker's loop, and nothing is left to unlink. A dead worker is
 seen before every call and while rank 0 waits on the GPU. This module imports neither model nor
-runner: the runner passes its class.
-"""
+runner: the runner passes its class."""
 
 import contextlib
 import gc
@@ -52,10 +51,8 @@ def _init_group(config: Config, rank: int, store: dist.TCPStore):
 
 def _worker(config: Config, target: type, rank: int, port: int, conn):
     """Ranks 1..N-1: build this rank's model runner, `target(config, rank)`, and run rank 0's
-    calls on it until its pipe closes; an exception is sent to rank 0, which raises it at once.
-    Ctrl-C reaches every process of the group: it is rank 0's to handle (its step keeps the
-    ranks in step, or ends the workers), so a worker ignores it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    calls on it until its pipe closes; an exception is sent to rank 0, which raises it at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank: rank 0 handles it
     try:
         conn.send("started")
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=TIMEOUT)
@@ -129,7 +126,7 @@ class Workers:
     def check_alive(self):
         for rank, (process, conn) in enumerate(zip(self.processes, self.conns), 1):
             if process.exitcode is not None:
-                raise self._failed(rank, _receive(conn) if not conn.closed else None)
+                raise self._failed(rank, _receive(conn))
 
     def call(self, function, *args):
         """Have every worker run `function(its target, *args)`; does not wait for it. The
@@ -151,8 +148,7 @@ class Workers:
 
 
 def _wait(event: torch.cuda.Event, processes: list, seconds: float = float("inf")) -> bool:
-    """Poll `event` until it completes (True); False as soon as a worker has exited or `seconds`
-    have passed: on NCCL a collective whose peer died spins for ever instead of failing."""
+    """Poll `event`: True once it completes, False once a worker exits or `seconds` pass."""
     deadline = time.monotonic() + seconds
     while not event.query():
         if time.monotonic() > deadline or any(p.exitcode is not None for p in processes):
@@ -164,7 +160,7 @@ def _receive(conn):
     """A worker's next message: "started", "ready" or its error; None if it sent none."""
     try:
         return conn.recv() if conn.poll() else None
-    except (EOFError, OSError):  # a killed worker's pipe may also read as reset
+    except (EOFError, OSError):  # also a closed pipe, or a killed worker's, read as reset
         return None
 
 
@@ -179,9 +175,8 @@ def _shut_down(conns, processes, graphs: dict):
         for conn in conns:
             conn.close()  # a worker waiting for its next call sees EOF and exits
         # Then the graphs, then the communicator: NCCL frees no communicator that a live CUDA
-        # graph holds (it waits forever). On two H200s, aborting right after dropping graphs
-        # still running hung the next engine's capture; the wait above fixed it. Abort, not
-        # destroy: destroying waits for every rank, aborting also ends a collective left waiting.
+        # graph holds (it waits forever). Abort, not destroy: destroying waits for every rank,
+        # aborting also ends a collective left waiting.
         graphs.clear()
         gc.collect()  # also a graph that a reference cycle holds
         if dist.is_initialized():
