@@ -2,9 +2,7 @@
 penalties, then greedy argmax or temperature, min_p, top-k / top-p and the exponential race:
 argmax of (logits / T - log E), E ~ Exp(1), draws from the softmax without computing it, and
 lets seeded rows use their own generator for E. The logprob is under the raw distribution
-(before penalties and filters), what evaluation compares. Penalty counts stay on the device,
-updated from the sampled ids: nothing here waits for the device.
-"""
+(before penalties and filters), what evaluation compares. Nothing here waits for the device."""
 
 import torch
 
@@ -12,9 +10,9 @@ from nanozipage.context import to_device
 
 
 class TokenCounts:
-    """Per-row token histories of requests with a penalty: `counts` [rows, vocab] int32 (times
-    sampled), `in_prompt` [rows, vocab] bool. Made on first use and doubled when full, so
-    engines without penalties allocate nothing; the last row stays empty, read by row -1."""
+    """Per-row token histories of requests with a penalty, on the device: `counts` [rows, vocab]
+    int32 (times sampled), `in_prompt` [rows, vocab] bool. Made on first use and doubled when
+    full, so engines without penalties allocate nothing; the last row stays empty, for row -1."""
 
     def __init__(self, vocab_size: int, device: torch.device | str):
         self.counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=device)

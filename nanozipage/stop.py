@@ -1,10 +1,8 @@
 """When a request ends (`Scheduler.postprocess` asks `check` per token), and the text it returns.
 
-It stops at an EOS id (unless `ignore_eos`), a `stop_token_ids` id or a `stop` string, none
-before `min_tokens`, and ends at `max_tokens` ("length"). Stop strings are matched on the decoded
-text of the newest tokens, so one spanning several tokens is found; only an occurrence ending in
-the newest token counts (an earlier one was seen, or was before `min_tokens`).
-"""
+Stop strings are matched on the decoded text of the newest tokens, so one spanning several
+tokens is found; only an occurrence ending in the newest token counts (an earlier one was seen,
+or was before `min_tokens`)."""
 
 import functools
 
