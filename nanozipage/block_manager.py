@@ -116,7 +116,6 @@ class BlockManager:
 
     def append_blocks(self, seq: Sequence):
         seq.block_table += [self._take_free_block() for _ in range(self.num_missing_blocks(seq))]
-        seq.peak_kv_blocks = max(seq.peak_kv_blocks, len(seq.block_table))
 
     def plan_compression(self, seq: Sequence, compression):
         """Fill `compression.old_table` and `.new_table` (docs/DESIGN.md section 2): the kept

@@ -103,8 +103,8 @@ class Compressor:
         fired = [c for c in self.running if c.event is not None]
         num_fired = next((i for i, c in enumerate(fired) if not (wait or c.event.query())), None)
         fired = fired[:num_fired]  # the stream runs them in order
-        if self.workers and fired:
-            self.workers.call(on_worker, "follow", len(fired))
+        if self.workers and (fired or wait):  # after a failed launch, all: the ranks may differ
+            self.workers.call(on_worker, "follow", None if wait else len(fired))
         for compression in fired:
             compression.event = None
         return [c for c in self.running if c.event is None]
@@ -114,11 +114,12 @@ class Compressor:
         compression.state = DONE
         self.running.remove(compression)
 
-    def follow(self, num_done: int):
-        """Ranks 1..N-1: later work follows the oldest compressions, which rank 0 saw done."""
+    def follow(self, num_done: int | None):
+        """Ranks 1..N-1: later work follows the oldest compressions, which rank 0 saw done (None:
+        all of them)."""
         for compression in self.running[:num_done]:
             torch.cuda.current_stream().wait_event(compression.event)
-        self.running = self.running[num_done:]
+        self.running = self.running[num_done:] if num_done is not None else []
 
     @torch.inference_mode()
     def run(self, compression: Compression):

@@ -68,7 +68,7 @@ class LLMEngine:
         names = ("tokenizer.json", "tokenizer_config.json")
         self.tokenizer = None
         if any(os.path.isfile(os.path.join(model, name)) for name in names):
-            from transformers import AutoTokenizer  # only here: 9 s on an H200; workers need none
+            from transformers import AutoTokenizer  # only here: a slow import; workers need none
 
             self.tokenizer = AutoTokenizer.from_pretrained(model)
         eos = eos_token_ids(model, self.config.hf_config, self.tokenizer)
@@ -215,7 +215,7 @@ class LLMEngine:
             "num_cached_tokens": max(seq.num_cached_tokens, 0),
             "num_compressions": seq.num_compressions,
             "num_evicted_tokens": seq.num_evicted,
-            "peak_kv_blocks": seq.peak_kv_blocks,
+            "peak_kv_blocks": max(seq.peak_kv_blocks, -(-(seq.cache_len - 1) // seq.block_size)),
         }
         if seq.sampling_params.logprobs:
             output["logprobs"] = seq.logprobs

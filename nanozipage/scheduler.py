@@ -142,6 +142,7 @@ class Scheduler:
             self.config.block_size
         )
         seq.num_compressions += 1
+        seq.peak_kv_blocks = max(seq.peak_kv_blocks, len(compression.old_table))
         seq.compression = None
         if seq.is_finished:  # its last token arrived (or it was aborted) while it was compressed
             self._free(seq)

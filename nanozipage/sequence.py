@@ -37,7 +37,7 @@ class Sequence:
         self.kv_budget: int | None = None  # tokens kept per (layer, KV head); None: full KV
         self.num_evicted = 0
         self.num_compressions = 0
-        self.peak_kv_blocks = 0  # the most KV blocks it held at once
+        self.peak_kv_blocks = 0  # the most blocks its stored tokens filled before a compression
         self.query_slot = -1  # row of the query cache holding this request's window queries
         self.compression = None  # its `compressor.Compression` from planned until done
         self.block_table: list[int] = []

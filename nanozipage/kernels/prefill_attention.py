@@ -96,7 +96,7 @@ def prefill_attention_triton(
     o = q.new_empty((num_tokens, num_q_heads, head_dim))
     if num_tokens == 0:
         return o
-    # 128 x 128 tiles were the fastest on an H100 (bf16, head_dim 128: benchmarks/kernels.py);
+    # 128 x 128 tiles measured fastest in bf16 (BENCHMARKS.md, `benchmarks/kernels.py --sweep`);
     # float32 tiles need twice the shared memory, so they take fewer keys at a time.
     block_n = block_n or (128 if q.element_size() <= 2 else 32)
     grid = (triton.cdiv(max_seqlen_q, block_m), num_q_heads, num_seqs)

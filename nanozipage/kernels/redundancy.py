@@ -84,8 +84,7 @@ def redundancy_sums_triton(keys, block_size, *, block_m=32, num_warps=4, num_sta
     assert num_tokens % block_size == 0, "the cache holds whole blocks"
     out = keys.new_empty((num_layers, num_kv_heads, num_tokens), dtype=torch.float32)
     block_b = max(16, triton.next_power_of_2(block_size))  # tl.dot needs >= 16 columns
-    # Tiles measured on an H100 (28 layers x 8 heads x 2304 keys, b = 256, bf16): 32 rows,
-    # 4 warps, 1 stage take 0.30 ms; 8 warps 0.35 ms, 2 stages 0.43 ms, 64 rows 0.54 ms.
+    # 32 rows, 4 warps and 1 stage measured fastest of the tiles tried (BENCHMARKS.md).
     _redundancy_kernel[(num_tokens // block_size, num_kv_heads, num_layers)](
         keys, out, block_size,
         keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0), out.stride(1),
