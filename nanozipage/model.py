@@ -1,18 +1,12 @@
 """The decoder: one implementation of Qwen3, Qwen2 and Llama, switched by the checkpoint config.
 
-Qwen3 has q/k RMSNorm per head, Qwen2 a bias on q, k and v, Llama neither. Attention goes
-through the paged-KV kernels; the rest is plain PyTorch. Weights load through each sharded
-layer's `weight_loader`, which also packs q/k/v into one matrix and gate/up into another.
-
-Tensor parallelism splits every layer the usual way: q/k/v and gate/up by output rows
-(column-parallel, whole heads per rank), o_proj and down_proj by input columns (row-parallel, one
-all-reduce each), embedding and LM head by vocabulary. Each layer is told its `rank` of `ranks`
-(the process group is `parallel.py`'s); with one rank they are plain linears."""
+Qwen3 has q/k RMSNorm per head, Qwen2 a bias on q, k and v, Llama neither; attention goes through
+the paged-KV kernels, the rest is plain PyTorch. Each layer holds shard `rank` of `ranks` (the
+process group is `parallel.py`'s), loaded by its `weight_loader`, which packs q/k/v and gate/up."""
 
 import glob
 import math
 import os
-from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -25,8 +19,7 @@ from nanozipage.kernels import decode_attention, prefill_attention, rope_store_k
 
 
 def fused_on_gpu(fn):
-    """On the GPU, torch.compile fuses a chain of elementwise ops into one kernel (unfused, each
-    op is a kernel launch per layer and step); the CPU runs the chain as written."""
+    """On the GPU, one compiled kernel for a chain of elementwise ops, not one launch per op."""
     compiled = torch.compile(fn, dynamic=True)
     return lambda x, *args: (compiled if x.is_cuda else fn)(x, *args)
 
@@ -77,9 +70,7 @@ class Rotary(nn.Module):
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T + b with W's rows split over the ranks: each rank computes its slice of y, with
-    no communication. W stacks checkpoint matrices (q|k|v, gate|up), each split evenly: a rank
-    holds its heads of q, k and v, its features of gate and up."""
+    """y = x W^T + b, W (q|k|v or gate|up, each split evenly) split by rows over the ranks."""
 
     def __init__(self, in_features: int, shards: list[int], bias: bool, rank: int, ranks: int):
         super().__init__()
@@ -97,8 +88,7 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T + b with W's columns split over the ranks: each rank multiplies the slice of x
-    it computed (its heads, its MLP features), and one all-reduce sums the partial products."""
+    """y = x W^T + b, W split by columns over the ranks: an all-reduce sums the partial products."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, rank: int, ranks: int):
         super().__init__()
@@ -121,9 +111,8 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """The embedding's rows (token ids) split over the ranks: each rank looks up the ids it
-    holds, zeros for the others, and one all-reduce assembles the vectors. The last rank's
-    share is padded with zero rows when the ranks do not divide the vocabulary."""
+    """The token ids split over the ranks (the last padded with zero rows): each rank looks up
+    the ids it holds, zeros for the others, and one all-reduce assembles the vectors."""
 
     def __init__(self, vocab_size: int, hidden_size: int, rank: int, ranks: int):
         super().__init__()
@@ -147,8 +136,7 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """The output projection, split like the embedding: each rank computes the logits of the
-    tokens it holds, gathered on rank 0 (the only rank that samples); None elsewhere."""
+    """Split like the embedding: each rank's logits are gathered on rank 0, the one that samples."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = F.linear(hidden, self.weight)
@@ -242,12 +230,10 @@ class Decoder(nn.Module):
         return self.norm(x, residual)[0]
 
 
-class CausalLM(nn.Module):
-    packed: ClassVar = {
-        "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-        "gate_up_proj": ("gate_proj", "up_proj"),
-    }
+PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
+
+class CausalLM(nn.Module):
     def __init__(self, hf: dict, rank: int = 0, ranks: int = 1):
         """This rank's shard of the model (`rank` of `ranks`): the whole model by default."""
         super().__init__()
@@ -265,14 +251,13 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def load_weights(self, path: str):
         """Write every parameter exactly once (a packed one once per shard), or raise naming the
-        tensors missing, unexpected or repeated, or the unreadable file. A tied LM head is the
-        embedding: an `lm_head.weight` beside it is skipped, as vLLM does."""
-        params = dict(self.named_parameters())  # a tied LM head is listed as the embedding
-        tied = "lm_head.weight" not in params
+        tensors missing, unexpected or repeated, or the unreadable file."""
+        params = dict(self.named_parameters())
+        tied = "lm_head.weight" not in params  # listed as the embedding
         expected = {}  # checkpoint tensor -> (parameter, shard), removed when loaded
         for target in params:
             module = target.split(".")[-2]
-            for shard, part in enumerate(self.packed.get(module, [module])):
+            for shard, part in enumerate(PACKED.get(module, [module])):
                 expected[target.replace(module, part)] = (target, shard)
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
@@ -284,13 +269,12 @@ class CausalLM(nn.Module):
                 raise ValueError(f"model: cannot read {file}: {e}") from e
             for name in f.keys():  # noqa: SIM118 (a safetensors file is not iterable)
                 if "rotary_emb" in name or (name == "lm_head.weight" and tied):
-                    continue  # recomputed; the tied head is the embedding
+                    continue  # recomputed; a tied head is the embedding (vLLM skips it too)
                 if name not in expected:
                     raise ValueError(f"model: {file} holds {name!r}, unexpected or loaded twice")
                 target, shard = expected.pop(name)
-                # A sharded layer reads its rank's rows or columns of the safetensors slice, no more.
                 module = self.get_submodule(target.rpartition(".")[0])
-                if hasattr(module, "weight_loader"):
+                if hasattr(module, "weight_loader"):  # reads only its rank's part of the slice
                     module.weight_loader(params[target], f.get_slice(name), shard)
                 else:
                     params[target].copy_(f.get_tensor(name))
@@ -299,11 +283,8 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def init_dummy_weights(self, seed: int = 0):
-        """Weights for `load_format="dummy"`, made in place on each parameter's device: matrices
-        normal(0, 0.02), norm weights one, biases zero. Each parameter draws from its own
-        generator (seeded by its index), so its values do not depend on other parameters' sizes;
-        a rank's shard draws the stream's start, so the ranks' shards are alike: fine for timing,
-        not for comparing."""
+        """Weights for `load_format="dummy"`: matrices normal(0, 0.02), each from a generator of
+        its own (so all ranks' shards are alike: fine for timing only), norms one, biases zero."""
         for i, (name, param) in enumerate(self.named_parameters()):  # a tied matrix once
             if param.dim() == 2:
                 generator = torch.Generator(param.device).manual_seed(seed + i)
