@@ -1,13 +1,10 @@
 """Tensor parallelism: the processes, and how each step's plan reaches them.
 
-Rank 0 is the caller's process and runs the engine; its model runner and compressor send each
-call (a `StepPlan`, compaction plans: flat int lists, pickled once) to ranks 1..N-1 before
-running it on their own shard. Tensors go through torch.distributed (NCCL; gloo on the CPU).
-
-Pipes make lifetimes simple: closing rank 0's end (`LLM.close()`, the `LLM` is collected, the
-program exits or dies) ends a worker's loop, and nothing is left to unlink. A dead worker is
-seen before every call and while rank 0 waits on the GPU. This module imports neither model nor
-runner: the runner passes its class."""
+Rank 0, the caller's process, runs the engine: its model runner and compressor pickle each call
+(a `StepPlan`, compressions' plans: flat int lists) and pipe it to ranks 1..N-1 before running it
+on their own shard; tensors go through torch.distributed (NCCL; gloo on the CPU). However rank
+0's end of a pipe closes (`LLM.close()`, collection, exit or death), the worker's loop ends, with
+nothing left to unlink. The runner passes its class, so neither model nor runner is imported."""
 
 import contextlib
 import gc
@@ -31,8 +28,7 @@ from nanozipage.config import Config
 # A collective that waits longer than this raises (gloo) or aborts (NCCL) instead of hanging.
 # Generous, because ranks compile and capture CUDA graphs at their own pace at start-up.
 TIMEOUT = timedelta(minutes=5)
-# A worker's exit code when it re-ran the caller's script up to `LLM(...)`: spawn imports the
-# main script again in every worker, and only the `if __name__ == "__main__":` guard stops it.
+# A worker's exit code when spawn re-ran the caller's script up to `LLM(...)`: no __main__ guard.
 MISSING_GUARD = 86
 
 
@@ -50,8 +46,7 @@ def _init_group(config: Config, rank: int, store: dist.TCPStore):
 
 
 def _worker(config: Config, target: type, rank: int, port: int, conn):
-    """Ranks 1..N-1: build this rank's model runner, `target(config, rank)`, and run rank 0's
-    calls on it until its pipe closes; an exception is sent to rank 0, which raises it at once."""
+    """Ranks 1..N-1: run rank 0's calls on `target(config, rank)` until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank: rank 0 handles it
     try:
         conn.send("started")
@@ -75,15 +70,13 @@ class Workers:
     """Rank 0's handle on ranks 1..N-1: starts them, forwards calls, ends them with the LLM."""
 
     def __init__(self, config: Config, target: type, graphs: dict):
-        """Start a worker per rank 1..N-1 and join their process group once all have started.
-        `graphs`: rank 0's CUDA graphs, freed first when the workers end (`_shut_down`: why)."""
+        """`graphs`: rank 0's CUDA graphs, freed first when the workers end (`_shut_down`: why)."""
         if getattr(mp.current_process(), "_inheriting", False):  # a worker re-running the script
             sys.exit(MISSING_GUARD)
         gc.collect()  # an LLM that only a reference cycle holds is closed when collected
         if dist.is_initialized():
             raise RuntimeError("another tensor-parallel LLM is open in this process: close it")
-        # Rank 0 serves the rendezvous on a free port, and waits for no one there.
-        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # a free port
         context = mp.get_context("spawn")  # a forked process cannot use CUDA
         self.conns, self.processes = [], []
         for rank in range(1, config.tensor_parallel_size):
@@ -166,17 +159,15 @@ def _receive(conn):
 
 def _shut_down(conns, processes, graphs: dict):
     try:
-        # Wait for the GPU first (for 10 s at most, and only while every worker lives): the last
-        # step (the overlapped loop may have launched one more) needs the workers, and a graph
-        # dropped while it runs is destroyed later, when it ends.
+        # The GPU first (10 s at most, while every worker lives): the last step launched needs
+        # the workers, and a graph dropped while it runs is destroyed only when it ends.
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             _wait(torch.cuda.current_stream().record_event(), processes, seconds=10)
     finally:  # also after Ctrl-C: weakref.finalize runs this once, so it must reach the end
         for conn in conns:
             conn.close()  # a worker waiting for its next call sees EOF and exits
-        # Then the graphs, then the communicator: NCCL frees no communicator that a live CUDA
-        # graph holds (it waits forever). Abort, not destroy: destroying waits for every rank,
-        # aborting also ends a collective left waiting.
+        # Then the graphs (NCCL waits forever to free a communicator a live CUDA graph holds), then
+        # the communicator, aborted (destroying waits for all ranks; abort ends a hung collective).
         graphs.clear()
         gc.collect()  # also a graph that a reference cycle holds
         if dist.is_initialized():
