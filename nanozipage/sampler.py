@@ -1,12 +1,12 @@
-"""Next-token choice for a batch (called by the model runner), per-row settings, vLLM's order:
-penalties, then greedy argmax or temperature, min_p, top-k / top-p and the exponential race:
-argmax of (logits / T - log E), E ~ Exp(1), draws from the softmax without computing it, and
-lets seeded rows use their own generator for E. The logprob is under the raw distribution
+"""Next-token choice for a batch, called by the model runner, with per-row settings in vLLM's
+order (`sample`). argmax(logits / T - log E), E ~ Exp(1), is a softmax draw that needs no softmax,
+and a seeded row draws its E from its own generator. The logprob is under the raw distribution
 (before penalties and filters), what evaluation compares. Nothing here waits for the device."""
 
 import torch
 
 from nanozipage.context import to_device
+from nanozipage.sequence import PENDING, Sequence
 
 
 class TokenCounts:
@@ -54,6 +54,70 @@ class TokenCounts:
         self.counts.index_put_((rows, tokens), (rows >= 0).int(), accumulate=True)
 
 
+class Sampler:
+    """Rank 0's sampler: a batch's settings as tensors for `sample`, and the penalty counts."""
+
+    def __init__(self, vocab_size: int, device: torch.device, eos_token_ids: set[int]):
+        self.device = device
+        self.token_counts = TokenCounts(vocab_size, device)
+        self.count_rows: dict[Sequence, int] = {}  # penalized requests' rows, until they end
+        # The EOS ids banned before min_tokens (those that are rows of the logits)
+        self.eos_token_ids = {t for t in eos_token_ids if t < vocab_size}
+
+    def tensor(self, data, dtype=torch.int32) -> torch.Tensor:
+        return to_device(data, self.device, dtype)
+
+    def __call__(self, seqs: list[Sequence], logits: torch.Tensor):
+        """Token ids and logprobs (or None), on the device."""
+        params = [seq.sampling_params for seq in seqs]
+        for seq in seqs:
+            if seq.seed is not None and seq.generator is None:
+                seq.generator = torch.Generator(self.device).manual_seed(seq.seed)
+        extra, f32 = {}, torch.float32
+        if any(p.top_k > 0 or p.top_p < 1 for p in params):
+            extra["top_ks"] = self.tensor([p.top_k for p in params])
+            extra["top_ps"] = self.tensor([p.top_p for p in params], f32)
+        if any(p.min_p > 0 for p in params):
+            extra["min_ps"] = self.tensor([p.min_p for p in params], f32)
+        penalties = [
+            (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) for p in params
+        ]
+        if any(x != (1, 0, 0) for x in penalties):
+            rows = self._count_rows(seqs, [x != (1, 0, 0) for x in penalties])
+            extra["token_counts"] = self.token_counts
+            extra["rows"] = self.tensor(rows, torch.long)
+            extra["penalties"] = self.tensor(penalties, f32)
+        banned = [  # (row, id) before min_tokens, as vLLM: EOS and stop ids are not sampled
+            (row, t)
+            for row, (seq, p) in enumerate(zip(seqs, params))
+            if seq.num_completion_tokens < p.min_tokens
+            for t in {*p.stop_token_ids, *(() if p.ignore_eos else self.eos_token_ids)}
+        ]
+        if banned:
+            extra["banned"] = self.tensor(banned, torch.long).T
+        return sample(
+            logits,
+            temperatures=self.tensor([p.temperature for p in params], f32),
+            generators=[seq.generator for seq in seqs],
+            greedy=all(p.temperature == 0 for p in params),
+            want_logprobs=any(p.logprobs for p in params),
+            **extra,
+        )
+
+    def _count_rows(self, seqs: list[Sequence], penalized: list[bool]) -> list[int]:
+        """Each penalized request's row of token counts (-1 for the others), made at its first
+        sample and kept across preemption until the request ends (`forget`)."""
+        for seq in (seq for seq, p in zip(seqs, penalized) if p and seq not in self.count_rows):
+            output = [t for t in seq.completion_token_ids if t != PENDING]
+            self.count_rows[seq] = self.token_counts.add_row(seq.prompt_token_ids, output)
+        return [self.count_rows[seq] if p else -1 for seq, p in zip(seqs, penalized)]
+
+    def forget(self, seq: Sequence):
+        """seq has ended: its row of token counts goes back."""
+        if seq in self.count_rows:
+            self.token_counts.free_row(self.count_rows.pop(seq))
+
+
 def sample(
     logits: torch.Tensor,
     temperatures: torch.Tensor,
@@ -69,9 +133,8 @@ def sample(
     banned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [B, V]; temperatures, top_ps, min_ps float [B]; top_ks int [B] (0 or -1: off);
-    rows and penalties as in `TokenCounts.penalize`, which then records the sampled tokens.
-    A feature's arguments are None when no row uses it (known on the host), so the common case
-    costs no sort, no penalty and no device sync."""
+    rows and penalties as in `TokenCounts.penalize`. A feature's arguments are None when no row
+    uses it (known on the host), so the common case costs no sort and no device sync."""
     logits = raw = logits.float()
     if banned is not None:  # [2, n]: rows, and ids they may not sample yet (min_tokens)
         logits = logits.index_put(tuple(banned), torch.tensor(float("-inf"), device=logits.device))
