@@ -1,12 +1,9 @@
 """The engine loop's one trick, whole: step N+1 is launched before step N's tokens are read back.
 
-The GPU runs asynchronously, so while it runs step N the host can plan step N+1. Planning needs
-only lengths: every running request gains exactly one token per step. So a request that samples
-gets a `PENDING` placeholder (`advance`); step N+1 reads that token on the device at the row
-`pending_rows` names, and `InFlight.collect` fills the placeholders from the host copy a step
-later. Everything else sees plain token ids. `Overlap` holds the step in flight; with the
-overlapped loop off, each step is read back right after it is launched.
-"""
+Planning needs only lengths, and every running request gains one token per step, so the host
+plans step N+1 while the GPU runs step N. A sampled token is a `PENDING` placeholder, read on the
+device by step N+1 (`pending_rows`) and filled by `InFlight.collect` a step later; everything else
+sees plain token ids. With the overlapped loop off, each step is read back as soon as launched."""
 
 from dataclasses import dataclass
 
@@ -70,9 +67,8 @@ class Overlap:
         return samples.tokens if samples else None
 
     def advance(self, seqs: list[Sequence], samples: Samples | None) -> InFlight | None:
-        """The step is on its way to the GPU: each request advances by the tokens it was fed, and
-        one that reached its end holds a PENDING place for the token being sampled. Returns the
-        step to read back now: the one before (overlapped), or this one."""
+        """Advance the launched step's requests by the tokens fed, with a PENDING place for each
+        token being sampled. Returns the step to read back now: if overlapped, the one before."""
         sampling = []
         for seq in seqs:
             samples_now = seq.samples_this_step

@@ -1,8 +1,7 @@
-"""Per-request sampling settings, validated when they are made (before any work starts).
+"""Per-request settings for `LLM.generate`, validated when made, before any work starts.
 
-Names and meanings are vLLM's, but `logprobs` is a switch (vLLM's counts alternatives, which
-this engine does not return). The engine checks what only it knows: stop_token_ids against
-the vocabulary, kv_budget against its own budget."""
+Names and meanings are vLLM's, but `logprobs` is a switch (no alternatives are returned). The
+engine checks what only it knows: stop_token_ids against its vocabulary, kv_budget its own."""
 
 import sys
 from dataclasses import dataclass

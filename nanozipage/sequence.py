@@ -31,11 +31,9 @@ class Sequence:
         self.num_new_tokens = 0  # tokens fed to the model in the step being run
         self.num_hashed_blocks = 0  # leading full blocks registered in the prefix cache
         self.sample_row = -1  # row of this request's PENDING token in its step's samples
-        self.generator = None  # torch.Generator for seeded sampling, made by the model runner
-        # Compression. A token's position is its index in token_ids; its cache index is that
-        # minus the tokens evicted so far. The two differ once a request is compressed.
+        self.generator = None  # torch.Generator for seeded sampling, made by the sampler
         self.kv_budget: int | None = None  # tokens kept per (layer, KV head); None: full KV
-        self.num_evicted = 0
+        self.num_evicted = 0  # a token's cache index is its position (index in token_ids) - this
         self.num_compressions = 0
         self.peak_kv_blocks = 0  # the most blocks its stored tokens filled before a compression
         self.query_slot = -1  # row of the query cache holding this request's window queries
@@ -99,9 +97,8 @@ class Sequence:
 
     @property
     def needs_compression(self) -> bool:
-        """Its last token starts a new block while N_max blocks are full, and is a generated
-        token: the step that feeds it compresses first. (A prompt's last token, left to a decode
-        step by a prefill chunk that ended one short, sees the whole prompt, as in one chunk.)"""
+        """Its last token is a generated one that starts a new block while N_max blocks are full:
+        the step that feeds it compresses first (a prompt's last token sees the whole prompt)."""
         filled, b = self.cache_len - 1, self.block_size
         return filled % b == 0 and filled >= self.max_blocks * b and self.num_completion_tokens > 0
 

@@ -1,8 +1,7 @@
 """When a request ends (`Scheduler.postprocess` asks `check` per token), and the text it returns.
 
-Stop strings are matched on the decoded text of the newest tokens, so one spanning several
-tokens is found; only an occurrence ending in the newest token counts (an earlier one was seen,
-or was before `min_tokens`)."""
+Stop strings are matched on the newest tokens' text, so one spanning tokens is found; only one
+ending in the newest token counts (an earlier one was seen already, or came before `min_tokens`)."""
 
 import functools
 
@@ -42,10 +41,9 @@ class StopConditions:
         return min(((i, stop) for i, stop in found if i >= 0), default=None), text
 
     def _decode(self, ids: list[int], start: int, end: int) -> str:
-        """The text of ids[start:end] as it reads after the ids before it: decoded from a few ids
-        earlier, whose text is cut off (a SentencePiece decoder drops the leading space of the
-        first id it decodes: "Hello world" would end "...Helloworld"). Alone if the ids before
-        change in that text (a tokenizer's clean-up joins "x ." into "x.")."""
+        """The text of ids[start:end] as it reads after the ids before it (a SentencePiece decoder
+        drops the first id's leading space), so decoded from a few ids earlier and cut; alone if
+        the text of those ids changes (a tokenizer's clean-up joins "x ." into "x.")."""
         decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
         context = max(0, start - 4)
         before, text = decode(ids[context:start]).rstrip("\ufffd"), decode(ids[context:end])
