@@ -27,8 +27,9 @@ decode-step: one engine decode step of B requests with C cached tokens each, for
 wall_ms (median `llm.step()`, CUDA graphs), gpu_ms (cpu_ms on a CPU: the device time of its
 work), the host time not hidden behind it, bound_ms and of_bound = bound / wall, and
 eager_wall_ms for reference.
-compress-cost: GPU time of one compression of one request against one decode step of --batch
-requests, and that step's time after a synchronous or beside an asynchronous compression.
+compress-cost: GPU time of one compression of one request (--policy NAME: with that policy)
+against one decode step of --batch requests, and that step's time after a synchronous or beside
+an asynchronous compression.
 Roofline: each step's bound is its bytes (weights, and the K/V of its batch) at the copy
 bandwidth or its FLOPs at the matmul rate, whichever takes longer (`step_cost`), both measured
 here at start (`device_rates`; times --tensor-parallel-size); off the GPU there is no
@@ -52,11 +53,11 @@ import torch
 from tqdm import tqdm
 
 from nanozipage import LLM, SamplingParams
-from nanozipage.compressor import on_worker
-from nanozipage.model_runner import ModelRunner
+from nanozipage.compressor import Compression, on_worker
+from nanozipage.model_runner import ModelRunner, decode_plan
 from nanozipage.parallel import Workers
+from nanozipage.policy import POLICIES
 from nanozipage.sequence import Sequence
-from nanozipage.step_plan import decode_plan
 
 QWEN3_0_6B = {
     "architectures": ["Qwen3ForCausalLM"],
@@ -212,9 +213,9 @@ def run(llm: LLM, prompts, params, rates: tuple[float, float] | None, label: str
     runner, compressor = llm.model_runner, llm.model_runner.compressor
     compress, spans = compressor.run, []
 
-    def timed_compress(plans):
+    def timed_compress(compression):
         spans.append(Timer().start())
-        compress(plans)
+        compress(compression)
         spans[-1].stop()
 
     compressor.run = timed_compress
@@ -359,7 +360,7 @@ def decode_gpu_seconds(llm: LLM, repeat: int = 20) -> float:
         def step():  # what `runner.run` does on the GPU (with penalties, they count each token)
             if runner.workers:  # every rank's forward pass, or rank 0's collectives wait forever
                 runner.workers.call(ModelRunner.execute, plan)
-            runner.sample(seqs, runner.execute(plan, pending))
+            runner.sampler(seqs, runner.execute(plan, pending))
 
         step()
         timer = Timer().start()
@@ -507,16 +508,19 @@ def compress_cost(model: str, args) -> dict:
         if not blocks.allocate(seq):
             raise SystemExit("compress-cost: the KV pool has too few blocks for --batch")
         runner.run([seq], is_prefill=True)
-        seq.num_computed_tokens = len(seq)
+        seq.num_computed_tokens, seq.num_new_tokens = len(seq) - 1, 1  # decoding its last token
     target.token_ids.append(0)  # the token whose decode step triggers the compression
-    job = [(target, blocks.compress(target))]
+    job = Compression(target, [], first=True, query_slot=target.query_slot)
+    blocks.plan_compression(target, job)
 
     def compress_now(job):
         """One compression on every rank, before the step (`run` alone would be rank 0's)."""
-        plans = compressor.plan(job)
         if runner.workers:
-            runner.workers.call(on_worker, "run", plans)
-        compressor.run(plans)
+            runner.workers.call(on_worker, "run", Compression(None, *job.for_worker()))
+        compressor.run(job)
+
+    def compress_async(job):
+        compressor.launch([job])
 
     def compression_gpu_seconds() -> float:
         timers = []
@@ -539,16 +543,17 @@ def compress_cost(model: str, args) -> dict:
             previous = launched
         previous.tolist()
         compressor.poll(wait=True)
+        compressor.running.clear()  # the same record launched again and again: nothing to finish
         return (time.perf_counter() - start) / repeat
 
     results = {"batch": args.batch, "kv_budget": budget,
                "first_compression_ms": 1000 * compression_gpu_seconds()}  # fmt: skip
-    target.num_compressions = 2
+    job.first = False
     results["compression_ms"] = 1000 * compression_gpu_seconds()
     step_seconds()  # warm-up
     results["decode_step_ms"] = 1000 * step_seconds()
     results["decode_step_sync_compression_ms"] = 1000 * step_seconds(compress_now)
-    results["decode_step_async_compression_ms"] = 1000 * step_seconds(compressor.launch)
+    results["decode_step_async_compression_ms"] = 1000 * step_seconds(compress_async)
     results["async_slowdown"] = (
         results["decode_step_async_compression_ms"] / results["decode_step_ms"] - 1
     )
@@ -610,6 +615,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="compress-cost: requests decoding (default 28; 4 on a CPU)",
     )
     parser.add_argument(
+        "--policy",
+        choices=list(POLICIES),
+        metavar="NAME",
+        help="compress-cost, throughput: the eviction policy (default: the engine's default)",
+    )
+    parser.add_argument(
         "--decode-shapes",
         metavar="BxC[,BxC...]",
         type=lambda v: [tuple(int(x) for x in shape.split("x")) for shape in v.split(",")],
@@ -642,6 +653,8 @@ def main():
     model = args.model or config_only_model(shape)
     # What every task passes to LLM beyond its own keys, and the device's roofline rates.
     args.engine = {"load_format": "dummy"} if shape else {}
+    if args.policy:
+        args.engine["policy"] = args.policy
     if args.tensor_parallel_size > 1:
         args.engine["tensor_parallel_size"] = args.tensor_parallel_size
     args.rates = device_rates(args.tensor_parallel_size)

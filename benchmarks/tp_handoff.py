@@ -15,7 +15,7 @@ import random
 import statistics
 import time
 
-from nanozipage.context import StepPlan
+from nanozipage.model_runner import StepPlan
 
 
 def decode_plan(batch: int, blocks: int, block_size: int = 256) -> StepPlan:

@@ -100,9 +100,8 @@ class BlockManager:
         seq.num_computed_tokens = seq.num_hashed_blocks = 0
 
     def recount(self, block_tables: list[list[int]]):
-        """After a failed step: each block's references counted again from the tables in use, so
-        that a failure (a Ctrl-C) halfway through any of this bookkeeping leaks no block and
-        frees none twice. The free list keeps its order."""
+        """After a failed step: references counted again from the tables in use, so that a Ctrl-C
+        halfway through any bookkeeping here leaks no block and frees none twice."""
         counts = Counter(block_id for table in block_tables for block_id in table)
         for block in self.blocks:
             block.ref_count = counts[block.block_id]
@@ -118,12 +117,11 @@ class BlockManager:
         seq.block_table += [self._take_free_block() for _ in range(self.num_missing_blocks(seq))]
 
     def plan_compression(self, seq: Sequence, compression):
-        """Fill `compression.old_table` and `.new_table` (docs/DESIGN.md section 2): the kept
-        tokens go, in position order, into the first N_max - 1 new blocks, and the last one is
-        empty, for the next tokens. New blocks are seq's own private blocks where it can keep
-        them; a block shared with another request is never written: a fresh block replaces it
-        (the caller checks `num_fresh_blocks` beforehand). Each block taken is recorded at once,
-        so that a compression cancelled at any point gives back exactly what it took."""
+        """Fill the compression's tables (docs/DESIGN.md section 2): the kept tokens go into the
+        first N_max - 1 new blocks, the last is left for the next tokens. A new block is one of
+        seq's private blocks, or a fresh one where a block is shared (never written; the caller
+        checks `num_fresh_blocks`). Each block is recorded as it is taken, so that a compression
+        cancelled at any point gives back exactly what it took."""
         filled = (seq.cache_len - 1) // self.block_size
         while len(seq.block_table) > filled:  # a block given for a prompt's last token, unwritten
             self._release(seq.block_table.pop())
@@ -135,8 +133,7 @@ class BlockManager:
             self._uncache(self.blocks[block_id])  # about to be overwritten
 
     def finish_compression(self, seq: Sequence, compression):
-        """The kept tokens sit in the new blocks: seq reads those, and the old ones it no longer
-        uses are freed."""
+        """The kept tokens sit in the new blocks: seq switches to them, its other blocks go."""
         old_table, seq.block_table = seq.block_table, compression.new_table
         for block_id in old_table:
             if block_id not in seq.block_table:

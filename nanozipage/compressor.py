@@ -1,17 +1,14 @@
-"""Compression beside the model runner: one record per compression, from plan to done.
+"""Compression beside the model runner: one `Compression` record each, from plan to done.
 
-A compression is one `Compression` record that moves through three states:
-- planned: the scheduler chose the request (`Scheduler._schedule_decode`) and the block manager
-  gave the record its new blocks (`BlockManager.plan_compression`); the request still reads its
-  old blocks.
-- running: `Compressor.launch` scored every cached token with the policy, kept `kv_budget` per
-  (layer, KV head) in position order and queued the moves of the kept K, V and scores into the
-  new blocks, on a side stream while the other requests decode (on the CPU it is done at once).
-- done: `poll` saw its work finish; the scheduler switches the request to its new blocks and
-  frees the old ones (`Scheduler.finish_compression`).
-Synchronous compression (`async_compression=False`) is the same path followed by a wait. Under
-tensor parallelism rank 0 forwards each launch and every rank compresses its own KV heads (a
-GQA group, whose queries score its KV head, never spans two ranks).
+- planned: the scheduler chose the request and the block manager gave the record its new
+  blocks (`Scheduler._plan_compression`); the request still reads its old blocks.
+- running: `launch` scored every cached token with the policy, kept `kv_budget` per (layer, KV
+  head) in position order and queued the moves of the kept K, V and scores into the new blocks,
+  on a side stream while the other requests decode (on the CPU: done at once).
+- done: `poll` saw its work finish; the request switches to its new blocks and the old ones
+  are freed (`Scheduler.finish_compression`).
+Synchronous compression is the same path followed by a wait. Under tensor parallelism rank 0
+forwards each launch and every rank compresses its own KV heads (a GQA group never spans two).
 """
 
 from dataclasses import dataclass, field
@@ -59,8 +56,8 @@ class Compressor:
             self._warm_up()
 
     def _warm_up(self):
-        """Pay the GPU's first-use costs (compiling, autotuning) now, not in the middle of a run
-        where every request would wait: compress N_max blocks that are all block 0, unused."""
+        """Pay the GPU's first-use costs now, not mid-run with every request waiting: compress
+        N_max blocks that are all block 0, unused."""
         num_blocks = self.config.max_blocks
         for first in (True, False):
             self.run(Compression(None, [0] * num_blocks, first, 0, [0] * num_blocks))
@@ -84,8 +81,8 @@ class Compressor:
         self.running += [c for c in compressions if c.event is not None]
 
     def _queue(self, compressions: list[Compression]):
-        """Every rank: run them on the side stream, after the work already queued on the main
-        stream (the requests' last K/V and window queries). Off the GPU they are done at once."""
+        """Every rank: run them on the side stream, after the main stream's work so far (the
+        requests' last K/V and window queries)."""
         if self.stream:
             self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
@@ -94,10 +91,9 @@ class Compressor:
                 compression.event = self.stream and self.stream.record_event()
 
     def poll(self, wait: bool = False) -> list[Compression]:
-        """Rank 0: the running compressions whose work is done (all of them with `wait`), oldest
-        first. They stay listed until `done` (a failure while finishing them leaves the rest
-        for the next poll). Their old blocks will be freed, so the other ranks first
-        order their main stream after them (`follow`). An event is dropped once it has fired."""
+        """Rank 0: the running compressions whose work is done (all with `wait`), oldest first,
+        listed until `done` (a failure while finishing one leaves the rest for the next poll).
+        Their old blocks will be freed, so the other ranks order their main stream after them."""
         if wait and self.stream:
             self.stream.synchronize()
         fired = [c for c in self.running if c.event is not None]
@@ -115,8 +111,7 @@ class Compressor:
         self.running.remove(compression)
 
     def follow(self, num_done: int | None):
-        """Ranks 1..N-1: later work follows the oldest compressions, which rank 0 saw done (None:
-        all of them)."""
+        """Ranks 1..N-1: later work follows the oldest compressions (None: all), done on rank 0."""
         for compression in self.running[:num_done]:
             torch.cuda.current_stream().wait_event(compression.event)
         self.running = self.running[num_done:] if num_done is not None else []

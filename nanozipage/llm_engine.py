@@ -138,7 +138,7 @@ class LLMEngine:
         """End a request (all samples) without a result; unknown ids (just finished) are ignored."""
         for seq in self.requests.pop(request_id, []):
             self.scheduler.abort(seq)
-            self.model_runner.forget(seq)
+            self.model_runner.sampler.forget(seq)
 
     @one_caller_at_a_time
     def step(self) -> tuple[list[dict], int]:
@@ -203,7 +203,7 @@ class LLMEngine:
     def _result(self, seq: Sequence) -> dict:
         if all(s.is_finished for s in self.requests.get(seq.request_id, [])):
             self.requests.pop(seq.request_id, None)
-        self.model_runner.forget(seq)
+        self.model_runner.sampler.forget(seq)
         output = {
             "request_id": seq.request_id,
             "index": seq.sample_index,

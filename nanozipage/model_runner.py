@@ -1,11 +1,17 @@
 """Tensors start here: the KV pool, per-step inputs, the forward pass, CUDA graphs, sampling.
 
-`run` builds a `StepPlan` (`step_plan.py`); `execute` publishes it through the `Context` and
-runs the model; `run` returns the samples without waiting for the GPU (`overlap.py`). Decode
+`run` turns the scheduled requests into a `StepPlan`, one step's inputs as flat host lists:
+per token fed, its id, position (index in the request), KV slot (block id * block_size + offset
+of its cache index, which trails the position once compressed) and, with compression, its
+query-cache row if it is a window query; per request, its context length and block table.
+`execute` publishes the plan through the `Context` and runs the model; `run` returns the
+samples without waiting for the GPU (`overlap.py`). Decode
 replays a CUDA graph captured for the next larger batch size; prefill runs eagerly (its shapes
 vary too much). The compressor works on the tensors allocated here. Under tensor parallelism each
 rank has a runner over its shard; rank 0 forwards step plans and compressions (`parallel.Workers`).
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -14,15 +20,96 @@ from nanozipage.compressor import Compressor
 from nanozipage.config import Config
 from nanozipage.context import get_context, set_context, to_device
 from nanozipage.model import CausalLM
-from nanozipage.overlap import Samples
+from nanozipage.overlap import Samples, pending_rows
 from nanozipage.parallel import Workers
-from nanozipage.sampler import TokenCounts, sample
+from nanozipage.sampler import Sampler
 from nanozipage.sampling_params import SamplingParams
-from nanozipage.sequence import PENDING, Sequence
-from nanozipage.step_plan import StepPlan, decode_plan, prefill_plan
+from nanozipage.sequence import Sequence
 
 CPU_KV_CACHE_BYTES = 1 << 30  # with no GPU to size from, give the KV pool 1 GiB by default
 _GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """One step as flat host lists, each rank's Context built from them; what rank 0 sends."""
+
+    is_prefill: bool
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]  # unpadded
+    query_rows: list[int] | None
+    sample_rows: list[int] | None = None  # rows whose logits are sampled; None: all (decode)
+    # Decode, overlapped loop: per request, its row in the samples of the step launched before
+    # when its input id is PENDING there, else -1; None when no input id is PENDING.
+    pending_rows: list[int] | None = None
+    cu_seqlens_q: list[int] | None = None  # prefill only
+    max_seqlen_q: int = 0  # prefill only
+
+
+def _slot(seq: Sequence, index: int) -> int:
+    b = seq.block_size
+    return seq.block_table[index // b] * b + index % b
+
+
+def _query_row(seq: Sequence, index: int, last_block: int, window: int) -> int:
+    """Row of the query cache for the token at cache index `index`, or -1: window queries are
+    the last `window` tokens of a block, and only those of seq's newest block are kept."""
+    b = seq.block_size
+    if seq.query_slot < 0 or index % b < b - window or index // b != last_block:
+        return -1
+    return seq.query_slot * window + index % b - (b - window)
+
+
+def prefill_plan(seqs: list[Sequence], window: int | None) -> StepPlan:
+    """The next chunk of each prompt; `window` None when no window queries are stored."""
+    input_ids, positions, slots, context_lens, sample_rows, query_rows = [], [], [], [], [], []
+    cu_seqlens_q = [0]
+    for seq in seqs:
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_new_tokens
+        input_ids += seq.token_ids[start:end]
+        positions += range(start, end)
+        slots += [_slot(seq, i) for i in range(start, end)]
+        if window:
+            last_block = (end - 1) // seq.block_size
+            query_rows += [_query_row(seq, i, last_block, window) for i in range(start, end)]
+        cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
+        context_lens.append(end)
+        if seq.samples_this_step:
+            sample_rows.append(cu_seqlens_q[-1] - 1)
+    return StepPlan(
+        True,
+        input_ids,
+        positions,
+        slots,
+        context_lens,
+        block_tables=[seq.block_table for seq in seqs],
+        query_rows=query_rows or None,
+        sample_rows=sample_rows,
+        cu_seqlens_q=cu_seqlens_q,
+        max_seqlen_q=max(seq.num_new_tokens for seq in seqs),
+    )
+
+
+def decode_plan(seqs: list[Sequence], window: int | None) -> StepPlan:
+    """Each request's last token, at position len - 1 but cache index cache_len - 1; a PENDING
+    one is read on the device from the previous step's samples (`overlap.py`)."""
+    index = [seq.cache_len - 1 for seq in seqs]
+    query_rows = None
+    if window:
+        query_rows = [_query_row(s, i, i // s.block_size, window) for s, i in zip(seqs, index)]
+    return StepPlan(
+        False,
+        input_ids=[seq.last_token for seq in seqs],
+        positions=[len(seq) - 1 for seq in seqs],
+        slot_mapping=[_slot(seq, i) for seq, i in zip(seqs, index)],
+        context_lens=[i + 1 for i in index],
+        block_tables=[seq.block_table for seq in seqs],
+        query_rows=query_rows,
+        pending_rows=pending_rows(seqs),
+    )
 
 
 class ModelRunner:
@@ -57,10 +144,7 @@ class ModelRunner:
         self.window = config.window if config.kv_budget else None  # None: no window queries
         self.q_cache = self.score_cache = None
         self.pending_tokens = None  # ranks 1..N-1: the last step's samples, broadcast by rank 0
-        self.token_counts = TokenCounts(hf["vocab_size"], self.device)  # rows for penalties
-        self.count_rows: dict[Sequence, int] = {}
-        # Rank 0: the EOS ids that sampling bans before min_tokens (those that are logits' rows)
-        self.eos_token_ids = {t for t in eos_token_ids if t < hf["vocab_size"]}
+        self.sampler = Sampler(hf["vocab_size"], self.device, eos_token_ids)  # rank 0's
         if self.use_cuda:
             self.warmup()
         self.allocate_kv_cache()
@@ -167,7 +251,7 @@ class ModelRunner:
                 return None
             error, tokens = None, torch.zeros(len(seqs), dtype=torch.long, device=self.device)
             try:
-                tokens, logprobs = self.sample(seqs, logits)
+                tokens, logprobs = self.sampler(seqs, logits)
             except BaseException as e:  # noqa: BLE001 (the other ranks wait for the samples)
                 error = e
             if self.workers:
@@ -234,56 +318,6 @@ class ModelRunner:
             buf["query_rows"][:bs] = ctx.query_rows
         self.graphs[graph_bs].replay()
         return buf["hidden"][:bs]
-
-    def sample(self, seqs: list[Sequence], logits: torch.Tensor):
-        """Rank 0: token ids and logprobs (or None) on the device; feature tensors only if used."""
-        params = [seq.sampling_params for seq in seqs]
-        for seq in seqs:
-            if seq.seed is not None and seq.generator is None:
-                seq.generator = torch.Generator(self.device).manual_seed(seq.seed)
-        extra, f32 = {}, torch.float32
-        if any(p.top_k > 0 or p.top_p < 1 for p in params):
-            extra["top_ks"] = self.tensor([p.top_k for p in params])
-            extra["top_ps"] = self.tensor([p.top_p for p in params], f32)
-        if any(p.min_p > 0 for p in params):
-            extra["min_ps"] = self.tensor([p.min_p for p in params], f32)
-        penalties = [
-            (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) for p in params
-        ]
-        if any(x != (1, 0, 0) for x in penalties):
-            rows = self._count_rows(seqs, [x != (1, 0, 0) for x in penalties])
-            extra["token_counts"] = self.token_counts
-            extra["rows"] = self.tensor(rows, torch.long)
-            extra["penalties"] = self.tensor(penalties, f32)
-        banned = [  # (row, id) before min_tokens, as vLLM: EOS and stop ids are not sampled
-            (row, t)
-            for row, (seq, p) in enumerate(zip(seqs, params))
-            if seq.num_completion_tokens < p.min_tokens
-            for t in {*p.stop_token_ids, *(() if p.ignore_eos else self.eos_token_ids)}
-        ]
-        if banned:
-            extra["banned"] = self.tensor(banned, torch.long).T
-        return sample(
-            logits,
-            temperatures=self.tensor([p.temperature for p in params], f32),
-            generators=[seq.generator for seq in seqs],
-            greedy=all(p.temperature == 0 for p in params),
-            want_logprobs=any(p.logprobs for p in params),
-            **extra,
-        )
-
-    def _count_rows(self, seqs: list[Sequence], penalized: list[bool]) -> list[int]:
-        """Each penalized request's row of token counts (-1 for the others), made at its first
-        sample and kept across preemption until the request ends (`forget`)."""
-        for seq in (seq for seq, p in zip(seqs, penalized) if p and seq not in self.count_rows):
-            output = [t for t in seq.completion_token_ids if t != PENDING]
-            self.count_rows[seq] = self.token_counts.add_row(seq.prompt_token_ids, output)
-        return [self.count_rows[seq] if p else -1 for seq, p in zip(seqs, penalized)]
-
-    def forget(self, seq: Sequence):
-        """seq has ended: its row of token counts goes back."""
-        if seq in self.count_rows:
-            self.token_counts.free_row(self.count_rows.pop(seq))
 
     @torch.inference_mode()
     def capture_cudagraphs(self):

@@ -117,16 +117,15 @@ class Scheduler:
         return seqs, compressions
 
     def _may_compress(self, seq: Sequence, scheduled: list[Sequence]) -> bool:
-        """Few enough blocks are under compression (bounding the work queued at once), and the
-        fresh blocks its compression takes are free (preempting others for them if needed)."""
+        """Few enough blocks are under compression, and the fresh blocks it takes are free."""
         busy = sum(len(s.block_table) for s in self.running if s.compression)
         if busy and busy + len(seq.block_table) > self.config.max_compress_blocks:
             return False
         return self._free_blocks(self.block_manager.num_fresh_blocks, seq, scheduled)
 
     def _plan_compression(self, seq: Sequence) -> Compression:
-        """Record the compression on seq before the block manager takes any block for it, so
-        that a failure at any point leaves a record that gives them back (`cancel_compression`)."""
+        """Recorded on seq before a block is taken for it: a failure at any point leaves a
+        record that gives them back (`cancel_compression`)."""
         first = not seq.num_compressions
         seq.compression = compression = Compression(seq, [], first, seq.query_slot)
         self.block_manager.plan_compression(seq, compression)
@@ -138,9 +137,8 @@ class Scheduler:
         if seq.compression is not compression:  # finished already, then failed before `done`
             return
         self.block_manager.finish_compression(seq, compression)
-        seq.num_evicted += (len(compression.old_table) - len(compression.new_table) + 1) * (
-            self.config.block_size
-        )
+        num_kept_blocks = len(compression.new_table) - 1
+        seq.num_evicted += (len(compression.old_table) - num_kept_blocks) * self.config.block_size
         seq.num_compressions += 1
         seq.peak_kv_blocks = max(seq.peak_kv_blocks, len(compression.old_table))
         seq.compression = None

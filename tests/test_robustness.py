@@ -6,6 +6,7 @@ launch, compaction finish), in the plain and the overlapped loop, with asynchron
 call that fails raises; the next call gives what a fresh engine gives and no block leaks.
 """
 
+import functools
 import os
 import random
 import sys
@@ -65,11 +66,16 @@ def called_from(function: str) -> bool:
     return frame is not None
 
 
+def counts(llm: LLM, stage: str):
+    """Which calls of the stage count towards k (None: all)."""
+    return functools.partial(COUNTS[stage], llm) if stage in COUNTS else None
+
+
 def stage_owner(llm: LLM, stage: str):
     return {
         "schedule": llm.scheduler,
         "run": llm.model_runner,
-        "sample": llm.model_runner,
+        "__call__": type(llm.model_runner.sampler),  # sampling
         "launch": llm.model_runner.compressor,
         "poll": llm.model_runner.compressor,
         "finish_compression": llm.scheduler,
@@ -98,7 +104,7 @@ def assert_clean(llm: LLM):
 STAGES = [
     ("schedule", 6),
     ("run", 6),
-    ("sample", 4),
+    ("__call__", 4),
     ("launch", 2),
     ("poll", 2),
     ("finish_compression", 2),
@@ -122,10 +128,7 @@ def test_a_step_failing_at_any_stage_leaves_the_engine_usable(
     model_dir, fresh, monkeypatch, stage, k, overlap
 ):
     llm = LLM(model_dir, **CONFIG, overlap_scheduling=overlap, async_compression=True)
-    counts = COUNTS.get(stage)
-    fail_on_call(
-        monkeypatch, stage_owner(llm, stage), stage, k, counts=counts and (lambda: counts(llm))
-    )
+    fail_on_call(monkeypatch, stage_owner(llm, stage), stage, k, counts=counts(llm, stage))
     with pytest.raises(Injected):
         llm.generate(PROMPTS, PARAMS, use_tqdm=False)
     assert_clean(llm)  # the failed call's own requests are aborted, and return nothing
@@ -196,9 +199,7 @@ def test_a_step_failing_at_any_stage_under_tensor_parallelism_keeps_the_ranks_in
     with LLM(model_dir, **CONFIG, tensor_parallel_size=2) as llm:
         before = [o["token_ids"] for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
         for stage, k in STAGES:
-            counts = COUNTS.get(stage)
-            counts = counts and (lambda: counts(llm))  # noqa: B023 (used in this iteration)
-            fail_on_call(monkeypatch, stage_owner(llm, stage), stage, k, counts=counts)
+            fail_on_call(monkeypatch, stage_owner(llm, stage), stage, k, counts=counts(llm, stage))
             with pytest.raises(Injected):
                 llm.generate(PROMPTS, PARAMS, use_tqdm=False)
             monkeypatch.undo()
@@ -288,9 +289,9 @@ def test_a_finished_request_gives_back_its_penalty_counts_row(model_dir):
     llm = LLM(model_dir, **CONFIG)
     penalized = SamplingParams(temperature=0, max_tokens=8, repetition_penalty=1.2)
     llm.generate(PROMPTS, penalized, use_tqdm=False)
-    assert not llm.model_runner.count_rows
+    assert not llm.model_runner.sampler.count_rows
     added = llm.add_request(PROMPTS[0], penalized)
     llm.step()
     llm.step()
     llm.abort(added)
-    assert not llm.model_runner.count_rows
+    assert not llm.model_runner.sampler.count_rows

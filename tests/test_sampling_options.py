@@ -92,7 +92,7 @@ def test_penalties_match_the_reference_through_preemption(model_dir, hf):
         assert out["token_ids"] == reference_greedy(hf, prompt, 32, **kwargs)
     # Their rows of token counts are handed back (at the next step that uses penalties).
     llm.generate(batch[:1], replace(params, max_tokens=1), use_tqdm=False)
-    assert len(llm.model_runner.count_rows) <= 1
+    assert len(llm.model_runner.sampler.count_rows) <= 1
 
 
 @torch.no_grad()

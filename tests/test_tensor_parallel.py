@@ -24,6 +24,7 @@ from helpers import ARCHS, gather_kv_cache, make_tiny_model
 from nanozipage import LLM, SamplingParams
 from nanozipage.config import Config
 from nanozipage.parallel import Workers
+from nanozipage.sampler import Sampler
 
 ON_GPU = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(
@@ -168,7 +169,7 @@ def test_a_worker_killed_mid_step_raises_and_ends_the_engine(tmp_path, monkeypat
     caller within seconds, never hangs; the process group ends, and a later call raises at once."""
     llm = LLM(make_tiny_model("qwen2", tmp_path), tensor_parallel_size=2, kv_budget=None,
               num_kvcache_blocks=8)  # fmt: skip
-    worker, sample, calls = llm.model_runner.workers.processes[0], llm.model_runner.sample, []
+    worker, sample, calls = llm.model_runner.workers.processes[0], Sampler.__call__, []
 
     def failing_sample(*args):
         calls.append(args)
@@ -177,7 +178,7 @@ def test_a_worker_killed_mid_step_raises_and_ends_the_engine(tmp_path, monkeypat
             worker.join()
         return sample(*args)
 
-    monkeypatch.setattr(llm.model_runner, "sample", failing_sample)
+    monkeypatch.setattr(Sampler, "__call__", failing_sample)
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     start = time.perf_counter()
     # A dead peer: gloo raises at once ("Connection reset by peer"); with NCCL, rank 0 sees the
@@ -210,7 +211,7 @@ def test_ctrl_c_while_rank_0_samples_leaves_the_engine_usable(tmp_path, monkeypa
         decoding = [llm.add_request(prompt, params) for prompt in prompts[:2]]
         for _ in range(2):  # their prefill, then a decode step, in flight in the overlapped loop
             outputs += llm.step()[0]
-        monkeypatch.setattr(llm.model_runner, "sample", interrupted_sample)
+        monkeypatch.setattr(Sampler, "__call__", interrupted_sample)
         with pytest.raises(KeyboardInterrupt):
             llm.generate(prompts[2:], params, use_tqdm=False)
         monkeypatch.undo()
