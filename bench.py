@@ -79,13 +79,30 @@ QWEN3_0_6B = {
 }
 
 
-QWEN3_8B = {**QWEN3_0_6B, "hidden_size": 4096, "intermediate_size": 12288,
-            "num_hidden_layers": 36, "num_attention_heads": 32, "tie_word_embeddings": False}  # fmt: skip
-SMOLLM2_135M = {**QWEN3_0_6B, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
-                "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-                "head_dim": 64, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-                "rope_theta": 100000.0, "eos_token_id": 2}  # fmt: skip
+QWEN3_8B = {
+    **QWEN3_0_6B,
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "tie_word_embeddings": False,
+}
+SMOLLM2_135M = {
+    **QWEN3_0_6B,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "eos_token_id": 2,
+}
 MODEL_SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-8b": QWEN3_8B, "smollm2-135m": SMOLLM2_135M}
 ON_GPU = torch.cuda.is_available()
 
@@ -397,11 +414,13 @@ def timed_start_phases():
         setattr(cls, name, wrapper)
         return cls, name, original
 
-    patched = [timed(Workers, "__init__", "workers_started_s"),
-               timed(ModelRunner, "warmup", "warmup_s"),
-               timed(ModelRunner, "allocate_kv_cache", "kv_cache_s"),
-               timed(ModelRunner, "capture_cudagraphs", "graphs_s"),
-               timed(Workers, "expect", "workers_ready_s", "ready")]  # fmt: skip
+    patched = [
+        timed(Workers, "__init__", "workers_started_s"),
+        timed(ModelRunner, "warmup", "warmup_s"),
+        timed(ModelRunner, "allocate_kv_cache", "kv_cache_s"),
+        timed(ModelRunner, "capture_cudagraphs", "graphs_s"),
+        timed(Workers, "expect", "workers_ready_s", "ready"),
+    ]
     try:
         yield phases
     finally:
@@ -439,11 +458,20 @@ def decode_step(model: str, args) -> dict:
     for batch, context in args.decode_shapes:
         blocks = batch * -(-(context + max_tokens) // 256)
         with timed_start_phases() as phases:
-            llm = LLM(model, **args.engine, max_num_seqs=max(batch, 256),
-                      num_kvcache_blocks=blocks, kv_budget=None)  # fmt: skip
+            llm = LLM(
+                model,
+                **args.engine,
+                max_num_seqs=max(batch, 256),
+                num_kvcache_blocks=blocks,
+                kv_budget=None,
+            )
         rng, vocab = random.Random(args.seed), llm.config.hf_config["vocab_size"]
-        params = SamplingParams(temperature=0.6, max_tokens=max_tokens, ignore_eos=True,
-                                presence_penalty=args.presence_penalty)  # fmt: skip
+        params = SamplingParams(
+            temperature=0.6,
+            max_tokens=max_tokens,
+            ignore_eos=True,
+            presence_penalty=args.presence_penalty,
+        )
         for _ in range(batch):
             llm.add_request([rng.randrange(vocab) for _ in range(context)], params)
         while llm.scheduler.waiting or any(s.in_prefill for s in llm.scheduler.running):
@@ -493,14 +521,22 @@ def compress_cost(model: str, args) -> dict:
     """
     budget, b = args.kv_budget[0], 256 if ON_GPU else 16
     n_max, length = budget // b + 1, budget + 3 * b // 4
-    llm = LLM(model, **args.engine, kv_budget=budget, block_size=b, max_num_seqs=args.batch + 1,
-              num_kvcache_blocks=(args.batch + 2) * n_max)  # fmt: skip
+    llm = LLM(
+        model,
+        **args.engine,
+        kv_budget=budget,
+        block_size=b,
+        max_num_seqs=args.batch + 1,
+        num_kvcache_blocks=(args.batch + 2) * n_max,
+    )
     runner, blocks = llm.model_runner, llm.scheduler.block_manager
     compressor = runner.compressor
     rng, vocab = random.Random(args.seed), llm.config.hf_config["vocab_size"]
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=b)
-    batch = [Sequence([rng.randrange(vocab) for _ in range(length)], params, b)
-             for _ in range(args.batch)]  # fmt: skip
+    batch = [
+        Sequence([rng.randrange(vocab) for _ in range(length)], params, b)
+        for _ in range(args.batch)
+    ]
     target = Sequence([rng.randrange(vocab) for _ in range(n_max * b)], params, b)
     target.query_slot = 0
     for seq in [*batch, target]:
@@ -546,8 +582,11 @@ def compress_cost(model: str, args) -> dict:
         compressor.running.clear()  # the same record launched again and again: nothing to finish
         return (time.perf_counter() - start) / repeat
 
-    results = {"batch": args.batch, "kv_budget": budget,
-               "first_compression_ms": 1000 * compression_gpu_seconds()}  # fmt: skip
+    results = {
+        "batch": args.batch,
+        "kv_budget": budget,
+        "first_compression_ms": 1000 * compression_gpu_seconds(),
+    }
     job.first = False
     results["compression_ms"] = 1000 * compression_gpu_seconds()
     step_seconds()  # warm-up
@@ -628,9 +667,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="decode-step: batch x context (default 1x512,28x2350; 1x64,4x256 on a CPU)",
     )
     parser.add_argument(
-        "--presence-penalty", type=float, default=0.0, metavar="P",
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        metavar="P",
         help="decode-step: every request's presence penalty (0: the penalty-free path)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--seed", type=int, default=0, metavar="N", help="of the random prompts and lengths"
     )

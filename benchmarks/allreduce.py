@@ -73,8 +73,11 @@ def main(rank: int, world: int):
             )
         )
         if rank == 0:
-            print(f"batch {batch:4d}: nccl {nccl:6.1f} us, one-shot {one_shot:6.1f} us "
-                  f"per all-reduce; exact {exact}", flush=True)  # fmt: skip
+            print(
+                f"batch {batch:4d}: nccl {nccl:6.1f} us, one-shot {one_shot:6.1f} us "
+                f"per all-reduce; exact {exact}",
+                flush=True,
+            )
     dist.destroy_process_group()
 
 

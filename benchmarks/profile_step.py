@@ -51,8 +51,10 @@ def main():
     total = sum(e.device_time_total for e in kernels) / args.steps
     print(f"batch {args.batch}, context {args.context}: GPU kernel time {total / 1000:.3f} ms/step")
     for e in kernels[:40]:
-        print(f"{e.count / args.steps:7.1f}/step {e.device_time_total / args.steps:9.1f} us/step"
-              f"  {e.key[:110]}")  # fmt: skip
+        print(
+            f"{e.count / args.steps:7.1f}/step {e.device_time_total / args.steps:9.1f} us/step"
+            f"  {e.key[:110]}"
+        )
     llm.close()
 
 

@@ -58,8 +58,10 @@ def main():
             calls.append(time.perf_counter() - start)
             deliveries.append(acks.recv() - start)
         size = len(pickle.dumps(("step", (plan,))))
-        print(f"{batch:5}  {blocks:14}  {size:10}  {1e6 * statistics.median(calls):16.0f}"
-              f"  {1e6 * statistics.median(deliveries):20.0f}")  # fmt: skip
+        print(
+            f"{batch:5}  {blocks:14}  {size:10}  {1e6 * statistics.median(calls):16.0f}"
+            f"  {1e6 * statistics.median(deliveries):20.0f}"
+        )
     conn.close()
     process.join()
 

@@ -33,20 +33,21 @@ class Config:
     # Compressed PagedAttention (docs/DESIGN.md section 2); kv_budget=None: the full-KV engine.
     kv_budget: int | None = 2048  # tokens kept per (layer, KV head) after a compression
     window: int = 16  # observation window: the last queries before a block boundary
-    decay: float = 0.8  # global score: max(score now, decay * score at the last compression)
-    pool_kernel: int = 5  # max-pooling of scores along tokens (first compression only)
-    score_weight: float = 0.2  # final score = w * attention - (1 - w) * redundancy
-    redundancy_tau: float = 0.4  # redundancy softmax temperature, in units of block_size
     num_sinks: int = 0  # first tokens always kept
-    # Layers scored and compacted at once: fewer bounds temporary memory (about 3 copies of one
-    # request's keys per layer), more saves launches (Qwen3-0.6B on an H100: 4.5 ms per
-    # compression in groups of 8, 1.3 ms in one group; BENCHMARKS.md).
+    # Layers scored at once in a compression: fewer bounds temporary memory (about 3 copies of
+    # one request's keys per layer), more saves launches (BENCHMARKS.md measures both).
     compress_layers: int = 64
     policy: str = "zipage"  # eviction policy, a key of nanozipage.policy.POLICIES
+    policy_args: dict = field(default_factory=dict)  # its parameters (its dataclass's fields)
     # Compress on a side stream while the others decode (the request itself skips those steps)
     async_compression: bool = True
     max_compress_blocks: int = 600  # blocks being compressed at once (bounds temporary memory)
     hf_config: dict = field(default_factory=dict)  # the checkpoint's config.json (filled here)
+
+    @property
+    def max_blocks(self) -> int | None:
+        """N_max for the engine's budget; None for full KV."""
+        return max_blocks(self.kv_budget, self.block_size) if self.kv_budget else None
 
     def __post_init__(self):
         self.model = model_dir(self.model)  # from here on, the engine reads only this directory
@@ -84,19 +85,12 @@ class Config:
             "dtype": (self.dtype in DTYPES, "float32, float16 or bfloat16"),
         }
         if self.kv_budget is not None:  # the compression knobs
-            from nanozipage.policy import POLICIES
+            from nanozipage.policy import make_policy
 
+            make_policy(self.policy, self.policy_args)  # raises on an unknown name or key
             check_kv_budget(self.kv_budget, self.block_size, self.window)
             for name, low in (("compress_layers", 1), ("max_compress_blocks", 1), ("num_sinks", 0)):
                 _check_int(name, getattr(self, name), low)
-            odd = isinstance(self.pool_kernel, int) and self.pool_kernel % 2 == 1
-            checks |= {
-                "policy": (self.policy in POLICIES, f"one of {sorted(POLICIES)}"),
-                "score_weight": (0 <= self.score_weight <= 1, "in [0, 1]"),
-                "decay": (0 < self.decay <= 1, "in (0, 1]"),
-                "redundancy_tau": (self.redundancy_tau > 0, "> 0"),
-                "pool_kernel": (odd, "an odd integer"),
-            }
         for name, (valid, allowed) in checks.items():
             if not valid:
                 raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
@@ -123,17 +117,21 @@ def model_dir(model: str) -> str:
     try:
         validate_repo_id(model)
     except ValueError:  # a path, not a hub id: nothing to download
-        raise ValueError(
-            f"model: {path!r} is not a local directory and not in the Hugging Face cache at "
-            f"{cache}; pass a checkpoint directory or a hub id"
-        ) from None
-    try:
-        return snapshot_download(model, cache_dir=cache, local_files_only=True)
-    except (ValueError, OSError):  # not cached
-        raise ValueError(
-            f"model: {model!r} is not a local directory and not in the Hugging Face cache at "
-            f"{cache}; download it with `hf download {model}`, or pass a directory"
-        ) from None
+        hint = "pass a checkpoint directory or a hub id"
+    else:
+        try:
+            return snapshot_download(model, cache_dir=cache, local_files_only=True)
+        except (ValueError, OSError):  # not cached
+            hint = f"download it with `hf download {model}`, or pass a directory"
+    raise ValueError(
+        f"model: {path!r} is not a local directory and not in the Hugging Face cache at {cache}; "
+        + hint
+    )
+
+
+def max_blocks(kv_budget: int, block_size: int) -> int:
+    """N_max: the most blocks a request holds, its budget plus one block for the next tokens."""
+    return kv_budget // block_size + 1
 
 
 def check_kv_budget(budget, block_size: int, window: int):

@@ -27,15 +27,13 @@ USER_CONFIG_KEYS = {f.name for f in dataclasses.fields(Config)} - {"model", "hf_
 
 
 def one_caller_at_a_time(method):
-    """An engine's state is not thread-safe: a call from a second thread while one is inside
-    raises at once, before it touches anything (the same thread may nest calls)."""
+    """The engine is not thread-safe: a second thread's call raises before touching anything."""
 
     @functools.wraps(method)
     def guarded(self, *args, **kwargs):
         if not self.lock.acquire(blocking=False):
             raise RuntimeError(
-                f"{method.__name__}: another thread is using this LLM; call it from one thread "
-                "at a time (a lock around the calls) or make one LLM per thread"
+                f"{method.__name__}: another thread is using this LLM; use one thread at a time"
             )
         try:
             return method(self, *args, **kwargs)
@@ -178,10 +176,9 @@ class LLMEngine:
             self._finish_compressions(wait=True)
 
     def _recover(self, touched: list[Sequence]):
-        """After a failed step: read back the step in flight (its requests' PENDING tokens must
-        not be read from the samples: other ranks hold the failed step's, zeros), finish every
-        compression launched and cancel those planned, abort the touched requests, and count
-        the blocks' references again (a failure may have struck halfway through bookkeeping)."""
+        """After a failed step: read back the step in flight (other ranks hold the failed step's
+        samples, zeros), finish the compressions launched, cancel those planned, abort the
+        touched requests, and count block references again (it may have failed mid-way)."""
         self.unclaimed += self._collect(self.overlap.take())
         self._finish_compressions(wait=True)
         for seq in self.scheduler.running:
@@ -233,8 +230,7 @@ class LLMEngine:
         self.close()
 
     def is_finished(self) -> bool:
-        """Nothing queued, running or in flight, no compression holding blocks (a request that
-        finished while compressed is freed when its compression is done), no result unclaimed."""
+        """Nothing queued, running, in flight, compressing (still holding blocks) or unclaimed."""
         idle = not self.overlap.in_flight and not self.compressor.running
         return self.scheduler.is_finished() and idle and not self.unclaimed
 

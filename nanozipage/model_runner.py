@@ -200,10 +200,9 @@ class ModelRunner:
             spare = torch.tensor([spare], dtype=torch.float64, device=self.device)
             dist.all_reduce(spare, dist.ReduceOp.MIN)
             spare = spare.item()
-        block_bytes, slot_bytes, n_max = self._empty_kv_cache(1).nbytes, 0, 1
+        block_bytes, slot_bytes, n_max = self._empty_kv_cache(1).nbytes, 0, config.max_blocks or 1
         if config.kv_budget:
             block_bytes += num_layers * self.num_kv_heads * self.block_size * 4  # stored scores
-            n_max = config.kv_budget // self.block_size + 1
             query_bytes = self.num_heads * self.head_dim * self.dtype.itemsize
             slot_bytes = num_layers * config.window * query_bytes
         num_blocks = int(spare // (block_bytes + slot_bytes / n_max))

@@ -259,8 +259,10 @@ def test_two_engines_with_different_block_sizes_in_one_process(compressed_model)
     it gives alone (with compression, the block size changes the output)."""
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     prompts = [[[(3 * i + j) % 256 for i in range(n)]] for j, n in enumerate((30, 17))]
-    configs = [{"block_size": b, "kv_budget": 2 * b, "window": 2, "num_kvcache_blocks": 16}
-               for b in (8, 16)]  # fmt: skip
+    configs = [
+        {"block_size": b, "kv_budget": 2 * b, "window": 2, "num_kvcache_blocks": 16}
+        for b in (8, 16)
+    ]
     alone = []
     for config in configs:
         llm = LLM(compressed_model, **config)

@@ -45,8 +45,9 @@ def spy_on_compression(monkeypatch) -> dict:
 @pytest.mark.parametrize("batch, policy", [(1, "zipage"), (4, "zipage"), *product([3], POLICIES)])
 def test_engine_matches_dense_reference(model_dir, batch, policy, monkeypatch):
     kept = spy_on_compression(monkeypatch)
-    llm = LLM(model_dir, block_size=16, kv_budget=BUDGET, window=4, num_kvcache_blocks=40,
-              policy=policy)  # fmt: skip
+    llm = LLM(
+        model_dir, block_size=16, kv_budget=BUDGET, window=4, num_kvcache_blocks=40, policy=policy
+    )
     rng = random.Random(batch)
     prompts = [[rng.randrange(256) for _ in range(rng.randint(5, 70))] for _ in range(batch)]
     params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
@@ -94,8 +95,14 @@ def test_first_compression_with_a_shared_prefix(model_dir, policy):
 def test_stress_tiny_pool_every_request_finishes(model_dir, kv_budget):
     """Many requests of mixed lengths on a tiny pool: all finish with their exact lengths, and
     no compressed request ever holds more than N_max blocks (checked at every step)."""
-    llm = LLM(model_dir, block_size=16, kv_budget=kv_budget, window=4, num_kvcache_blocks=24,
-              max_num_batched_tokens=64)  # fmt: skip
+    llm = LLM(
+        model_dir,
+        block_size=16,
+        kv_budget=kv_budget,
+        window=4,
+        num_kvcache_blocks=24,
+        max_num_batched_tokens=64,
+    )
     rng = random.Random(0)
     lengths = {}
     for _ in range(150):
@@ -155,8 +162,9 @@ def test_async_and_graphs_change_nothing(model_dir, other):
     params = SamplingParams(temperature=0, max_tokens=90, ignore_eos=True)
     outputs = []
     for config in ({}, other):
-        llm = LLM(model_dir, block_size=16, kv_budget=BUDGET, window=4, num_kvcache_blocks=40,
-                  **config)  # fmt: skip
+        llm = LLM(
+            model_dir, block_size=16, kv_budget=BUDGET, window=4, num_kvcache_blocks=40, **config
+        )
         outputs.append([o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)])
     assert outputs[0] == outputs[1]
 
@@ -171,9 +179,16 @@ def test_samples_sharing_a_prompt_in_the_smallest_pool_match_dense_reference(
     so sample 0 goes on (it once preempted itself too, and the step that followed scheduled
     nothing: "no request can make progress")."""
     prompt = [random.Random(0).randrange(256) for _ in range(20)]
-    llm = LLM(model_dir, block_size=8, kv_budget=16, window=2, num_kvcache_blocks=4,
-              max_num_batched_tokens=64, overlap_scheduling=overlap,
-              async_compression=async_compression)  # fmt: skip
+    llm = LLM(
+        model_dir,
+        block_size=8,
+        kv_budget=16,
+        window=2,
+        num_kvcache_blocks=4,
+        max_num_batched_tokens=64,
+        overlap_scheduling=overlap,
+        async_compression=async_compression,
+    )
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, n=2)
     outputs = llm.generate([prompt], params, use_tqdm=False)
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -189,9 +204,16 @@ def test_a_request_preempted_at_its_compression_is_compressed_there_after_recomp
     reference does (a recompute that ran past it compressed a block later)."""
     rng = random.Random(0)  # lengths that make such a preemption (a fuzzer found them)
     prompts, lengths = [[rng.randrange(256) for _ in range(n)] for n in (5, 13)], [10, 8]
-    llm = LLM(model_dir, block_size=4, kv_budget=8, window=1, num_kvcache_blocks=6,
-              max_num_batched_tokens=64, overlap_scheduling=False,
-              async_compression=False)  # fmt: skip
+    llm = LLM(
+        model_dir,
+        block_size=4,
+        kv_budget=8,
+        window=1,
+        num_kvcache_blocks=6,
+        max_num_batched_tokens=64,
+        overlap_scheduling=False,
+        async_compression=False,
+    )
     at_compression, preempt = [], llm.scheduler._preempt
 
     def spy(seq):
@@ -213,8 +235,15 @@ def test_samples_preempted_at_a_compression_compute_its_window_queries_again(mod
     which its query slot may have lost to another request meanwhile (here: overwritten)."""
     rng = random.Random(0)
     prompts = [[rng.randrange(256) for _ in range(n)] for n in (24, 28)]
-    llm = LLM(model_dir, block_size=8, window=3, kv_budget=16, num_kvcache_blocks=7,
-              max_num_batched_tokens=23, overlap_scheduling=False)  # fmt: skip
+    llm = LLM(
+        model_dir,
+        block_size=8,
+        window=3,
+        kv_budget=16,
+        num_kvcache_blocks=7,
+        max_num_batched_tokens=23,
+        overlap_scheduling=False,
+    )
     release, q_cache = llm.scheduler._release_query_slot, llm.model_runner.q_cache
 
     def clobbering_release(seq):
@@ -223,12 +252,17 @@ def test_samples_preempted_at_a_compression_compute_its_window_queries_again(mod
         release(seq)
 
     llm.scheduler._release_query_slot = clobbering_release
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, n=n)
-              for m, n in ((13, 3), (25, 2))]  # fmt: skip
+    params = [
+        SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, n=n)
+        for m, n in ((13, 3), (25, 2))
+    ]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    expected = [dense_generate(hf, p, sp.max_tokens, llm.config, 16)[0]
-                for p, sp in zip(prompts, params) for _ in range(sp.n)]  # fmt: skip
+    expected = [
+        dense_generate(hf, p, sp.max_tokens, llm.config, 16)[0]
+        for p, sp in zip(prompts, params)
+        for _ in range(sp.n)
+    ]
     assert [o["token_ids"] for o in outputs] == expected
     assert llm.scheduler.num_preemptions > 0
 

@@ -16,8 +16,13 @@ from helpers import make_tiny_model
 
 from nanozipage import LLM, SamplingParams
 
-CONFIG = {"block_size": 16, "window": 4, "num_kvcache_blocks": 14, "max_num_batched_tokens": 40,
-          "max_num_seqs": 16}  # fmt: skip
+CONFIG = {
+    "block_size": 16,
+    "window": 4,
+    "num_kvcache_blocks": 14,
+    "max_num_batched_tokens": 40,
+    "max_num_seqs": 16,
+}
 
 
 def workload(seed: int):

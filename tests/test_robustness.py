@@ -20,8 +20,13 @@ from nanozipage import LLM, SamplingParams
 
 # Block size 8, budget 16: a request compresses at 24 cached tokens, then every 8; 16-token
 # chunks split the longer prompts; the pool is tight enough for a few preemptions.
-CONFIG = {"block_size": 8, "kv_budget": 16, "window": 2, "num_kvcache_blocks": 16,
-          "max_num_batched_tokens": 16}  # fmt: skip
+CONFIG = {
+    "block_size": 8,
+    "kv_budget": 16,
+    "window": 2,
+    "num_kvcache_blocks": 16,
+    "max_num_batched_tokens": 16,
+}
 rng = random.Random(0)
 PROMPTS = [[rng.randrange(256) for _ in range(n)] for n in (5, 21, 30, 12)]
 PARAMS = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=True)

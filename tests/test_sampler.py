@@ -153,8 +153,14 @@ def test_banned_tokens_are_never_chosen_nor_change_the_logprobs():
     top = logits.argmax(-1)
     banned = (torch.tensor([0, 0, 2]), torch.stack([top[0], (top[0] + 1) % 10, top[2]]))
     for temperature in (0, 1.0):
-        tokens, logprobs = sample(logits, torch.full((3,), float(temperature)), [None] * 3,
-                                  temperature == 0, True, banned=banned)  # fmt: skip
+        tokens, logprobs = sample(
+            logits,
+            torch.full((3,), float(temperature)),
+            [None] * 3,
+            temperature == 0,
+            True,
+            banned=banned,
+        )
         assert tokens[0] not in banned[1][:2] and tokens[2] != top[2]
         assert temperature or tokens[1] == top[1]
         assert torch.allclose(logprobs, logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0])

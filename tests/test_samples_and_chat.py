@@ -108,8 +108,11 @@ def test_seeded_samples_differ_and_each_is_its_own_seeded_request(model_dir, con
 def test_results_come_in_prompt_order_with_a_prompts_samples_side_by_side(model_dir):
     llm = LLM(model_dir, **FULL_KV)
     prompts = [PROMPT[:20], PROMPT[20:], PROMPT[5:30]]
-    params = [replace(SAMPLED, n=2, max_tokens=12, seed=1), replace(SAMPLED, max_tokens=3),
-              replace(SAMPLED, n=3, max_tokens=6, seed=2)]  # fmt: skip
+    params = [
+        replace(SAMPLED, n=2, max_tokens=12, seed=1),
+        replace(SAMPLED, max_tokens=3),
+        replace(SAMPLED, n=3, max_tokens=6, seed=2),
+    ]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     expected = [(0, 0, 12), (0, 1, 12), (1, 0, 3), (2, 0, 6), (2, 1, 6), (2, 2, 6)]
     got = [(prompts.index(o["prompt_token_ids"]), o["index"], len(o["token_ids"])) for o in outputs]
@@ -141,8 +144,14 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_path) -> LLM:
-    return LLM(smollm2_path, block_size=16, max_model_len=512, dtype="float32", kv_budget=None,
-               num_kvcache_blocks=64)  # fmt: skip
+    return LLM(
+        smollm2_path,
+        block_size=16,
+        max_model_len=512,
+        dtype="float32",
+        kv_budget=None,
+        num_kvcache_blocks=64,
+    )
 
 
 def template_ids(llm: LLM, conversation: list[dict], **kwargs) -> list[int]:
@@ -169,8 +178,9 @@ def test_chat_equals_generate_on_the_templates_ids(smollm2):
 
 def test_chat_does_not_double_a_bos_that_the_template_writes(smollm2):
     tokenizer, bos = smollm2.tokenizer, smollm2.tokenizer.bos_token_id
-    text = tokenizer.apply_chat_template(CONVERSATIONS[0], tokenize=False,
-                                         add_generation_prompt=True)  # fmt: skip
+    text = tokenizer.apply_chat_template(
+        CONVERSATIONS[0], tokenize=False, add_generation_prompt=True
+    )
     assert text.startswith(tokenizer.bos_token)  # the template writes its BOS
     tokenizer.add_bos_token = True  # and encoding would add another
     try:
@@ -214,10 +224,14 @@ def test_a_string_is_one_prompt_and_ends_by_length_or_stop(smollm2):
     assert (free["finish_reason"], free["token_ids"][-1]) == ("stop", 2)  # EOS: <|im_end|>
 
 
-@pytest.mark.parametrize("config", [
-    {"kv_budget": None, "block_size": 8, "num_kvcache_blocks": 20},
-    {**COMPRESSED, "num_kvcache_blocks": 12},
-], ids=["full KV", "compressed"])  # fmt: skip
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"kv_budget": None, "block_size": 8, "num_kvcache_blocks": 20},
+        {**COMPRESSED, "num_kvcache_blocks": 12},
+    ],
+    ids=["full KV", "compressed"],
+)
 def test_samples_penalties_and_stops_under_preemption_agree_in_both_loops(model_dir, config):
     """Everything at once in a pool too small for it: the overlapped loop gives the plain
     loop's results, and every block comes back."""
@@ -237,6 +251,8 @@ def test_samples_penalties_and_stops_under_preemption_agree_in_both_loops(model_
         assert llm.scheduler.num_preemptions > 0
         assert_no_leak(llm)
     ignored = ("request_id", "num_cached_tokens")
-    overlapped, plain = ([{k: v for k, v in o.items() if k not in ignored} for o in results[o]]
-                         for o in (True, False))  # fmt: skip
+    overlapped, plain = (
+        [{k: v for k, v in o.items() if k not in ignored} for o in results[o]]
+        for o in (True, False)
+    )
     assert overlapped == plain and len(plain) == 9

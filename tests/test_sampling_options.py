@@ -43,8 +43,9 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 @torch.no_grad()
-def reference_greedy(hf, prompt, max_tokens, repetition_penalty=1.0, frequency_penalty=0.0,
-                     presence_penalty=0.0) -> list[int]:  # fmt: skip
+def reference_greedy(
+    hf, prompt, max_tokens, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0
+) -> list[int]:
     output = []
     for _ in range(max_tokens):
         logits = hf(torch.tensor([prompt + output])).logits[0, -1].float()
@@ -61,8 +62,9 @@ def reference_greedy(hf, prompt, max_tokens, repetition_penalty=1.0, frequency_p
 
 
 def engine(model_dir: str, **config) -> LLM:
-    return LLM(model_dir, **{"kv_budget": None, "block_size": 16, "num_kvcache_blocks": 64,
-                             **config})  # fmt: skip
+    return LLM(
+        model_dir, **{"kv_budget": None, "block_size": 16, "num_kvcache_blocks": 64, **config}
+    )
 
 
 @pytest.mark.parametrize("overlap", [True, False])

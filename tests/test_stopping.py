@@ -85,8 +85,9 @@ def test_eos_ids_come_from_generation_config_else_config_json_else_the_tokenizer
 
 
 def test_every_id_of_an_eos_list_stops_a_request(eos_dir, eos_list, free):
-    outputs = LLM(eos_dir, **TINY_CONFIG).generate(PROMPTS, replace(FREE, ignore_eos=False),
-                                                   use_tqdm=False)  # fmt: skip
+    outputs = LLM(eos_dir, **TINY_CONFIG).generate(
+        PROMPTS, replace(FREE, ignore_eos=False), use_tqdm=False
+    )
     for out, tokens in zip(outputs, free):
         assert out["token_ids"] == cut(tokens, eos_list)
         stopped = out["token_ids"] != tokens
@@ -130,8 +131,9 @@ def test_min_tokens_bans_stop_ids_until_that_many_tokens(tiny_dir, free, tmp_pat
     else:
         model, params = tiny_dir, replace(params, stop_token_ids=[stop])
     llm = LLM(model, **TINY_CONFIG)
-    early, late = llm.generate([prompt] * 2, [replace(params, min_tokens=0), params],
-                               use_tqdm=False)  # fmt: skip
+    early, late = llm.generate(
+        [prompt] * 2, [replace(params, min_tokens=0), params], use_tqdm=False
+    )
     assert early["token_ids"] == tokens[: first + 1]
     # As vLLM: the stop id is not sampled before min_tokens, so the run takes another token
     # where it came first, and from there goes its own way.
@@ -142,14 +144,16 @@ def test_min_tokens_bans_stop_ids_until_that_many_tokens(tiny_dir, free, tmp_pat
 
 def test_an_eos_id_beyond_the_vocabulary_is_no_error_under_min_tokens(tiny_dir, tmp_path):
     model = with_generation_config(tiny_dir, tmp_path / "model", {"eos_token_id": [300, 301]})
-    out = LLM(model, **TINY_CONFIG).generate([1, 2, 3], replace(FREE, ignore_eos=False,
-                                             min_tokens=3), use_tqdm=False)  # fmt: skip
+    out = LLM(model, **TINY_CONFIG).generate(
+        [1, 2, 3], replace(FREE, ignore_eos=False, min_tokens=3), use_tqdm=False
+    )
     assert len(out[0]["token_ids"]) == FREE.max_tokens
 
 
 def test_a_request_without_a_stop_ends_at_max_tokens_with_reason_length(tiny_dir):
-    out = LLM(tiny_dir, **TINY_CONFIG).generate([1, 2, 3], replace(FREE, max_tokens=7),
-                                                use_tqdm=False)  # fmt: skip
+    out = LLM(tiny_dir, **TINY_CONFIG).generate(
+        [1, 2, 3], replace(FREE, max_tokens=7), use_tqdm=False
+    )
     assert len(out) == 1 and len(out[0]["token_ids"]) == 7
     assert (out[0]["finish_reason"], out[0]["stop_reason"]) == ("length", None)
     assert out[0]["prompt_token_ids"] == [1, 2, 3]
@@ -208,8 +212,9 @@ def test_the_text_reads_on_from_the_prompt_with_a_sentencepiece_tokenizer(tmp_pa
     assert free["text"] == decode(prompt + tokens)[len(decode(prompt)) :]
     assert free["text"].startswith(" w")
     stop = " " + free["text"].split()[0]
-    stopped = llm.generate(["w5 w6 w7"], replace(FREE, max_tokens=6, stop=[stop]),
-                           use_tqdm=False)[0]  # fmt: skip
+    stopped = llm.generate(["w5 w6 w7"], replace(FREE, max_tokens=6, stop=[stop]), use_tqdm=False)[
+        0
+    ]
     assert (stopped["token_ids"], stopped["text"]) == (tokens[:1], "")
 
 
@@ -220,8 +225,9 @@ def test_a_tokenizer_that_cleans_up_spaces_still_finds_a_stop_after_a_space():
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tokenizer.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>",
-                                        clean_up_tokenization_spaces=True)  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", clean_up_tokenization_spaces=True
+    )
     stop = StopConditions(set(), tokenizer)
     seq = Sequence([1, 2, 3, 4], SamplingParams(max_tokens=4, stop=["."]), 4)
     seq.num_prompt_tokens = 2  # completion ".y"
@@ -242,8 +248,9 @@ def occurrences(text: str, s: str) -> list[int]:
     return [i for i in range(len(text)) if text.startswith(s, i)]
 
 
-def expected_stop(tokens: list[int], pieces: list[str], stops: list[str], min_tokens=0,
-                  include=False) -> tuple[list[int], str, str | None]:  # fmt: skip
+def expected_stop(
+    tokens: list[int], pieces: list[str], stops: list[str], min_tokens=0, include=False
+) -> tuple[list[int], str, str | None]:
     """The free run cut at the first token, from the min_tokens-th on, in whose text a stop
     string's occurrence ends (the earliest occurrence if several do): its tokens, its text and
     the stop string. `pieces` is the text of each token."""
@@ -262,8 +269,13 @@ def expected_stop(tokens: list[int], pieces: list[str], stops: list[str], min_to
 @pytest.fixture(scope="module")
 def smollm2(smollm2_path) -> dict[bool, LLM]:
     """Two SmolLM2 engines: overlapped (True) and plain (False) loop."""
-    config = {"block_size": 16, "max_model_len": 512, "dtype": "float32", "kv_budget": None,
-              "num_kvcache_blocks": 64}  # fmt: skip
+    config = {
+        "block_size": 16,
+        "max_model_len": 512,
+        "dtype": "float32",
+        "kv_budget": None,
+        "num_kvcache_blocks": 64,
+    }
     return {o: LLM(smollm2_path, overlap_scheduling=o, **config) for o in (True, False)}
 
 
@@ -280,8 +292,9 @@ def stopped(smollm2) -> dict:
     found in the text of a long free greedy answer, and EOS, stop token and length on a short
     answer that ends with EOS. name -> (overlapped output, plain output, expected)."""
     llm = smollm2[True]
-    haiku, capital = (chat_ids(llm, q) for q in ("Write a haiku about autumn.",
-                                                  "What is the capital of France?"))  # fmt: skip
+    haiku, capital = (
+        chat_ids(llm, q) for q in ("Write a haiku about autumn.", "What is the capital of France?")
+    )
     free_params = replace(FREE, max_tokens=32)
     free = llm.generate([haiku, capital], free_params, use_tqdm=False)
     tokens = free[0]["token_ids"]
@@ -298,26 +311,30 @@ def stopped(smollm2) -> dict:
     assert text.find(spanning) == ends[j] + 1 and len(spanning) > 4
     # A word the answer says again two or more tokens later: min_tokens skips its first time.
     again = next(
-        i for i, p in enumerate(pieces)
+        i
+        for i, p in enumerate(pieces)
         if len(p.strip()) >= 3 and p.strip() in "".join(pieces[: max(i - 1, 0)])
-    )  # fmt: skip
+    )
     twice, first_end = pieces[again].strip(), text.find(pieces[again].strip())
     min_tokens = next(j for j, end in enumerate(ends) if end >= first_end) + 2
     cases = {
         "spanning": (haiku, replace(free_params, stop=spanning)),
         "inside": (haiku, replace(free_params, stop=inside)),
-        "spanning kept": (haiku, replace(free_params, stop=spanning,
-                                         include_stop_str_in_output=True)),
+        "spanning kept": (
+            haiku,
+            replace(free_params, stop=spanning, include_stop_str_in_output=True),
+        ),
         "inside kept": (haiku, replace(free_params, stop=inside, include_stop_str_in_output=True)),
         "earliest": (haiku, replace(free_params, stop=[spanning, inside])),
         "same token": (haiku, replace(free_params, stop=[inside, pieces[j].strip()])),
         "min_tokens": (haiku, replace(free_params, stop=[twice], min_tokens=min_tokens)),
-    }  # fmt: skip
+    }
     expected = {
-        name: expected_stop(tokens, pieces, params.stop, params.min_tokens,
-                            params.include_stop_str_in_output)
+        name: expected_stop(
+            tokens, pieces, params.stop, params.min_tokens, params.include_stop_str_in_output
+        )
         for name, (_, params) in cases.items()
-    }  # fmt: skip
+    }
     # The short answer: EOS (<|im_end|>, 2) a few tokens in; with ignore_eos it goes on.
     short = free[1]["token_ids"]
     eos = short.index(2)
@@ -409,8 +426,9 @@ def test_stop_strings_give_the_same_outputs_in_the_overlapped_and_the_plain_loop
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "plain"])
-def test_a_failed_steps_requests_come_back_with_the_text_of_their_tokens(smollm2, overlap,
-                                                                          monkeypatch):  # fmt: skip
+def test_a_failed_steps_requests_come_back_with_the_text_of_their_tokens(
+    smollm2, overlap, monkeypatch
+):
     """Ctrl-C inside a step: the requests it touched come back from the next `step()` as
     "abort", with the text of the tokens they have (a token still in flight is not one)."""
     llm, params = smollm2[overlap], replace(FREE, max_tokens=20)

@@ -51,8 +51,13 @@ def test_two_ranks_match_one(model_dir, kv_budget):
     and preemption. With compression, after every compaction the compacted blocks of both
     ranks (each rank scored and compacted its own KV head) hold what the single-rank engine's
     hold, whose kept indices test_compression.py checks against the dense reference."""
-    config = {"block_size": 16, "kv_budget": kv_budget, "window": 4,
-              "max_num_batched_tokens": 64, "num_kvcache_blocks": 16}  # fmt: skip
+    config = {
+        "block_size": 16,
+        "kv_budget": kv_budget,
+        "window": 4,
+        "max_num_batched_tokens": 64,
+        "num_kvcache_blocks": 16,
+    }
     # The tensor-parallel engine first: a model built while its process group exists must not
     # be sharded (each engine tells its model its rank and number of ranks).
     tensor_parallel = LLM(model_dir, tensor_parallel_size=2, **config)
@@ -105,8 +110,13 @@ def test_two_ranks_match_one_in_bfloat16(tmp_path):
     On the CPU (2026-11-30, 8 requests, 3 architectures) the largest gap to one rank was 0.05
     to 0.11 and bfloat16's own 0.23 to 0.36; a missing all-reduce gives gaps of order 1."""
     model = make_tiny_model("qwen3", tmp_path)
-    config = {"block_size": 16, "kv_budget": BUDGET, "window": 4, "max_num_batched_tokens": 64,
-              "num_kvcache_blocks": 64}  # fmt: skip
+    config = {
+        "block_size": 16,
+        "kv_budget": BUDGET,
+        "window": 4,
+        "max_num_batched_tokens": 64,
+        "num_kvcache_blocks": 64,
+    }
     rng = random.Random(0)
     prompts = [[rng.randrange(256) for _ in range(n)] for n in (3, 30, 70, 9, 20, 45, 12, 60)]
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, logprobs=True)
@@ -153,8 +163,12 @@ def test_a_worker_dead_before_its_call_is_sent_ends_the_engine(tmp_path, monkeyp
     """A worker that died after the liveness check, so that sending its call fails on a broken
     pipe: the caller learns which worker exited, and the engine is closed (its process group
     too, which is what a next engine needs: test_two_engines_in_turn_in_one_process)."""
-    llm = LLM(make_tiny_model("llama", tmp_path), tensor_parallel_size=2, kv_budget=None,
-              num_kvcache_blocks=8)  # fmt: skip
+    llm = LLM(
+        make_tiny_model("llama", tmp_path),
+        tensor_parallel_size=2,
+        kv_budget=None,
+        num_kvcache_blocks=8,
+    )
     workers = llm.model_runner.workers
     workers.processes[0].kill()
     workers.processes[0].join()
@@ -167,8 +181,12 @@ def test_a_worker_dead_before_its_call_is_sent_ends_the_engine(tmp_path, monkeyp
 def test_a_worker_killed_mid_step_raises_and_ends_the_engine(tmp_path, monkeypatch):
     """A worker dying inside a step (here: while rank 0 samples the third step) raises in the
     caller within seconds, never hangs; the process group ends, and a later call raises at once."""
-    llm = LLM(make_tiny_model("qwen2", tmp_path), tensor_parallel_size=2, kv_budget=None,
-              num_kvcache_blocks=8)  # fmt: skip
+    llm = LLM(
+        make_tiny_model("qwen2", tmp_path),
+        tensor_parallel_size=2,
+        kv_budget=None,
+        num_kvcache_blocks=8,
+    )
     worker, sample, calls = llm.model_runner.workers.processes[0], Sampler.__call__, []
 
     def failing_sample(*args):
@@ -196,8 +214,12 @@ def test_ctrl_c_while_rank_0_samples_leaves_the_engine_usable(tmp_path, monkeypa
     raises while it samples a new prompt. The workers still get the step's samples (zeros), so
     they stay in step with rank 0: the call raises, the requests decoding beside it go on as if
     nothing happened, the next call gives what a fresh engine gives, and no block leaks."""
-    llm = LLM(make_tiny_model("qwen2", tmp_path), tensor_parallel_size=2, kv_budget=None,
-              num_kvcache_blocks=8)  # fmt: skip
+    llm = LLM(
+        make_tiny_model("qwen2", tmp_path),
+        tensor_parallel_size=2,
+        kv_budget=None,
+        num_kvcache_blocks=8,
+    )
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompts = [[1, 2, 3], [4, 5, 6], [7, 8]]
     fresh = [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -238,9 +260,16 @@ def test_program_end_ends_the_worker(tmp_path):
     shm = shared_memory_segments()
     model = make_tiny_model("qwen3", tmp_path)
     env = {**os.environ, "PYTHONPATH": REPO}
-    runs = {how: subprocess.Popen([sys.executable, "-c", EXITING_PROGRAM, model, how], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for how in ("exit", "raise")}  # fmt: skip
+    runs = {
+        how: subprocess.Popen(
+            [sys.executable, "-c", EXITING_PROGRAM, model, how],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for how in ("exit", "raise")
+    }
     try:
         for how, run in runs.items():
             stdout, stderr = run.communicate(timeout=120)
@@ -306,8 +335,14 @@ def test_a_script_without_the_main_guard_is_told_so_at_once(tmp_path):
     mark = f"NANOZIPAGE_TEST_{os.getpid()}"
     env = {**os.environ, "PYTHONPATH": REPO, mark: "1"}  # inherited by every process it starts
     start = time.perf_counter()
-    run = subprocess.run([sys.executable, str(script), model], env=env, capture_output=True,
-                         text=True, timeout=120, check=False)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(script), model],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     # Imports dominate: CUDA's torch twice (the script, and its re-run in the worker) took 29-31 s
     # on the two-H200 machine; the rendezvous it no longer waits on took 5 minutes.
     assert time.perf_counter() - start < (60 if ON_GPU else 30)
