@@ -16,9 +16,20 @@ every generated sequence with transformers in full attention and reports, per co
 the share of generated positions where the engine's token is full attention's argmax
 (agreement), and the mean |engine logprob - full-attention logprob| of the chosen tokens (gap).
 
-Both tasks use chat prompts with the system prompt below, default to SmolLM2-135M-Instruct and
-GSM8K's test set (../shared/data/gsm8k_test.jsonl), build one engine per configuration (freed
-before the next), and print a table, then one JSON line. On a shared CPU, OMP_NUM_THREADS=1
+policies: `python evaluate.py --task policies [--policies all] [--budgets 64,128,256]
+[--num-cases 48] [--num-problems 8] [--max-tokens 192] [--plot docs/policies.png]`
+runs every policy at each budget and full KV, in blocks of 16 with a window of 8, on two tests:
+passkey, the share of retrieval cases answered (a key hidden at a random depth in 400-1,000
+tokens of filler, asked for at the end; keys are numbers of 3-8 digits, word pairs, letter
+codes and letter-digit codes; fillers are a repeated sentence, natural text written for this
+test and, when --data exists, GSM8K questions), counting only the cases full KV answers; and
+fidelity as above, on the first N questions. One engine serves every configuration: its budget
+is never reached by a test's request, each request lowers it (`SamplingParams(kv_budget=...)`),
+and the prompts stay in its prefix cache while the policy changes.
+
+math and fidelity use chat prompts with the system prompt below, and build one engine per
+configuration (freed before the next). Every task defaults to SmolLM2-135M-Instruct and GSM8K's
+test set (../shared/data/gsm8k_test.jsonl), and prints a table, then one JSON line. On a shared CPU, OMP_NUM_THREADS=1
 avoids thread contention, which makes small PyTorch ops orders of magnitude slower.
 """
 
@@ -26,13 +37,17 @@ import argparse
 import gc
 import json
 import os
+import random
+import re
 import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from eval_math import is_correct, last_boxed, reference
 from nanozipage import LLM, SamplingParams
+from nanozipage.policy import POLICIES
 
 SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -44,9 +59,80 @@ FIELDS = {
 }
 # Per task: the paper's reasoning setting for math, a CPU-sized one for fidelity.
 DEFAULTS = {
-    "math": {"budgets": "full,2048,1024", "block_size": 256, "num_problems": None},
-    "fidelity": {"budgets": "128,256", "block_size": 32, "num_problems": 64},
+    "math": {
+        "budgets": "full,2048,1024",
+        "block_size": 256,
+        "num_problems": None,
+        "max_tokens": 512,
+    },
+    "fidelity": {
+        "budgets": "128,256",
+        "block_size": 32,
+        "num_problems": 64,
+        "max_tokens": 512,
+        "policies": "zipage,streamingllm",
+    },
+    "policies": {
+        "budgets": "64,128,256",
+        "num_problems": 8,
+        "max_tokens": 192,
+        "policies": ",".join(POLICIES),
+        "plot": os.path.join(ROOT, "docs", "policies.png"),
+    },
 }
+# The passkey test: fillers, key formats and the sentences that hide and ask for a key.
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NATURAL = [  # written for this test
+    "The morning market opens early, so people buy apples while the bread is still rising.",
+    "Our neighbour keeps a small boat on the lake and paints it a new colour every spring.",
+    "A train leaves the northern station every forty minutes, except on public holidays.",
+    "The library on the hill lends out tools as well as books, from ladders to drills.",
+    "The town's old streets bend around the wells that were dug there long ago.",
+    "When the river floods, the ducks move into the park and the children feed them.",
+    "The recipe calls for two cups of flour, a spoon of honey and a pinch of salt.",
+    "Every autumn the school holds a fair where students sell jam and paper lanterns.",
+    "The lighthouse keeper writes down the weather three times a day in a green notebook.",
+    "Some people walk to work along the canal, where the herons stand very still.",
+    "The museum's oldest clock still keeps time, though it loses a minute each week.",
+    "In summer the pool stays open late, and the lifeguards play cards between shifts.",
+    "The farmer plants beans one year and wheat the next, to keep the soil healthy.",
+    "A tailor on the corner shortens trousers while you wait and drink a cup of tea.",
+    "The bus driver greets every passenger by name and knows the stop each one needs.",
+    "After the storm, volunteers cleared the branches and stacked the wood for winter.",
+    "The orchestra rehearses on Thursday evenings in the church hall, for its echo.",
+    "Hikers are told to carry water, a map and a warm layer, even on sunny days.",
+    "The old bridge was mended with stones from the quarry that built it long ago.",
+    "A cat sleeps in the window of the bookshop and is more famous than the owner.",
+    "The radio plays old songs on Sunday mornings and the news every hour on the hour.",
+    "Children learn to ride bicycles in the empty car park behind the supermarket.",
+    "The pharmacist keeps a jar of sweets on the counter for anyone who has to wait.",
+    "Gardeners in the valley compete to grow the heaviest pumpkin of the year.",
+    "The harbour is busiest at dawn, when the boats return and the gulls follow them.",
+    "On cold nights the café serves soup in large bowls and stays open for students.",
+    "The new road will shorten the trip to the coast, but many prefer the scenic route.",
+    "A group of friends meets every Tuesday to repair broken toys for the hospital.",
+    "The weather office predicts a dry week, though the clouds look less certain.",
+    "The oak tree in the park is said to be older than the town itself.",
+]
+WORDS = (  # a key of the "words" format is one of each
+    ["silver", "amber", "quiet", "rapid", "crimson", "frozen", "golden", "hollow"],
+    ["falcon", "lantern", "harbor", "meadow", "canyon", "whistle", "orchard", "pebble"],
+)
+LETTERS, DIGITS = "ABCDEFGHJKLMNPQRSTUVWXYZ", "23456789"
+KEY_FORMATS = ("number", "words", "letters", "mixed")
+NEEDLES = [  # (the sentence hiding the key, the question asking for it)
+    ("The pass key is {k}. Remember it. {k} is the pass key.", "What is the pass key?"),
+    (
+        "The secret code is {k}. Keep it in mind: the secret code is {k}.",
+        "What is the secret code?",
+    ),
+    ("Important: the magic word is {k}. The magic word is {k}.", "What is the magic word?"),
+]
+PASSKEY_INTRO = (
+    "There is an important piece of information hidden in this text. Find it and memorize it."
+)
+PASSKEY_TOKENS = (400, 1000)  # prompt lengths, chat template included
+PASSKEY_ANSWER = 32  # tokens of an answer: with the prompt, below the engine's budget + a block
 
 
 def load_problems(
@@ -82,8 +168,7 @@ def chat_prompt(tokenizer, question: str) -> list[int]:
 def generate(model: str, policy: str, budget: int | None, block_size: int, questions, params):
     """One engine (budget None: full KV), freed before returning: prompts, outputs, a row of
     timing figures."""
-    sinks = 4 if policy == "recency" else 0  # recency with 4 sinks is StreamingLLM
-    llm = LLM(model, kv_budget=budget, block_size=block_size, policy=policy, num_sinks=sinks)
+    llm = LLM(model, kv_budget=budget, block_size=block_size, policy=policy)
     prompts = [chat_prompt(llm.tokenizer, q) for q in questions]
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -158,26 +243,159 @@ def evaluate_fidelity(model: str, questions, configs, max_tokens=512, block_size
     ]
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     for prompts, outputs, row in runs:
-        agree, gaps, compressed = [], [], []
-        for prompt, out in zip(prompts, outputs):
-            chosen = torch.tensor(out["token_ids"])
-            ids = torch.tensor([prompt + out["token_ids"]])
-            logits = hf(ids, logits_to_keep=len(chosen) + 1).logits[0, :-1]
-            logprobs = logits.float().log_softmax(-1)
-            agree.append(logprobs.argmax(-1) == chosen)
-            full = logprobs.gather(1, chosen[:, None]).squeeze(1)
-            gaps.append((full - torch.tensor(out["logprobs"])).abs())
-            start = first_compressed(len(prompt), row["budget"], block_size)
-            compressed.append(torch.arange(len(chosen)) >= start)
-        agree, gaps, compressed = torch.cat(agree).float(), torch.cat(gaps), torch.cat(compressed)
-        row["agreement"], row["logprob_gap"] = agree.mean().item(), gaps.mean().item()
-        row["compressed_share"] = compressed.float().mean().item()
-        row["agreement_compressed"] = agree[compressed].mean().item() if compressed.any() else None
+        row |= fidelity(hf, prompts, outputs, row["budget"], block_size)
     return [row for _, _, row in runs]
 
 
-def plot(rows: list[dict], path: str):
-    """Agreement and logprob gap against budget, one line per policy, full KV dashed."""
+def fidelity(hf, prompts, outputs, budget: int | None, block_size: int) -> dict:
+    """Greedy outputs teacher-forced through `hf` in full attention: agreement, logprob gap."""
+    agree, gaps, compressed = [], [], []
+    for prompt, out in zip(prompts, outputs):
+        chosen = torch.tensor(out["token_ids"])
+        ids = torch.tensor([prompt + out["token_ids"]])
+        logits = hf(ids, logits_to_keep=len(chosen) + 1).logits[0, :-1]
+        logprobs = logits.float().log_softmax(-1)
+        agree.append(logprobs.argmax(-1) == chosen)
+        full = logprobs.gather(1, chosen[:, None]).squeeze(1)
+        gaps.append((full - torch.tensor(out["logprobs"])).abs())
+        start = first_compressed(len(prompt), budget, block_size)
+        compressed.append(torch.arange(len(chosen)) >= start)
+    agree, gaps, compressed = torch.cat(agree).float(), torch.cat(gaps), torch.cat(compressed)
+    return {
+        "agreement": agree.mean().item(),
+        "logprob_gap": gaps.mean().item(),
+        "compressed_share": compressed.float().mean().item(),
+        "agreement_compressed": agree[compressed].mean().item() if compressed.any() else None,
+    }
+
+
+def passkey_key(rng: random.Random, fmt: str) -> str:
+    """A number of 3-8 digits, an adjective and a noun, 3-6 letters, or 4 or 6 letters and
+    digits in turn."""
+    if fmt == "number":
+        n = rng.randint(3, 8)
+        return str(rng.randrange(10 ** (n - 1), 10**n))
+    if fmt == "words":
+        return " ".join(rng.choice(words) for words in WORDS)
+    if fmt == "letters":
+        return "".join(rng.choices(LETTERS, k=rng.randint(3, 6)))
+    return "".join(rng.choice(DIGITS if i % 2 else LETTERS) for i in range(rng.choice([4, 6])))
+
+
+def passkey_cases(tokenizer, num_cases: int, questions=None, seed: int = 0) -> list[dict]:
+    """Retrieval cases, each key format with each filler in turn (GSM8K `questions` as a third
+    filler if given): consecutive filler sentences from a random start up to a random length,
+    the key's sentence at a random depth, the question at the end."""
+    rng = random.Random(seed)
+    fillers = {"repeated": [FILLER], "natural": NATURAL}
+    if questions:
+        fillers["questions"] = questions
+    cases = []
+    for i in range(num_cases):
+        fmt, filler = KEY_FORMATS[i % 4], list(fillers)[i // 4 % len(fillers)]
+        key, (needle, question) = passkey_key(rng, fmt), rng.choice(NEEDLES)
+        pool, length, depth = fillers[filler], rng.randint(*PASSKEY_TOKENS), rng.random()
+        start, sentences, needle = rng.randrange(len(pool)), [], needle.format(k=key)
+        while len(ids := passkey_prompt(tokenizer, sentences, needle, depth, question)) < length:
+            sentences.append(pool[(start + len(sentences)) % len(pool)])
+        if len(ids) > PASSKEY_TOKENS[1]:
+            ids = passkey_prompt(tokenizer, sentences[:-1], needle, depth, question)
+        cases.append({"ids": ids, "key": key, "format": fmt, "filler": filler, "depth": depth})
+    return cases
+
+
+def passkey_prompt(tokenizer, sentences, needle, depth, question) -> list[int]:
+    at = round(depth * len(sentences))
+    text = " ".join([*sentences[:at], needle, *sentences[at:]])
+    message = f"{PASSKEY_INTRO}\n\n{text}\n\n{question} Answer with it only."
+    chat = [{"role": "user", "content": message}]
+    return tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+
+
+def found(text: str, key: str) -> bool:
+    """The key, whole (not inside a longer number or word), in any case."""
+    return (
+        re.search(rf"(?<![0-9A-Za-z]){re.escape(key)}(?![0-9A-Za-z])", text, re.IGNORECASE)
+        is not None
+    )
+
+
+@torch.inference_mode()
+def evaluate_policies(
+    model: str,
+    num_cases: int,
+    questions,
+    num_problems: int,
+    policies,
+    budgets,
+    max_tokens=192,
+    seed=0,
+    chunk=12,
+) -> list[dict]:
+    """Passkey accuracy and fidelity of every (policy, budget) and full KV, in blocks of 16 with
+    a window of 8. One engine: its budget exceeds every request here, so a request at full KV is
+    never compressed, and a request lowers it with `SamplingParams(kv_budget=...)`. The
+    compressor reads `config.policy` at each compression, so the policy changes between runs
+    while the prompts stay in the prefix cache (`chunk` cases at a time fit the CPU's pool)."""
+    from transformers import AutoModelForCausalLM
+
+    block, full_budget = 16, 1024
+    assert PASSKEY_TOKENS[1] + PASSKEY_ANSWER <= full_budget + block  # never compressed
+    llm = LLM(model, kv_budget=full_budget, block_size=block, window=8)
+    cases = passkey_cases(llm.tokenizer, num_cases, questions, seed)
+    prompts = [chat_prompt(llm.tokenizer, q) for q in questions[:num_problems]]
+    configs = [(None, None)] + [(p, b) for p in policies for b in budgets]
+    chunks = [cases[i : i + chunk] for i in range(0, len(cases), chunk)]
+    progress = tqdm(total=len(configs) * (len(chunks) + 1), desc="policies", file=sys.stderr)
+
+    def run(config, prompts, holders=(), **params) -> list[dict]:
+        """Greedy outputs at one (policy, budget). `holders` run at full KV beside them until past
+        the first compression, which then finds the prompts' blocks shared, writes fresh ones,
+        and leaves the prompts in the prefix cache for the next configuration."""
+        policy, budget = config
+        llm.config.policy = policy or llm.config.policy
+        params = [SamplingParams(temperature=0, kv_budget=budget, **params)] * len(prompts)
+        params += [SamplingParams(max_tokens=block + 1, ignore_eos=True)] * len(holders)
+        outputs = llm.generate(prompts + holders, params, use_tqdm=False)[: len(prompts)]
+        assert budget or not any(o["num_compressions"] for o in outputs)
+        return outputs
+
+    hits = {config: [] for config in configs}
+    for part in chunks:
+        ids = [c["ids"] for c in part]
+        for config in configs:
+            outputs = run(config, ids, ids if config[1] else [], max_tokens=PASSKEY_ANSWER)
+            hits[config] += [found(o["text"], c["key"]) for o, c in zip(outputs, part)]
+            progress.update()
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32) if prompts else None
+    rows, answered = [], hits[None, None]
+    for (policy, budget), mine in hits.items():
+        row = {"config": f"{policy} {budget}" if budget else "full KV", "policy": policy}
+        row |= {"budget": budget, "passkey": share(mine, cases, answered)}
+        for group in (*KEY_FORMATS, "repeated", "natural", "questions"):
+            row[f"passkey_{group}"] = share(mine, cases, answered, group)
+        row |= dict.fromkeys(("agreement", "agreement_compressed", "logprob_gap"))
+        if prompts:
+            outputs = run((policy, budget), prompts, max_tokens=max_tokens, logprobs=True)
+            row |= fidelity(hf, prompts, outputs, budget, block)
+        rows.append(row)
+        progress.update()
+    progress.close()
+    rows[0]["passkey_cases"] = f"{sum(answered)} of {len(cases)} answered with full KV"
+    return rows
+
+
+def share(hits: list[bool], cases, answered: list[bool], group: str | None = None) -> float | None:
+    """The share of hits among the cases full KV answered (of one key format or filler)."""
+    counted = [
+        full and group in (None, c["format"], c["filler"]) for c, full in zip(cases, answered)
+    ]
+    mine = [hit for hit, count in zip(hits, counted) if count]
+    return sum(mine) / len(mine) if mine else None
+
+
+def plot(rows: list[dict], path: str, panels: dict, title: str):
+    """Each panel's key (one of `rows`) against budget, one line per policy, full KV dashed."""
     try:
         import matplotlib  # optional: pip install -e '.[plot]'
     except ImportError:
@@ -186,10 +404,8 @@ def plot(rows: list[dict], path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, name in zip(
-        axes, ("agreement", "logprob_gap"), ("top-1 agreement", "mean |logprob gap|")
-    ):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (key, name) in zip(axes, panels.items()):
         for policy in dict.fromkeys(r["policy"] for r in rows if r["budget"]):
             points = sorted(
                 (r["budget"], r[key]) for r in rows if r["budget"] and r["policy"] == policy
@@ -198,7 +414,7 @@ def plot(rows: list[dict], path: str):
         ax.axhline(rows[0][key], linestyle="--", color="gray", label="full KV")
         ax.set(xlabel="kv_budget (tokens per layer and KV head)", ylabel=name)
         ax.legend()
-    fig.suptitle("Greedy decoding vs full attention (transformers)")
+    fig.suptitle(title)
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
@@ -211,14 +427,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--question-field", help="overrides the format's question field")
     parser.add_argument("--answer-field", help="overrides the format's answer field")
     parser.add_argument("--num-problems", type=int, help="first N (math: all; fidelity: 64)")
+    parser.add_argument("--num-cases", type=int, default=48, help="policies: passkey cases")
     parser.add_argument("--samples", type=int, default=1, help="replies per problem (math)")
-    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, help="math, fidelity: 512; policies: 192")
     parser.add_argument("--budgets", help="comma-separated; 'full' is full KV")
     parser.add_argument("--policy", default="zipage", help="eviction policy (math)")
-    parser.add_argument("--policies", default="zipage,recency", help="fidelity")
+    parser.add_argument("--policies", help="fidelity: zipage,streamingllm; policies: all")
     parser.add_argument("--block-size", type=int, help="math: 256; fidelity: 32")
     parser.add_argument("--seed", type=int, default=0, help="sample i has seed + i (math)")
-    parser.add_argument("--plot", help="fidelity: PNG of agreement and gap against budget")
+    parser.add_argument("--plot", help="fidelity, policies (docs/policies.png): PNG by budget")
     parser.add_argument("--save", help="math: JSONL of every reply with its grade")
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.task].items():
@@ -229,9 +446,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         args.model = smollm2_dir()
     budgets = [None if b == "full" else int(b) for b in args.budgets.split(",")]
-    problems = load_problems(
-        args.data, args.format, args.question_field, args.answer_field, args.num_problems
-    )
+    problems, limit = [], None if args.task == "policies" else args.num_problems
+    if args.task != "policies" or os.path.isfile(args.data):  # passkey runs without them
+        names = ("data", "format", "question_field", "answer_field")
+        problems = load_problems(*[vars(args)[k] for k in names], limit)
     if args.task == "math":
         names = ("samples", "max_tokens", "policy", "block_size", "seed")
         rows = evaluate_math(args.model, problems, budgets, **{k: vars(args)[k] for k in names})
@@ -240,6 +458,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
             replies = [{"config": row["config"], **r} for row in rows for r in row["replies"]]
             with open(args.save, "w") as f:
                 f.writelines(json.dumps(reply) + "\n" for reply in replies)
+    elif args.task == "policies":
+        questions = [q for q, _ in problems]
+        rows = evaluate_policies(
+            args.model,
+            args.num_cases,
+            questions,
+            args.num_problems,
+            args.policies.split(","),
+            budgets,
+            args.max_tokens,
+            args.seed,
+        )
+        columns = ["config", "passkey", *(f"passkey_{f}" for f in KEY_FORMATS), "agreement"]
+        columns += ["agreement_compressed", "logprob_gap"]
+        if args.plot:
+            panels = {"passkey": "passkey accuracy", "agreement": "top-1 agreement (fidelity)"}
+            panels = {key: name for key, name in panels.items() if rows[0][key] is not None}
+            plot(rows, args.plot, panels, "Eviction policies, SmolLM2-135M-Instruct, blocks of 16")
     else:
         configs = [(p, b) for p in args.policies.split(",") for b in budgets if b is not None]
         rows = evaluate_fidelity(
@@ -248,7 +484,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         columns = ["config", "agreement", "logprob_gap", "compressed_share"]
         columns += ["agreement_compressed", "mean_output_tokens", "preemptions"]
         if args.plot:
-            plot(rows, args.plot)
+            panels = {"agreement": "top-1 agreement", "logprob_gap": "mean |logprob gap|"}
+            plot(rows, args.plot, panels, "Greedy decoding vs full attention (transformers)")
     print(" | ".join(f"{c:>18}" for c in columns))
     for row in rows:
         cells = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns]

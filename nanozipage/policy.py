@@ -3,11 +3,16 @@
 A policy scores every cached token of one request per (layer, KV head) from its `CacheState`:
 dense tensors (the cache gathered out of the pages) with a leading group-of-layers dimension;
 `select` keeps the `kv_budget` best plus the window. The heavy steps are kernels whose PyTorch
-references state the math. The engine and the tests' dense reference call the same functions,
-so a new policy is one function added to `POLICIES`.
+references state the math. A policy is a function `(state, params) -> (score, score to store)`
+and a dataclass of its parameters, registered in `POLICIES`; `LLM(policy=NAME, policy_args={})`
+picks one. The engine and the tests' dense reference call the same functions, so a new policy
+is one function, one dataclass and one registry entry (docs/DESIGN.md, "Writing a policy").
 """
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,29 @@ class CacheState:
     prev_scores: torch.Tensor  # [layers, kv_heads, T] float32; 0 where not scored before
     first: bool  # the request's first compression
     block_size: int
+    layers: range  # the absolute indices of the layers in the leading dimension
+
+
+def _check(params, name: str, valid: bool, allowed: str):
+    if not valid:
+        value = getattr(params, name)
+        raise ValueError(f"policy_args: {name} must be {allowed}, got {value!r}")
+
+
+def _check_weight(params, name: str):
+    value = getattr(params, name)
+    _check(params, name, isinstance(value, (int, float)) and 0 <= value <= 1, "in [0, 1]")
+
+
+def _check_kernel(params, name: str = "pool_kernel"):
+    value = getattr(params, name)
+    _check(params, name, isinstance(value, int) and value > 0 and value % 2, "an odd integer")
+
+
+def pool(score: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max-pooling along the tokens (stride 1, padded): a token scores as its best neighbour."""
+    pooled = F.max_pool1d(score.flatten(0, -2).unsqueeze(1), kernel, 1, kernel // 2)
+    return pooled.view_as(score)
 
 
 def redundancy(state: CacheState, tau: float) -> torch.Tensor:
@@ -31,27 +59,208 @@ def redundancy(state: CacheState, tau: float) -> torch.Tensor:
     return (redundancy_sums(state.keys, state.block_size) / (tau * state.block_size)).softmax(-1)
 
 
-def zipage(state: CacheState, config) -> tuple[torch.Tensor, torch.Tensor]:
-    """The paper's recipe (docs/DESIGN.md section 2): returns (score, score to store)."""
-    stored = score = window_scores(state.keys, state.queries)  # step 1: window attention
-    if state.first:  # pooled, but stored as is
-        pad = config.pool_kernel // 2
-        score = F.max_pool1d(score.flatten(0, -2).unsqueeze(1), config.pool_kernel, 1, pad)
-        score = score.view_as(stored)
+def positions(state: CacheState) -> torch.Tensor:
+    """Cache indices 0..T-1 as float32 scores, broadcast to [layers, kv_heads, T]."""
+    index = torch.arange(state.keys.shape[-2], device=state.keys.device, dtype=torch.float32)
+    return index.expand_as(state.prev_scores)
+
+
+@dataclass(frozen=True)
+class ZipageParams:
+    decay: float = 0.8  # global score: max(score now, decay * score at the last compression)
+    pool_kernel: int = 5  # max-pooling of scores along tokens (first compression only)
+    score_weight: float = 0.2  # final score = w * attention - (1 - w) * redundancy
+    redundancy_tau: float = 0.4  # redundancy softmax temperature, in units of block_size
+
+    def __post_init__(self):
+        _check(self, "decay", 0 < self.decay <= 1, "in (0, 1]")
+        _check(self, "redundancy_tau", self.redundancy_tau > 0, "> 0")
+        _check_weight(self, "score_weight")
+        _check_kernel(self)
+
+
+def zipage(state: CacheState, p: ZipageParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's recipe, exactly (Zipage, Liao et al. 2026; docs/DESIGN.md section 2): window
+    attention; global score max(now, decay * stored) from the second compression, max-pooled
+    on the first (stored unpooled); minus R-KV lightning redundancy,
+    `w * attention - (1 - w) * redundancy`."""
+    stored = score = window_scores(state.keys, state.queries)
+    if state.first:
+        score = pool(score, p.pool_kernel)
     else:
-        stored = score = torch.maximum(score, config.decay * state.prev_scores)
-    w = config.score_weight
-    return w * score - (1 - w) * redundancy(state, config.redundancy_tau), stored
+        stored = score = torch.maximum(score, p.decay * state.prev_scores)
+    w = p.score_weight
+    return w * score - (1 - w) * redundancy(state, p.redundancy_tau), stored
 
 
-def recency(state: CacheState, config) -> tuple[torch.Tensor, torch.Tensor]:
-    """The newest tokens (cache order is position order). StreamingLLM is `policy="recency",
-    num_sinks=4`: sinks are `select`'s, for every policy."""
-    score = torch.arange(state.keys.shape[-2], device=state.keys.device, dtype=torch.float32)
-    return score.expand_as(state.prev_scores), torch.zeros_like(state.prev_scores)
+@dataclass(frozen=True)
+class SpansParams:
+    decay: float = 0.9  # memory: max(score now, decay * score at the last compression)
+    pool_kernel: int = 11  # max-pooling along tokens: a phrase, not only its most attended token
+
+    def __post_init__(self):
+        _check(self, "decay", 0 <= self.decay <= 1, "in [0, 1]")
+        _check_kernel(self)
 
 
-POLICIES = {"zipage": zipage, "recency": recency}
+def spans(state: CacheState, p: SpansParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default: attended spans with a memory. Window attention (SnapKV's), kept with a decayed
+    maximum of the scores stored at earlier compressions (G-KV's global score), then max-pooled
+    along the tokens at every compression, wide enough that a kept token brings the phrase around
+    it (a key of several tokens lost its tail with SnapKV's narrower pooling; BENCHMARKS.md)."""
+    stored = window_scores(state.keys, state.queries)
+    if not state.first:
+        stored = torch.maximum(stored, p.decay * state.prev_scores)
+    return pool(stored, p.pool_kernel), stored
+
+
+@dataclass(frozen=True)
+class NoParams:
+    pass
+
+
+def recency(state: CacheState, p: NoParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The newest tokens (cache order is position order): a sliding window. The config's
+    `num_sinks` adds always-kept first tokens to any policy."""
+    return positions(state), torch.zeros_like(state.prev_scores)
+
+
+@dataclass(frozen=True)
+class StreamingParams:
+    sinks: int = 4  # first tokens always kept: the "attention sinks"
+
+    def __post_init__(self):
+        _check(self, "sinks", isinstance(self.sinks, int) and self.sinks >= 0, "an integer >= 0")
+
+
+def streamingllm(state: CacheState, p: StreamingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """StreamingLLM (Xiao et al., 2023): the first `sinks` tokens, which soak up attention that
+    has nowhere else to go, and the newest tokens."""
+    score = positions(state).clone()
+    score[..., : p.sinks] = float("inf")
+    return score, torch.zeros_like(state.prev_scores)
+
+
+@dataclass(frozen=True)
+class SnapKVParams:
+    pool_kernel: int = 7  # max-pooling along tokens, so a kept token brings its neighbours
+
+    def __post_init__(self):
+        _check_kernel(self)
+
+
+def snapkv(state: CacheState, p: SnapKVParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """SnapKV (Li et al., 2024), adapted to decoding: at every compression, the attention of the
+    window queries (max over a GQA group, mean over the window), max-pooled along the tokens.
+    Nothing is remembered between compressions."""
+    score = window_scores(state.keys, state.queries)
+    return pool(score, p.pool_kernel), torch.zeros_like(score)
+
+
+def h2o(state: CacheState, p: NoParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """H2O (Zhang et al., 2023), "heavy hitters": the attention a token received, accumulated.
+    Here each compression adds the window's attention to the stored sum (H2O adds every decode
+    step's), so old tokens that were attended often outrank new ones."""
+    score = state.prev_scores + window_scores(state.keys, state.queries)
+    return score, score
+
+
+@dataclass(frozen=True)
+class RKVParams:
+    importance_weight: float = 0.1  # lambda: score = lambda * attention - (1 - lambda) * redundancy
+    pool_kernel: int = 7
+    redundancy_tau: float = 0.4  # redundancy softmax temperature, in units of block_size
+
+    def __post_init__(self):
+        _check_weight(self, "importance_weight")
+        _check_kernel(self)
+        _check(self, "redundancy_tau", self.redundancy_tau > 0, "> 0")
+
+
+def rkv(state: CacheState, p: RKVParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """R-KV (Cai et al., 2025): `lambda * importance - (1 - lambda) * redundancy`, importance the
+    window's pooled attention, redundancy a softmax of the keys' cosine similarities (reported:
+    lambda 0.1 with 8 observation queries). The similarities are the engine's block-local
+    ("lightning") ones; nothing is remembered between compressions."""
+    importance = pool(window_scores(state.keys, state.queries), p.pool_kernel)
+    lam = p.importance_weight
+    score = lam * importance - (1 - lam) * redundancy(state, p.redundancy_tau)
+    return score, torch.zeros_like(score)
+
+
+def keydiff(state: CacheState, p: NoParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """KeyDiff (Park et al., 2025): keep the keys least like the others, by the cosine similarity
+    of each key with the mean of the request's normalized keys (per layer and KV head). It needs
+    no queries, so no attention scores."""
+    keys = F.normalize(state.keys.float(), dim=-1)
+    anchor = keys.mean(-2, keepdim=True)
+    score = -F.cosine_similarity(keys, anchor, dim=-1)
+    return score, torch.zeros_like(score)
+
+
+@dataclass(frozen=True)
+class RandomParams:
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self, "seed", isinstance(self.seed, int), "an integer")
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 64-bit integer hash (splitmix64's finalizer; int64 products wrap around)."""
+    x = x ^ ((x >> 31) & 0x1FFFFFFFF)
+    x = x * 0x5851F42D4C957F2D
+    return x ^ ((x >> 29) & 0x7FFFFFFFF)
+
+
+def random(state: CacheState, p: RandomParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random eviction: each token draws a priority once, the first time it is scored, from a
+    hash of (seed, layer, KV head, cache index, the stored priorities) and keeps it; the best
+    priorities stay, so each KV head keeps a uniform sample of the tokens it has seen (reservoir
+    sampling). Hashing, not a global generator, makes it depend on the state alone."""
+    kv_heads, num_tokens = state.prev_scores.shape[1:]
+    device = state.keys.device
+    prev = state.prev_scores.long()  # priorities are integers below 2^24, exact in float32
+    salt = prev.sum(-1, keepdim=True)  # exact, so the same in any reduction order
+    x = torch.tensor(list(state.layers), device=device).view(-1, 1, 1) * 0x9E3779B9
+    x = x + torch.arange(kv_heads, device=device).view(1, -1, 1) * 0x85EBCA6B
+    x = _mix(x + torch.arange(num_tokens, device=device) * 0xC2B2AE35 + p.seed)
+    draw = (_mix(x ^ salt) & 0xFFFFFF).clamp(min=1)
+    score = torch.where(prev > 0, prev, draw).float()
+    return score, score
+
+
+class Policy(NamedTuple):
+    score: Callable[[CacheState, object], tuple[torch.Tensor, torch.Tensor]]
+    params: type  # a dataclass: its fields are the keys of `policy_args`
+
+
+POLICIES = {
+    "spans": Policy(spans, SpansParams),
+    "zipage": Policy(zipage, ZipageParams),
+    "snapkv": Policy(snapkv, SnapKVParams),
+    "h2o": Policy(h2o, NoParams),
+    "rkv": Policy(rkv, RKVParams),
+    "keydiff": Policy(keydiff, NoParams),
+    "streamingllm": Policy(streamingllm, StreamingParams),
+    "recency": Policy(recency, NoParams),
+    "random": Policy(random, RandomParams),
+}
+
+
+def make_policy(name: str, args: dict | None = None) -> Callable[[CacheState], tuple]:
+    """The policy `name` with `args` for its parameters (defaults for the rest): a function of the
+    state. Unknown names and keys, and values out of range, raise a ValueError."""
+    if name not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {name!r}")
+    score, params = POLICIES[name]
+    allowed = [f.name for f in fields(params)]
+    if not isinstance(args, dict | None) or set(args or {}) - set(allowed):
+        raise ValueError(
+            f"policy_args must be a dict of the {name!r} policy's parameters "
+            f"({', '.join(allowed) or 'none'}), got {args!r}"
+        )
+    return partial(score, p=params(**(args or {})))
 
 
 def select(score: torch.Tensor, keep: int, window: int, num_sinks: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ boundaries with the same policy functions as the engine. No pages, no batching, 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from nanozipage.policy import POLICIES, CacheState, select
+from nanozipage.policy import CacheState, make_policy, select
 
 
 @torch.no_grad()
@@ -32,9 +32,9 @@ def dense_generate(hf, prompt: list[int], max_tokens: int, config, kv_budget: in
 def compress(keys, values, queries, scores, config, keep, first):
     kept_layers, w = [], config.window
     for i in range(len(keys)):
-        state = CacheState(keys[i][None], queries[i][None, -w:], scores[i][None], first,
-                           config.block_size)  # fmt: skip
-        score, stored = POLICIES[config.policy](state, config)
+        queries_i, b = queries[i][None, -w:], config.block_size
+        state = CacheState(keys[i][None], queries_i, scores[i][None], first, b, range(i, i + 1))
+        score, stored = make_policy(config.policy, config.policy_args)(state)
         kept = select(score, keep, w, config.num_sinks)[0]  # [kvh, keep]
         head_dim = keys[i].shape[-1]
         keys[i] = keys[i].gather(1, kept[..., None].expand(-1, -1, head_dim))

@@ -17,6 +17,7 @@ from dense_reference import dense_generate
 from helpers import ARCHS, check_against_hf, make_tiny_model
 
 from nanozipage import LLM, SamplingParams
+from nanozipage.policy import POLICIES
 
 FEW_SEEDS, MANY_SEEDS = range(12), range(12, 212)
 # Issue 12, item 1 is still open: a prefill chunk that ends one token before a prompt's end on a
@@ -73,7 +74,7 @@ def random_case(seed: int):
         "num_kvcache_blocks": pool,
         "overlap_scheduling": rng.random() < 0.5,
         "async_compression": rng.random() < 0.5,
-        "policy": rng.choice(["zipage", "recency"]),
+        "policy": rng.choice(list(POLICIES)),
     }
     return rng.choice(list(ARCHS)), config, prompts, max_tokens
 

@@ -1,0 +1,78 @@
+"""The eviction policies as functions: their parameters are validated when the engine is built,
+and each returns a score and a score to store per (layer, KV head, token). That each gives the
+engine the dense reference's tokens is tested in test_compression.py and test_differential.py,
+over every entry of `POLICIES`."""
+
+import pytest
+import torch
+from helpers import make_tiny_model
+
+from nanozipage import LLM
+from nanozipage.config import Config
+from nanozipage.policy import POLICIES, CacheState, make_policy
+
+
+def state(first: bool = True, layers: range = range(3, 5), seed: int = 0) -> CacheState:
+    """Two layers, 2 KV heads of a GQA group of 2, 64 tokens in blocks of 16, window 4."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(2, 2, 64, 8, generator=gen)
+    queries = torch.randn(2, 4, 4, 8, generator=gen)
+    prev = torch.zeros(2, 2, 64) if first else torch.rand(2, 2, 64, generator=gen)
+    return CacheState(keys, queries, prev, first, 16, layers)
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+@pytest.mark.parametrize("first", [True, False], ids=["first", "later"])
+def test_every_policy_scores_every_token_of_every_head(name, first):
+    score, stored = make_policy(name)(state(first))
+    assert score.shape == stored.shape == (2, 2, 64)
+    assert not score.isnan().any() and stored.isfinite().all()
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"policy": "lru"}, "policy must be one of zipage, "),
+        ({"policy_args": {"decay": 0.5, "pool": 3}}, "decay, pool_kernel, score_weight"),
+        ({"policy": "h2o", "policy_args": {"decay": 0.5}}, r"'h2o' policy's parameters \(none\)"),
+        ({"policy_args": {"decay": 0}}, r"decay must be in \(0, 1\], got 0"),
+        ({"policy_args": {"pool_kernel": 4}}, "pool_kernel must be an odd integer"),
+        ({"policy_args": {"score_weight": 2}}, r"score_weight must be in \[0, 1\]"),
+        ({"policy_args": {"redundancy_tau": -1}}, "redundancy_tau must be > 0"),
+        ({"policy": "rkv", "policy_args": {"importance_weight": -0.1}}, "importance_weight"),
+        ({"policy": "streamingllm", "policy_args": {"sinks": -1}}, "sinks must be"),
+        ({"policy": "random", "policy_args": {"seed": 0.5}}, "seed must be an integer"),
+        ({"policy_args": [("decay", 0.5)]}, "policy_args must be a dict"),
+    ],
+)
+def test_bad_policy_or_policy_args_raise_when_the_engine_is_built(tmp_path, config, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(make_tiny_model("llama", tmp_path), **config)
+
+
+def test_policy_args_reach_the_policy(tmp_path):
+    config = Config(make_tiny_model("llama", tmp_path), policy="zipage")
+    s = state(first=False)
+    default = make_policy(config.policy, config.policy_args)(s)[0]
+    assert torch.equal(default, make_policy("zipage", {"decay": 0.8})(s)[0])
+    assert not torch.equal(default, make_policy("zipage", {"decay": 0.1})(s)[0])
+
+
+def test_random_draws_once_per_token_and_differs_per_layer_and_head():
+    s = state()
+    score, stored = make_policy("random")(s)
+    assert torch.equal(score, make_policy("random")(s)[0])  # a function of the state alone
+    assert not torch.equal(score, make_policy("random", {"seed": 1})(s)[0])
+    assert not torch.equal(score[0], score[1]) and not torch.equal(score[:, 0], score[:, 1])
+    assert not torch.equal(score, make_policy("random")(state(layers=range(2)))[0])
+    kept = stored[..., :48]  # a later compression: 48 kept tokens, 16 new
+    prev = torch.cat([kept, torch.zeros(2, 2, 16)], -1)
+    later = make_policy("random")(CacheState(s.keys, s.queries, prev, False, 16, s.layers))[0]
+    assert torch.equal(later[..., :48], kept)  # a kept token keeps its priority
+    assert not torch.equal(later[..., 48:], score[..., 48:])  # new tokens draw afresh
+
+
+def test_streamingllm_keeps_the_sinks_and_the_newest():
+    score = make_policy("streamingllm", {"sinks": 2})(state())[0]
+    kept = score[0, 0].topk(10).indices.sort().values
+    assert kept.tolist() == [0, 1, *range(56, 64)]
