@@ -1,16 +1,14 @@
 """Tensors start here: the KV pool, per-step inputs, the forward pass, CUDA graphs, sampling.
 
-`run` turns the scheduled requests into a `StepPlan`, one step's inputs as flat host lists:
-per token fed, its id, position (index in the request), KV slot (block id * block_size + offset
-of its cache index, which trails the position once compressed) and, with compression, its
-query-cache row if it is a window query; per request, its context length and block table.
-`execute` publishes the plan through the `Context` and runs the model; `run` returns the
-samples without waiting for the GPU (`overlap.py`). Decode
-replays a CUDA graph captured for the next larger batch size; prefill runs eagerly (its shapes
-vary too much). The compressor works on the tensors allocated here. Under tensor parallelism each
-rank has a runner over its shard; rank 0 forwards step plans and compressions (`parallel.Workers`).
+`run` turns the scheduled requests into a `StepPlan` of flat host lists: per token fed, its id,
+position (index in the request), KV slot (block * block_size + offset of its cache index, which
+trails the position once compressed) and window-query row; per request, its context length and
+block table. `execute` runs the model on it (decode by replaying a CUDA graph captured for the
+next larger batch); `run` returns the samples without waiting for the GPU (`overlap.py`). Under
+tensor parallelism rank 0 forwards step plans and compressions to the others (`parallel.py`).
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -63,53 +61,43 @@ def _query_row(seq: Sequence, index: int, last_block: int, window: int) -> int:
     return seq.query_slot * window + index % b - (b - window)
 
 
-def prefill_plan(seqs: list[Sequence], window: int | None) -> StepPlan:
-    """The next chunk of each prompt; `window` None when no window queries are stored."""
+def step_plan(seqs: list[Sequence], window: int | None, is_prefill: bool) -> StepPlan:
+    """Each request's next tokens: a prompt chunk, or in decode its last token (a PENDING one is
+    read on the device from the previous step's samples, `overlap.py`). A token's cache index is
+    its position less the tokens evicted before it; `window` None when no window queries are
+    stored."""
     input_ids, positions, slots, context_lens, sample_rows, query_rows = [], [], [], [], [], []
     cu_seqlens_q = [0]
     for seq in seqs:
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_new_tokens
         input_ids += seq.token_ids[start:end]
         positions += range(start, end)
-        slots += [_slot(seq, i) for i in range(start, end)]
+        indices = range(start - seq.num_evicted, end - seq.num_evicted)
+        slots += [_slot(seq, i) for i in indices]
         if window:
-            last_block = (end - 1) // seq.block_size
-            query_rows += [_query_row(seq, i, last_block, window) for i in range(start, end)]
+            last_block = indices[-1] // seq.block_size
+            query_rows += [_query_row(seq, i, last_block, window) for i in indices]
         cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
-        context_lens.append(end)
+        context_lens.append(indices.stop)
         if seq.samples_this_step:
             sample_rows.append(cu_seqlens_q[-1] - 1)
     return StepPlan(
-        True,
+        is_prefill,
         input_ids,
         positions,
         slots,
         context_lens,
         block_tables=[seq.block_table for seq in seqs],
         query_rows=query_rows or None,
-        sample_rows=sample_rows,
-        cu_seqlens_q=cu_seqlens_q,
+        sample_rows=sample_rows if is_prefill else None,
+        pending_rows=pending_rows(seqs),  # None in prefill: a prompt chunk ends before any
+        cu_seqlens_q=cu_seqlens_q if is_prefill else None,
         max_seqlen_q=max(seq.num_new_tokens for seq in seqs),
     )
 
 
-def decode_plan(seqs: list[Sequence], window: int | None) -> StepPlan:
-    """Each request's last token, at position len - 1 but cache index cache_len - 1; a PENDING
-    one is read on the device from the previous step's samples (`overlap.py`)."""
-    index = [seq.cache_len - 1 for seq in seqs]
-    query_rows = None
-    if window:
-        query_rows = [_query_row(s, i, i // s.block_size, window) for s, i in zip(seqs, index)]
-    return StepPlan(
-        False,
-        input_ids=[seq.last_token for seq in seqs],
-        positions=[len(seq) - 1 for seq in seqs],
-        slot_mapping=[_slot(seq, i) for seq, i in zip(seqs, index)],
-        context_lens=[i + 1 for i in index],
-        block_tables=[seq.block_table for seq in seqs],
-        query_rows=query_rows,
-        pending_rows=pending_rows(seqs),
-    )
+prefill_plan = functools.partial(step_plan, is_prefill=True)
+decode_plan = functools.partial(step_plan, is_prefill=False)
 
 
 class ModelRunner:
@@ -159,9 +147,12 @@ class ModelRunner:
     def tensor(self, data, dtype=torch.int32) -> torch.Tensor:
         return to_device(data, self.device, dtype)
 
-    def _set_kv_cache(self, kv_cache: torch.Tensor):
+    def _set_caches(self, kv_cache: torch.Tensor):
+        """Each attention layer's views of the KV pool, and of the query cache once made."""
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = kv_cache[0, i], kv_cache[1, i]
+            if self.q_cache is not None:
+                layer.self_attn.q_cache = self.q_cache[i]
 
     def _empty_kv_cache(self, num_blocks: int) -> torch.Tensor:
         """[K|V, layers, blocks, KV heads, block_size, head_dim]"""
@@ -173,7 +164,7 @@ class ModelRunner:
         """Run the largest prefill step once, so that its peak memory is known before sizing."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        self._set_kv_cache(self._empty_kv_cache(1))  # every block id in the dummy tables is 0
+        self._set_caches(self._empty_kv_cache(1))  # every block id in the dummy tables is 0
         seqs, budget = [], self.config.max_num_batched_tokens
         while budget > 0 and len(seqs) < self.config.max_num_seqs:
             seq = Sequence([0] * min(budget, self.config.max_model_len), _GREEDY, self.block_size)
@@ -192,9 +183,8 @@ class ModelRunner:
         spare = CPU_KV_CACHE_BYTES
         if self.use_cuda:
             free, total = torch.cuda.mem_get_info()
-            stats = torch.cuda.memory_stats()
             # Our share of the card, minus memory in use and the largest step's activations.
-            activations = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
+            activations = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
             spare = total * config.gpu_memory_utilization - (total - free) - activations
         if config.tensor_parallel_size > 1:  # the same pool on every rank: the least memory
             spare = torch.tensor([spare], dtype=torch.float64, device=self.device)
@@ -206,8 +196,7 @@ class ModelRunner:
             query_bytes = self.num_heads * self.head_dim * self.dtype.itemsize
             slot_bytes = num_layers * config.window * query_bytes
         num_blocks = int(spare // (block_bytes + slot_bytes / n_max))
-        if config.num_kvcache_blocks is not None:
-            num_blocks = min(num_blocks, config.num_kvcache_blocks)
+        num_blocks = min(num_blocks, config.num_kvcache_blocks or num_blocks)
         if num_blocks < 1:
             raise ValueError(
                 "gpu_memory_utilization leaves no memory for the KV cache; raise it "
@@ -224,13 +213,11 @@ class ModelRunner:
                 )
         self.num_blocks, self.num_query_slots = num_blocks, num_slots
         self.kv_cache = self._empty_kv_cache(num_blocks)
-        self._set_kv_cache(self.kv_cache)
         if config.kv_budget:
             self.score_cache = torch.zeros(self.kv_cache.shape[1:-1], device=self.device)
             rows = num_slots * config.window  # one per (query slot, window position)
             self.q_cache = self.kv_cache.new_zeros(num_layers, rows, self.num_heads, self.head_dim)
-            for i, layer in enumerate(self.model.model.layers):
-                layer.self_attn.q_cache = self.q_cache[i]
+        self._set_caches(self.kv_cache)
 
     @torch.inference_mode()
     def run(
