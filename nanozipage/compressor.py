@@ -52,16 +52,11 @@ class Compressor:
         self.kv_cache, self.score_cache, self.q_cache = kv_cache, score_cache, q_cache
         self.stream = torch.cuda.Stream() if kv_cache.is_cuda else None
         self.running: list[Compression] = []  # launched and not yet done, oldest first
-        if config.kv_budget and self.stream:
-            self._warm_up()
-
-    def _warm_up(self):
-        """Pay the GPU's first-use costs now, not mid-run with every request waiting: compress
-        N_max blocks that are all block 0, unused."""
-        num_blocks = self.config.max_blocks
-        for first in (True, False):
-            self.run(Compression(None, [0] * num_blocks, first, 0, [0] * num_blocks))
-        torch.cuda.synchronize()
+        if config.kv_budget and self.stream:  # pay the GPU's first-use costs now, not mid-run
+            table = [0] * config.max_blocks  # N_max blocks, all block 0 (unused)
+            for first in (True, False):
+                self.run(Compression(None, table, first, 0, table))
+            torch.cuda.synchronize()
 
     def launch(self, compressions: list[Compression]):
         """Rank 0: start planned compressions; they stay listed in `running` until done."""

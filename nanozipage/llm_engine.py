@@ -112,8 +112,6 @@ class LLMEngine:
         for i, seq in enumerate(seqs):
             seq.request_id, seq.sample_index = seqs[0].seq_id, i
             seq.first_sample = seqs[0] if i else None
-            if params.seed is not None:  # every sample its own stream, reproducible
-                seq.seed = (params.seed + i * 0x9E3779B97F4A7C15) % 2**64
             seq.kv_budget = kv_budget
         # Blocks at the request's peak: all its tokens, or N_max once it compresses.
         num_blocks = min(-(-total // b), max(seqs[0].max_blocks, -(-len(prompt) // b) + 1))
@@ -257,12 +255,11 @@ class LLMEngine:
         requests = [self.make_sequences(p, sp) for p, sp in zip(prompts, sampling_params)]
         samples = [(seq.request_id, seq.sample_index) for seqs in requests for seq in seqs]
         results, others = {}, []  # by (request id, sample index); other requests' results
-        ids = set()
+        ids = {seqs[0].request_id for seqs in requests}  # all aborted if interrupted, even unqueued
         bar = tqdm(total=len(samples), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         rates = {}  # tokens per second of the last prefill and decode steps
         try:
             for seqs in requests:
-                ids.add(seqs[0].request_id)  # first: an interrupt must not leave one unowned
                 self._add(seqs)
             while len(results) < len(samples):
                 start = time.perf_counter()

@@ -70,9 +70,10 @@ class Sampler:
     def __call__(self, seqs: list[Sequence], logits: torch.Tensor):
         """Token ids and logprobs (or None), on the device."""
         params = [seq.sampling_params for seq in seqs]
-        for seq in seqs:
-            if seq.seed is not None and seq.generator is None:
-                seq.generator = torch.Generator(self.device).manual_seed(seq.seed)
+        for seq, p in zip(seqs, params):
+            if p.seed is not None and seq.generator is None:  # each sample its own stream
+                seed = (p.seed + seq.sample_index * 0x9E3779B97F4A7C15) % 2**64
+                seq.generator = torch.Generator(self.device).manual_seed(seed)
         extra, f32 = {}, torch.float32
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
             extra["top_ks"] = self.tensor([p.top_k for p in params])

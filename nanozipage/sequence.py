@@ -43,7 +43,6 @@ class Sequence:
         self.logprobs: list[float] = []
         self.request_id, self.sample_index = self.seq_id, 0  # one prompt's; `SamplingParams.n`
         self.first_sample: Sequence | None = None  # the sample whose prompt blocks it shares
-        self.seed = sampling_params.seed  # this sample's own seed
         self.finish_reason: str | None = None  # "stop", "length" or "abort"
         self.stop_reason: int | str | None = None  # the stop token id or string that matched
 
