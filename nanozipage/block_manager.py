@@ -117,11 +117,10 @@ class BlockManager:
         seq.block_table += [self._take_free_block() for _ in range(self.num_missing_blocks(seq))]
 
     def plan_compression(self, seq: Sequence, compression):
-        """Fill the compression's tables (docs/DESIGN.md section 2): the kept tokens go into the
-        first N_max - 1 new blocks, the last is left for the next tokens. A new block is one of
-        seq's private blocks, or a fresh one where a block is shared (never written; the caller
-        checks `num_fresh_blocks`). Each block is recorded as it is taken, so that a compression
-        cancelled at any point gives back exactly what it took."""
+        """Fill the compression's tables (docs/DESIGN.md section 2): its new blocks are seq's
+        private ones, fresh ones where a block is shared (never written; the caller checks
+        `num_fresh_blocks`), each recorded as taken: cancelled at any point, it gives back exactly
+        what it took."""
         filled = (seq.cache_len - 1) // self.block_size
         while len(seq.block_table) > filled:  # a block given for a prompt's last token, unwritten
             self._release(seq.block_table.pop())

@@ -186,7 +186,8 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.abort(seq)
                 self.unclaimed.append(self._result(seq))
-        self.scheduler.recount_blocks()
+        scheduler = self.scheduler  # the blocks in use are those of the running requests' tables
+        scheduler.block_manager.recount([seq.block_table for seq in scheduler.running])
 
     def _collect(self, launched: InFlight | None) -> list[dict]:
         """Read a launched step's samples back; the results of the requests it finished."""
@@ -294,9 +295,9 @@ class LLMEngine:
         use_tqdm: bool = True,
         chat_template_kwargs: dict | None = None,
     ) -> list[dict]:
-        """`generate` on one conversation (a list of {"role", "content"} messages) or a list. The
-        template's text is encoded without special tokens, as a template writes its own BOS.
-        `chat_template_kwargs` go to the template (Qwen3: `enable_thinking`)."""
+        """`generate` on one conversation ({"role", "content"} messages) or a list, through the
+        chat template (given `chat_template_kwargs`, such as Qwen3's `enable_thinking`); its
+        text is encoded without special tokens, as a template writes its own BOS."""
         if self.tokenizer is None:
             raise ValueError("chat: needs a tokenizer with a chat template in the model directory")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages

@@ -40,16 +40,9 @@ class StepPlan:
     block_tables: list[list[int]]  # unpadded
     query_rows: list[int] | None
     sample_rows: list[int] | None = None  # rows whose logits are sampled; None: all (decode)
-    # Decode, overlapped loop: per request, its row in the samples of the step launched before
-    # when its input id is PENDING there, else -1; None when no input id is PENDING.
-    pending_rows: list[int] | None = None
+    pending_rows: list[int] | None = None  # decode, overlapped loop: see `overlap.pending_rows`
     cu_seqlens_q: list[int] | None = None  # prefill only
     max_seqlen_q: int = 0  # prefill only
-
-
-def _slot(seq: Sequence, index: int) -> int:
-    b = seq.block_size
-    return seq.block_table[index // b] * b + index % b
 
 
 def _query_row(seq: Sequence, index: int, last_block: int, window: int) -> int:
@@ -62,20 +55,20 @@ def _query_row(seq: Sequence, index: int, last_block: int, window: int) -> int:
 
 
 def step_plan(seqs: list[Sequence], window: int | None, is_prefill: bool) -> StepPlan:
-    """Each request's next tokens: a prompt chunk, or in decode its last token (a PENDING one is
-    read on the device from the previous step's samples, `overlap.py`). A token's cache index is
-    its position less the tokens evicted before it; `window` None when no window queries are
-    stored."""
+    """Each request's next tokens: a prompt chunk, or in decode its last token (if PENDING, read
+    on the device from the previous step's samples). A token's cache index is its position less
+    the tokens evicted before it; `window` None when no window queries are stored."""
     input_ids, positions, slots, context_lens, sample_rows, query_rows = [], [], [], [], [], []
     cu_seqlens_q = [0]
     for seq in seqs:
+        b = seq.block_size
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_new_tokens
         input_ids += seq.token_ids[start:end]
         positions += range(start, end)
-        indices = range(start - seq.num_evicted, end - seq.num_evicted)
-        slots += [_slot(seq, i) for i in indices]
+        indices = range(start - seq.num_evicted, end - seq.num_evicted)  # in the cache
+        slots += [seq.block_table[i // b] * b + i % b for i in indices]
         if window:
-            last_block = indices[-1] // seq.block_size
+            last_block = indices[-1] // b
             query_rows += [_query_row(seq, i, last_block, window) for i in indices]
         cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
         context_lens.append(indices.stop)

@@ -90,6 +90,7 @@ class Overlap:
 
 
 def pending_rows(seqs: list[Sequence]) -> list[int] | None:
-    """`StepPlan.pending_rows`: rows of PENDING input ids in the previous step's samples."""
+    """`StepPlan.pending_rows`: per request, the row of its PENDING input id in the previous
+    step's samples, else -1; None if no input id is PENDING."""
     rows = [seq.sample_row if seq.last_token == PENDING else -1 for seq in seqs]
     return rows if max(rows) >= 0 else None

@@ -1,11 +1,9 @@
 """Which requests run in the next step (`LLMEngine.step`), and what their tokens do to the queues.
 
-A step is all prefill (prompt chunks, eager varlen kernel; long prompts over several steps) or all
-decode (one token per running request, CUDA graph). We alternate rather than mix, as mixing would
-run decodes through the prefill kernel, outside the graph: while prompts wait, each prefill step
-is followed by a decode step, so a request waits at most one prefill step between two tokens.
-A decode step short of blocks preempts the tail of the running queue: its blocks are freed and it
-goes back to the front of the waiting queue, to be recomputed (prompt and output alike).
+A step is all prefill (prompt chunks, run eagerly) or all decode (one token per running request,
+a CUDA graph); mixing would run decodes outside the graph. While prompts wait, prefill and decode
+steps alternate, so a request waits at most one prefill step between two tokens. A decode step
+short of blocks preempts the running queue's tail, to be recomputed later (prompt and output).
 """
 
 from collections import deque
@@ -150,10 +148,6 @@ class Scheduler:
         if compression.state == PLANNED:
             self.block_manager.cancel_compression(compression.seq, compression)
             compression.seq.compression, compression.state = None, DONE
-
-    def recount_blocks(self):
-        """After a failed step: the blocks in use are those of the running requests' tables."""
-        self.block_manager.recount([seq.block_table for seq in self.running])
 
     def _free_blocks(self, needed: Callable, seq: Sequence, scheduled: list[Sequence]) -> bool:
         """Preempt until `needed(seq)` blocks are free; False if seq must wait (or was preempted).
