@@ -22,11 +22,11 @@ QUESTIONS = [
 
 def report(output: dict, block_size: int) -> str:
     """What compression did to one request, from its result's fields."""
-    total = len(output["prompt_token_ids"]) + len(output["token_ids"])
-    kept = total - output["num_evicted_tokens"]
-    full_blocks = -(-total // block_size)  # what full KV holds for these tokens
+    cached = len(output["prompt_token_ids"]) + len(output["token_ids"]) - 1  # the last: never fed
+    kept = cached - output["num_evicted_tokens"]
+    full_blocks = -(-cached // block_size)  # what full KV holds for these tokens
     return (
-        f"{len(output['token_ids'])} tokens generated; {kept} of {total} tokens kept per KV "
+        f"{len(output['token_ids'])} tokens generated; {kept} of {cached} tokens kept per KV "
         f"head after {output['num_compressions']} compressions; peak "
         f"{output['peak_kv_blocks']} KV blocks (full KV: {full_blocks})"
     )

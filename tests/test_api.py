@@ -232,9 +232,9 @@ def compressed_model(tmp_path_factory) -> str:
     return make_tiny_model("qwen3", tmp_path_factory.mktemp("compressed"))
 
 
-def test_abort_frees_a_request_mid_compaction_and_the_others_finish_unchanged(compressed_model):
+def test_abort_frees_a_request_mid_compression_and_the_others_finish_unchanged(compressed_model):
     """With asynchronous compression in the overlapped loop, a request aborted while its
-    compaction is under way returns nothing; its blocks are free once the compaction ends."""
+    compression is under way returns nothing; its blocks are free once the compression ends."""
     config = {"block_size": 8, "kv_budget": 16, "window": 2, "num_kvcache_blocks": 24}
     prompts = [[(5 * i + j) % 256 for i in range(n)] for j, n in enumerate((20, 9, 30))]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
@@ -243,7 +243,7 @@ def test_abort_frees_a_request_mid_compaction_and_the_others_finish_unchanged(co
     ids = [llm.add_request(p, params) for p in prompts]
     outputs = []
     while not any(s.compression and s.request_id == ids[1] for s in llm.scheduler.running):
-        assert not llm.is_finished(), "the request never compacted"
+        assert not llm.is_finished(), "the request was never compressed"
         outputs += llm.step()[0]
     llm.abort(ids[1])
     llm.abort(ids[1])  # again, and an unknown id: harmless

@@ -70,9 +70,9 @@ def test_overlapped_loop_equals_plain_loop(tmp_path, arch, kv_budget):
         assert ours["logprobs"] == pytest.approx(ref["logprobs"], abs=1e-5)
 
 
-def test_request_ending_while_its_compaction_runs_is_freed_before_generate_returns(tmp_path):
+def test_request_ending_while_its_compression_runs_is_freed_before_generate_returns(tmp_path):
     """Overlapped, a request's compression is planned while its last token is still on the
-    GPU; if that token is EOS, the request finishes during its compaction, and its blocks must
+    GPU; if that token is EOS, the request finishes during its compression, and its blocks must
     still be free when `generate` returns."""
     model_dir = make_tiny_model("qwen3", tmp_path)
     config = {**CONFIG, "kv_budget": 32, "num_kvcache_blocks": 40}

@@ -1,7 +1,7 @@
 """A failed or interrupted step leaves the engine usable: nothing wrong, nothing lost, nothing hung.
 
-An exception is injected at each stage of a step (schedule, forward pass, sampling, compaction
-launch, compaction finish), in the plain and the overlapped loop, with asynchronous compression
+An exception is injected at each stage of a step (schedule, forward pass, sampling, compression
+launch, compression finish), in the plain and the overlapped loop, with asynchronous compression
 (on the CPU it runs inline, through the same bookkeeping) and once under tensor parallelism. The
 call that fails raises; the next call gives what a fresh engine gives and no block leaks.
 """

@@ -48,8 +48,8 @@ def shared_memory_segments() -> set[str]:
 @pytest.mark.parametrize("kv_budget", [BUDGET] if ON_GPU else [None, BUDGET])
 def test_two_ranks_match_one(model_dir, kv_budget):
     """Greedy tokens equal and logprobs close, step by step, with prefix hits, chunked prefill
-    and preemption. With compression, after every compaction the compacted blocks of both
-    ranks (each rank scored and compacted its own KV head) hold what the single-rank engine's
+    and preemption. With compression, after every compression the new blocks of both
+    ranks (each rank scored and moved its own KV heads) hold what the single-rank engine's
     hold, whose kept indices test_compression.py checks against the dense reference."""
     config = {
         "block_size": 16,
