@@ -155,7 +155,7 @@ def test_smollm2_matches_dense_reference(smollm2_path, policy, monkeypatch):
     ],
 )
 def test_async_and_graphs_change_nothing(model_dir, other):
-    """Asynchronous compression (a request skips steps while compacting) and CUDA graphs give
+    """Asynchronous compression (a request skips steps while compressed) and CUDA graphs give
     the same greedy tokens as synchronous, eager compression."""
     rng = random.Random(5)
     prompts = [[rng.randrange(256) for _ in range(rng.randint(5, 70))] for _ in range(5)]

@@ -93,7 +93,7 @@ def stage_owner(llm: LLM, stage: str):
 
 
 def assert_clean(llm: LLM):
-    """Nothing queued, running, compacting or unclaimed, and every block free. (The overlapped
+    """Nothing queued, running, compressing or unclaimed, and every block free. (The overlapped
     loop may still hold a launched step of aborted requests: the next step drops its tokens.)"""
     assert llm.scheduler.is_finished() and not llm.unclaimed
     assert not llm.model_runner.compressor.running
