@@ -17,7 +17,7 @@ the share of generated positions where the engine's token is full attention's ar
 (agreement), and the mean |engine logprob - full-attention logprob| of the chosen tokens (gap).
 
 policies: `python evaluate.py --task policies [--policies all] [--budgets 64,128,256]
-[--num-cases 48] [--num-problems 8] [--max-tokens 192] [--plot docs/policies.png]`
+[--num-cases 24] [--num-problems 4] [--max-tokens 256] [--plot docs/policies.png]`
 runs every policy at each budget and full KV, in blocks of 16 with a window of 8, on two tests:
 passkey, the share of retrieval cases answered (a key hidden at a random depth in 400-1,000
 tokens of filler, asked for at the end; keys are numbers of 3-8 digits, word pairs, letter
@@ -74,8 +74,8 @@ DEFAULTS = {
     },
     "policies": {
         "budgets": "64,128,256",
-        "num_problems": 8,
-        "max_tokens": 192,
+        "num_problems": 4,
+        "max_tokens": 256,
         "policies": ",".join(POLICIES),
         "plot": os.path.join(ROOT, "docs", "policies.png"),
     },
@@ -300,7 +300,9 @@ def passkey_cases(tokenizer, num_cases: int, questions=None, seed: int = 0) -> l
             sentences.append(pool[(start + len(sentences)) % len(pool)])
         if len(ids) > PASSKEY_TOKENS[1]:
             ids = passkey_prompt(tokenizer, sentences[:-1], needle, depth, question)
-        cases.append({"ids": ids, "key": key, "format": fmt, "filler": filler, "depth": depth})
+        # Early: compressed (blocks of 16) before an answer can reach the key ("The pass key is")
+        early = ("early",) if -len(ids) % 16 < 6 else ()
+        cases.append({"ids": ids, "key": key, "groups": (fmt, filler, *early), "depth": depth})
     return cases
 
 
@@ -309,7 +311,7 @@ def passkey_prompt(tokenizer, sentences, needle, depth, question) -> list[int]:
     text = " ".join([*sentences[:at], needle, *sentences[at:]])
     message = f"{PASSKEY_INTRO}\n\n{text}\n\n{question} Answer with it only."
     chat = [{"role": "user", "content": message}]
-    return tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    return tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
 
 
 def found(text: str, key: str) -> bool:
@@ -328,7 +330,7 @@ def evaluate_policies(
     num_problems: int,
     policies,
     budgets,
-    max_tokens=192,
+    max_tokens=256,
     seed=0,
     chunk=12,
 ) -> list[dict]:
@@ -372,7 +374,7 @@ def evaluate_policies(
     for (policy, budget), mine in hits.items():
         row = {"config": f"{policy} {budget}" if budget else "full KV", "policy": policy}
         row |= {"budget": budget, "passkey": share(mine, cases, answered)}
-        for group in (*KEY_FORMATS, "repeated", "natural", "questions"):
+        for group in (*KEY_FORMATS, "repeated", "natural", "questions", "early"):
             row[f"passkey_{group}"] = share(mine, cases, answered, group)
         row |= dict.fromkeys(("agreement", "agreement_compressed", "logprob_gap"))
         if prompts:
@@ -386,10 +388,8 @@ def evaluate_policies(
 
 
 def share(hits: list[bool], cases, answered: list[bool], group: str | None = None) -> float | None:
-    """The share of hits among the cases full KV answered (of one key format or filler)."""
-    counted = [
-        full and group in (None, c["format"], c["filler"]) for c, full in zip(cases, answered)
-    ]
+    """The share of hits among the cases full KV answered (of one group: a key format...)."""
+    counted = [full and group in (None, *c["groups"]) for c, full in zip(cases, answered)]
     mine = [hit for hit, count in zip(hits, counted) if count]
     return sum(mine) / len(mine) if mine else None
 
@@ -404,8 +404,8 @@ def plot(rows: list[dict], path: str, panels: dict, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    for ax, (key, name) in zip(axes, panels.items()):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (key, name) in zip(axes[0], panels.items()):
         for policy in dict.fromkeys(r["policy"] for r in rows if r["budget"]):
             points = sorted(
                 (r["budget"], r[key]) for r in rows if r["budget"] and r["policy"] == policy
@@ -427,9 +427,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--question-field", help="overrides the format's question field")
     parser.add_argument("--answer-field", help="overrides the format's answer field")
     parser.add_argument("--num-problems", type=int, help="first N (math: all; fidelity: 64)")
-    parser.add_argument("--num-cases", type=int, default=48, help="policies: passkey cases")
+    parser.add_argument("--num-cases", type=int, default=24, help="policies: passkey cases")
     parser.add_argument("--samples", type=int, default=1, help="replies per problem (math)")
-    parser.add_argument("--max-tokens", type=int, help="math, fidelity: 512; policies: 192")
+    parser.add_argument("--max-tokens", type=int, help="math, fidelity: 512; policies: 256")
     parser.add_argument("--budgets", help="comma-separated; 'full' is full KV")
     parser.add_argument("--policy", default="zipage", help="eviction policy (math)")
     parser.add_argument("--policies", help="fidelity: zipage,streamingllm; policies: all")
@@ -470,7 +470,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             args.max_tokens,
             args.seed,
         )
-        columns = ["config", "passkey", *(f"passkey_{f}" for f in KEY_FORMATS), "agreement"]
+        columns = ["config", "passkey", *(f"passkey_{f}" for f in (*KEY_FORMATS, "early"))]
+        columns += ["agreement"]
         columns += ["agreement_compressed", "logprob_gap"]
         if args.plot:
             panels = {"passkey": "passkey accuracy", "agreement": "top-1 agreement (fidelity)"}

@@ -37,7 +37,7 @@ class Config:
     # Layers scored at once in a compression: fewer bounds temporary memory (about 3 copies of
     # one request's keys per layer), more saves launches (BENCHMARKS.md measures both).
     compress_layers: int = 64
-    policy: str = "zipage"  # eviction policy, a key of nanozipage.policy.POLICIES
+    policy: str = "spans"  # eviction policy, a key of nanozipage.policy.POLICIES
     policy_args: dict = field(default_factory=dict)  # its parameters (its dataclass's fields)
     # Compress on a side stream while the others decode (the request itself skips those steps)
     async_compression: bool = True

@@ -8,7 +8,18 @@ import pytest
 import torch
 
 from eval_math import is_correct, last_boxed, reference, to_number
-from evaluate import DATA, SYSTEM, chat_prompt, first_compressed, load_problems, main
+from evaluate import (
+    DATA,
+    KEY_FORMATS,
+    PASSKEY_TOKENS,
+    SYSTEM,
+    chat_prompt,
+    first_compressed,
+    found,
+    load_problems,
+    main,
+    passkey_cases,
+)
 from nanozipage import LLM, SamplingParams
 
 PROBLEMS = [  # long enough that a 32-token budget compresses the prompt
@@ -174,3 +185,36 @@ def test_first_compressed_is_where_a_budget_starts_to_change_the_outputs(smollm2
         full["token_ids"][start] != compressed["token_ids"][start]
         or abs(full["logprobs"][start] - compressed["logprobs"][start]) > 1e-4
     )
+
+
+def test_policies_end_to_end_counts_only_what_full_kv_answers(smollm2_path, tmp_path):
+    plot = tmp_path / "policies.png"
+    options = {
+        "--model": smollm2_path,
+        "--data": str(tmp_path / "none"),
+        "--num-cases": "4",
+        "--policies": "spans,recency",
+        "--budgets": "64",
+        "--plot": str(plot),
+    }
+    rows = main(["--task", "policies", *(x for item in options.items() for x in item)])
+    assert [r["config"] for r in rows] == ["full KV", "spans 64", "recency 64"]
+    answered = int(rows[0]["passkey_cases"].split()[0])
+    assert answered > 0 and rows[0]["passkey"] == 1
+    for row in rows:
+        assert 0 <= row["passkey"] <= 1 and row["agreement"] is None  # no questions: no fidelity
+    assert plot.stat().st_size > 0
+
+
+def test_passkey_cases_hide_every_key_format_in_every_filler(smollm2_path):
+    tokenizer = LLM(smollm2_path, kv_budget=None, block_size=16).tokenizer
+    cases = passkey_cases(tokenizer, 12, ["How many apples are left?"])
+    fillers = ("repeated", "natural", "questions")
+    assert {c["groups"][:2] for c in cases} == {
+        (f, filler) for f in KEY_FORMATS for filler in fillers
+    }
+    for case in cases:
+        assert PASSKEY_TOKENS[0] <= len(case["ids"]) <= PASSKEY_TOKENS[1]
+        assert case["key"] in tokenizer.decode(case["ids"])
+    assert found("The pass key is 4821.", "4821") and not found("48210", "4821")
+    assert found("the magic word is Golden Canyon", "golden canyon")

@@ -32,13 +32,14 @@ def test_every_policy_scores_every_token_of_every_head(name, first):
 @pytest.mark.parametrize(
     "config, message",
     [
-        ({"policy": "lru"}, "policy must be one of zipage, "),
-        ({"policy_args": {"decay": 0.5, "pool": 3}}, "decay, pool_kernel, score_weight"),
+        ({"policy": "lru"}, "policy must be one of spans, zipage, "),
+        ({"policy_args": {"decay": 0.5, "pool": 3}}, r"'spans' policy's parameters \(decay, pool"),
         ({"policy": "h2o", "policy_args": {"decay": 0.5}}, r"'h2o' policy's parameters \(none\)"),
-        ({"policy_args": {"decay": 0}}, r"decay must be in \(0, 1\], got 0"),
+        ({"policy_args": {"decay": 2}}, r"decay must be in \[0, 1\], got 2"),
         ({"policy_args": {"pool_kernel": 4}}, "pool_kernel must be an odd integer"),
-        ({"policy_args": {"score_weight": 2}}, r"score_weight must be in \[0, 1\]"),
-        ({"policy_args": {"redundancy_tau": -1}}, "redundancy_tau must be > 0"),
+        ({"policy": "zipage", "policy_args": {"decay": 0}}, r"decay must be in \(0, 1\], got 0"),
+        ({"policy": "zipage", "policy_args": {"score_weight": 2}}, r"score_weight must be in \["),
+        ({"policy": "zipage", "policy_args": {"redundancy_tau": -1}}, "redundancy_tau must be > 0"),
         ({"policy": "rkv", "policy_args": {"importance_weight": -0.1}}, "importance_weight"),
         ({"policy": "streamingllm", "policy_args": {"sinks": -1}}, "sinks must be"),
         ({"policy": "random", "policy_args": {"seed": 0.5}}, "seed must be an integer"),
@@ -51,11 +52,11 @@ def test_bad_policy_or_policy_args_raise_when_the_engine_is_built(tmp_path, conf
 
 
 def test_policy_args_reach_the_policy(tmp_path):
-    config = Config(make_tiny_model("llama", tmp_path), policy="zipage")
+    config = Config(make_tiny_model("llama", tmp_path), policy="zipage", policy_args={"decay": 0.1})
     s = state(first=False)
-    default = make_policy(config.policy, config.policy_args)(s)[0]
-    assert torch.equal(default, make_policy("zipage", {"decay": 0.8})(s)[0])
-    assert not torch.equal(default, make_policy("zipage", {"decay": 0.1})(s)[0])
+    score = make_policy(config.policy, config.policy_args)(s)[0]
+    assert torch.equal(score, make_policy("zipage", {"decay": 0.1})(s)[0])
+    assert not torch.equal(score, make_policy("zipage")(s)[0])  # the default decay, 0.8
 
 
 def test_random_draws_once_per_token_and_differs_per_layer_and_head():
