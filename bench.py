@@ -42,6 +42,7 @@ mode or shape), and with --json one JSON line after it.
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -552,7 +553,7 @@ def compress_cost(model: str, args) -> dict:
     def compress_now(job):
         """One compression on every rank, before the step (`run` alone would be rank 0's)."""
         if runner.workers:
-            runner.workers.call(on_worker, "run", Compression(None, *job.for_worker()))
+            runner.workers.call(on_worker, "run", dataclasses.replace(job, seq=None))
         compressor.run(job)
 
     def compress_async(job):

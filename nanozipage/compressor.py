@@ -11,7 +11,7 @@ Synchronous compression is the same path followed by a wait. Under tensor parall
 forwards each launch and every rank compresses its own KV heads (a GQA group never spans two).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -25,7 +25,7 @@ PLANNED, RUNNING, DONE = "planned", "running", "done"
 
 @dataclass(slots=True, eq=False)
 class Compression:
-    """One request's compression. Ranks 1..N-1 get a copy without `seq` (`on_worker`)."""
+    """One request's compression (ranks 1..N-1 get copies without `seq`)."""
 
     seq: Sequence | None
     old_table: list[int]  # the blocks holding the request's cached tokens before
@@ -35,9 +35,6 @@ class Compression:
     new_table: list[int] = field(default_factory=list)
     state: str = PLANNED
     event: torch.cuda.Event | None = None  # fires when its work on the side stream is done
-
-    def for_worker(self) -> tuple:
-        return self.old_table, self.first, self.query_slot, self.new_table
 
 
 def on_worker(runner, method: str, *args):
@@ -62,16 +59,16 @@ class Compressor:
         """Rank 0: start planned compressions; they stay listed in `running` until done."""
         if not compressions:
             return
-        if self.workers:
-            self.workers.call(on_worker, "launch_copies", [c.for_worker() for c in compressions])
+        if self.workers:  # copies without the request
+            copies = [replace(c, seq=None) for c in compressions]
+            self.workers.call(on_worker, "launch_copies", copies)
         for compression in compressions:  # running from here: a failure below is waited for
             compression.state = RUNNING
             self.running.append(compression)
         self._queue(compressions)
 
-    def launch_copies(self, compressions: list[tuple]):
+    def launch_copies(self, compressions: list[Compression]):
         """Ranks 1..N-1: rank 0's launch; listed until rank 0 says they are done (`follow`)."""
-        compressions = [Compression(None, *fields) for fields in compressions]
         self._queue(compressions)
         self.running += [c for c in compressions if c.event is not None]
 
