@@ -1,9 +1,8 @@
 """KV blocks and the prefix cache: pure bookkeeping over block ids, no tensors.
 
-Called by the scheduler. Prefix caching: every computed full block gets a hash chained on the
-previous block's (`hash_blocks`); a later prompt with the same leading tokens reuses those
-blocks after comparing token ids (a hash alone could collide). A freed block keeps its hash and
-contents until handed out again, so a request arriving after its twin finished still hits.
+Called by the scheduler. Prefix caching: each computed full block gets a hash chained on the
+previous block's; a later prompt with the same leading tokens reuses those blocks after
+comparing token ids. A freed block keeps its hash and contents until handed out again.
 """
 
 from collections import Counter, deque
@@ -157,8 +156,7 @@ class BlockManager:
         return self._new_table(seq).count(-1)
 
     def hash_blocks(self, seq: Sequence):
-        """Register the full blocks of seq whose K/V have just been computed (only requests
-        never compressed: a compressed request's blocks no longer hold a plain prefix)."""
+        """Register seq's newly computed full blocks (not once compressed: no plain prefix then)."""
         if seq.num_compressions or seq.compression:
             return
         num_full = seq.num_computed_tokens // self.block_size

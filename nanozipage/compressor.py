@@ -73,8 +73,7 @@ class Compressor:
         self.running += [c for c in compressions if c.event is not None]
 
     def _queue(self, compressions: list[Compression]):
-        """Every rank: run them on the side stream, after the main stream's work so far (the
-        requests' last K/V and window queries)."""
+        """Every rank: run them on the side stream, after the main stream's work (their last K/V)."""
         if self.stream:
             self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
@@ -83,9 +82,8 @@ class Compressor:
                 compression.event = self.stream and self.stream.record_event()
 
     def poll(self, wait: bool = False) -> list[Compression]:
-        """Rank 0: the running compressions whose work is done (all with `wait`), oldest first,
-        listed until `done` (a failure while finishing one leaves the rest for the next poll).
-        Their old blocks will be freed, so the other ranks order their main stream after them."""
+        """Rank 0: the running compressions whose work is done (all with `wait`), listed until
+        `done`. Their old blocks will be freed: the other ranks order their main stream after."""
         if wait and self.stream:
             self.stream.synchronize()
         fired = [c for c in self.running if c.event is not None]
@@ -110,8 +108,7 @@ class Compressor:
 
     @torch.inference_mode()
     def run(self, compression: Compression):
-        """Score, select and move the kept tokens, a group of layers at a time (the group bounds
-        temporary memory: about three copies of one request's keys per layer)."""
+        """Score, select and move the kept tokens, a group of layers at a time (bounds memory)."""
         config, b, w = self.config, self.config.block_size, self.config.window
         policy, device = make_policy(config.policy, config.policy_args), self.kv_cache.device
         keep = (len(compression.new_table) - 1) * b

@@ -23,12 +23,10 @@ class Config:
     num_kvcache_blocks: int | None = None  # cap on KV blocks (None: as many as memory allows)
     block_size: int = 256  # tokens per KV block
     enforce_eager: bool = False  # True: no CUDA graphs for decode
-    # Plan and launch step N+1 while the GPU runs step N (`LLMEngine.step`)
-    overlap_scheduling: bool = True
+    overlap_scheduling: bool = True  # plan and launch step N+1 while the GPU runs step N
     dtype: str | None = None  # None: the checkpoint's dtype on GPU, float32 on CPU
     device: str | None = None  # None: cuda if available, else cpu
-    # "dummy" (vLLM's name): seeded random weights, to benchmark an architecture without them
-    load_format: str = "safetensors"
+    load_format: str = "safetensors"  # or "dummy" (vLLM's): seeded random weights, to time
     tensor_parallel_size: int = 1  # processes (GPUs) one model is split over; rank r: cuda:r
     # Compressed PagedAttention (docs/DESIGN.md section 2); kv_budget=None: the full-KV engine.
     kv_budget: int | None = 2048  # tokens kept per (layer, KV head) after a compression
@@ -39,8 +37,7 @@ class Config:
     compress_layers: int = 64
     policy: str = "spans"  # eviction policy, a key of nanozipage.policy.POLICIES
     policy_args: dict = field(default_factory=dict)  # its parameters (its dataclass's fields)
-    # Compress on a side stream while the others decode (the request itself skips those steps)
-    async_compression: bool = True
+    async_compression: bool = True  # on a side stream while the other requests decode
     max_compress_blocks: int = 600  # blocks being compressed at once (bounds temporary memory)
     hf_config: dict = field(default_factory=dict)  # the checkpoint's config.json (filled here)
 

@@ -1,8 +1,7 @@
 """The engine loop, top of the data flow: requests in, `step()` until done, results out.
 
-`generate` validates every prompt before queuing any, then steps; `add_request` / `step` /
-`abort` are the same loop for callers who feed requests incrementally. If a step fails (an
-error, Ctrl-C), the requests it touched are aborted and freed; the others carry on.
+`generate` validates every prompt before queuing any, then steps; `add_request`, `step` and
+`abort` are the same loop, fed request by request. A failed step aborts what it touched only.
 """
 
 import dataclasses
@@ -138,9 +137,8 @@ class LLMEngine:
 
     @one_caller_at_a_time
     def step(self) -> tuple[list[dict], int]:
-        """Finish compressions, schedule, launch compressions, run the model, read back samples.
-        Returns the finished results and the tokens the step fed (negative for decode, to tell
-        the throughputs apart). If anything raises, `_recover` aborts the requests it touched."""
+        """Finish compressions, schedule, launch compressions, run, read back; the finished results
+        and the tokens fed (negative for decode). A failure aborts what it touched (`_recover`)."""
         touched = list(self.scheduler.running)  # until the schedule says which
         try:
             self._finish_compressions()
@@ -186,8 +184,8 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.abort(seq)
                 self.unclaimed.append(self._result(seq))
-        scheduler = self.scheduler  # the blocks in use are those of the running requests' tables
-        scheduler.block_manager.recount([seq.block_table for seq in scheduler.running])
+        running = self.scheduler.running  # the blocks in use: the running requests' tables
+        self.scheduler.block_manager.recount([seq.block_table for seq in running])
 
     def _collect(self, launched: InFlight | None) -> list[dict]:
         """Read a launched step's samples back; the results of the requests it finished."""
@@ -296,8 +294,7 @@ class LLMEngine:
         chat_template_kwargs: dict | None = None,
     ) -> list[dict]:
         """`generate` on one conversation ({"role", "content"} messages) or a list, through the
-        chat template (given `chat_template_kwargs`, such as Qwen3's `enable_thinking`); its
-        text is encoded without special tokens, as a template writes its own BOS."""
+        chat template (and `chat_template_kwargs`), encoded without special tokens: no BOS twice."""
         if self.tokenizer is None:
             raise ValueError("chat: needs a tokenizer with a chat template in the model directory")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages

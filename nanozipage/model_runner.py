@@ -216,8 +216,7 @@ class ModelRunner:
     def run(
         self, seqs: list[Sequence], is_prefill: bool, pending: torch.Tensor | None = None
     ) -> Samples | None:
-        """Rank 0: launch one step and the sampling of the requests that reach their last token;
-        returns their samples without waiting for the GPU (None if no request samples)."""
+        """Rank 0: launch one step and its sampling; the samples, not waited for (None: none)."""
         if not seqs:
             return None
         plan = (prefill_plan if is_prefill else decode_plan)(seqs, self.window)
@@ -287,14 +286,12 @@ class ModelRunner:
         ctx, buf = get_context(), self.graph_buffers
         buf["input_ids"][:bs] = input_ids
         buf["positions"][:bs] = positions
-        buf["slot_mapping"].fill_(-1)
-        buf["slot_mapping"][:bs] = ctx.slot_mapping
-        buf["context_lens"].zero_()
-        buf["context_lens"][:bs] = ctx.context_lens
         buf["block_tables"][:bs, : ctx.block_tables.shape[1]] = ctx.block_tables
-        if ctx.query_rows is not None:
-            buf["query_rows"].fill_(-1)
-            buf["query_rows"][:bs] = ctx.query_rows
+        # Rows past the batch store nothing, attend to nothing and keep no query: -1, 0, -1.
+        for name, pad in (("slot_mapping", -1), ("context_lens", 0), ("query_rows", -1)):
+            if getattr(ctx, name) is not None:
+                buf[name][bs:] = pad
+                buf[name][:bs] = getattr(ctx, name)
         self.graphs[graph_bs].replay()
         return buf["hidden"][:bs]
 

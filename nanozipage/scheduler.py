@@ -33,8 +33,7 @@ class Scheduler:
         self.waiting.extend(seqs)
 
     def schedule(self) -> tuple[list[Sequence], bool, list[Compression]]:
-        """The requests of the next step, whether it is a prefill step, and the compressions
-        planned to run before it (their requests are not in this step)."""
+        """The next step's requests, whether it prefills, and the compressions to launch first."""
         for seq in self.running:  # hybrid scheduling: query slots go to the queue's first requests
             if seq.query_slot < 0 and self.free_query_slots:
                 seq.query_slot = self.free_query_slots.pop()
