@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from nanozipage import LLM, SamplingParams
 from nanozipage.compressor import Compression, on_worker
-from nanozipage.model_runner import ModelRunner, decode_plan
+from nanozipage.model_runner import ModelRunner, step_plan
 from nanozipage.parallel import Workers
 from nanozipage.policy import POLICIES
 from nanozipage.sequence import Sequence
@@ -373,7 +373,7 @@ def decode_gpu_seconds(llm: LLM, repeat: int = 20) -> float:
 
     @torch.inference_mode()
     def timed_run(seqs: list[Sequence], is_prefill: bool, pending=None):
-        plan = decode_plan(seqs, runner.window)
+        plan = step_plan(seqs, runner.window, is_prefill=False)
 
         def step():  # what `runner.run` does on the GPU (with penalties, they count each token)
             if runner.workers:  # every rank's forward pass, or rank 0's collectives wait forever

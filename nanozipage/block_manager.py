@@ -151,8 +151,7 @@ class BlockManager:
         spare = [b for b in private if b not in kept]
         return new_table + (spare[:1] or [-1])
 
-    def num_fresh_blocks(self, seq: Sequence) -> int:
-        """Free blocks that compressing seq takes."""
+    def num_fresh_blocks(self, seq: Sequence) -> int:  # free blocks its compression takes
         return self._new_table(seq).count(-1)
 
     def hash_blocks(self, seq: Sequence):

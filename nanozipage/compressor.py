@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from nanozipage.config import max_blocks
 from nanozipage.context import to_device
 from nanozipage.kernels import move_kept
 from nanozipage.policy import CacheState, make_policy, select
@@ -50,7 +51,7 @@ class Compressor:
         self.stream = torch.cuda.Stream() if kv_cache.is_cuda else None
         self.running: list[Compression] = []  # launched and not yet done, oldest first
         if config.kv_budget and self.stream:  # pay the GPU's first-use costs now, not mid-run
-            table = [0] * config.max_blocks  # N_max blocks, all block 0 (unused)
+            table = [0] * max_blocks(config.kv_budget, config.block_size)  # all block 0, unused
             for first in (True, False):
                 self.run(Compression(None, table, first, 0, table))
             torch.cuda.synchronize()

@@ -41,11 +41,6 @@ class Config:
     max_compress_blocks: int = 600  # blocks being compressed at once (bounds temporary memory)
     hf_config: dict = field(default_factory=dict)  # the checkpoint's config.json (filled here)
 
-    @property
-    def max_blocks(self) -> int | None:
-        """N_max for the engine's budget; None for full KV."""
-        return max_blocks(self.kv_budget, self.block_size) if self.kv_budget else None
-
     def __post_init__(self):
         self.model = model_dir(self.model)  # from here on, the engine reads only this directory
         path = os.path.join(self.model, "config.json")

@@ -120,7 +120,7 @@ class LLMEngine:
 
     def _add(self, seqs: list[Sequence]) -> int:
         self.requests[seqs[0].request_id] = seqs
-        self.scheduler.add(seqs)
+        self.scheduler.waiting.extend(seqs)
         return seqs[0].request_id
 
     @one_caller_at_a_time
@@ -161,8 +161,7 @@ class LLMEngine:
             self.compressor.done(compression)
 
     def _launch_compressions(self, compressions: list[Compression], nothing_to_run: bool):
-        """Synchronous compression is the same launch followed by a wait. A step that has nothing
-        to run or launch waits for the compressions under way, or no request can progress."""
+        """Synchronous compression is this launch and a wait; with nothing to run, wait for any."""
         self.compressor.launch(compressions)
         if compressions and not self.config.async_compression:
             self._finish_compressions(wait=True)

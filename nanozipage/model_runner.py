@@ -8,14 +8,13 @@ next larger batch); `run` returns the samples without waiting for the GPU (`over
 tensor parallelism rank 0 forwards step plans and compressions to the others (`parallel.py`).
 """
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from nanozipage.compressor import Compressor
-from nanozipage.config import Config
+from nanozipage.config import Config, max_blocks
 from nanozipage.context import get_context, set_context, to_device
 from nanozipage.model import CausalLM
 from nanozipage.overlap import Samples, pending_rows
@@ -89,10 +88,6 @@ def step_plan(seqs: list[Sequence], window: int | None, is_prefill: bool) -> Ste
     )
 
 
-prefill_plan = functools.partial(step_plan, is_prefill=True)
-decode_plan = functools.partial(step_plan, is_prefill=False)
-
-
 class ModelRunner:
     def __init__(self, config: Config, rank: int = 0, eos_token_ids: set[int] = frozenset()):
         self.config, self.rank = config, rank
@@ -121,7 +116,6 @@ class ModelRunner:
         attn = self.model.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.num_heads = attn.num_heads  # query heads
-        self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.window = config.window if config.kv_budget else None  # None: no window queries
         self.q_cache = self.score_cache = None
         self.pending_tokens = None  # ranks 1..N-1: the last step's samples, broadcast by rank 0
@@ -164,7 +158,7 @@ class ModelRunner:
             seq.num_new_tokens, budget = len(seq), budget - len(seq)
             seq.block_table = [0] * seq.num_blocks
             seqs.append(seq)
-        self.execute(prefill_plan(seqs, None))  # every rank at once; no query cache yet
+        self.execute(step_plan(seqs, None, is_prefill=True))  # every rank; no query cache yet
         self.workers.wait_on_gpu() if self.workers else torch.cuda.synchronize()
 
     def allocate_kv_cache(self):
@@ -183,8 +177,9 @@ class ModelRunner:
             spare = torch.tensor([spare], dtype=torch.float64, device=self.device)
             dist.all_reduce(spare, dist.ReduceOp.MIN)
             spare = spare.item()
-        block_bytes, slot_bytes, n_max = self._empty_kv_cache(1).nbytes, 0, config.max_blocks or 1
+        block_bytes, slot_bytes, n_max = self._empty_kv_cache(1).nbytes, 0, 1
         if config.kv_budget:
+            n_max = max_blocks(config.kv_budget, self.block_size)
             block_bytes += num_layers * self.num_kv_heads * self.block_size * 4  # stored scores
             query_bytes = self.num_heads * self.head_dim * self.dtype.itemsize
             slot_bytes = num_layers * config.window * query_bytes
@@ -219,7 +214,7 @@ class ModelRunner:
         """Rank 0: launch one step and its sampling; the samples, not waited for (None: none)."""
         if not seqs:
             return None
-        plan = (prefill_plan if is_prefill else decode_plan)(seqs, self.window)
+        plan = step_plan(seqs, self.window, is_prefill)
         seqs = [seq for seq in seqs if seq.samples_this_step]  # as many as the workers expect
         if self.workers:
             self.workers.call(ModelRunner.worker_step, plan)
@@ -299,6 +294,7 @@ class ModelRunner:
     def capture_cudagraphs(self):
         """Capture the decode forward pass for a ladder of batch sizes over static buffers."""
         max_bs = min(self.config.max_num_seqs, self.num_blocks)  # a request holds >= 1 block
+        max_table = -(-self.config.max_model_len // self.block_size)  # blocks of the longest
         sizes = [1, 2, 4, 8, *range(16, max_bs, 16)]
         self.graph_sizes = [b for b in sizes if b < max_bs] + [max_bs]  # ascending
         hidden_size, int32, long = self.config.hf_config["hidden_size"], torch.int32, torch.long
@@ -308,7 +304,7 @@ class ModelRunner:
             "positions": zeros(max_bs, dtype=long),
             "slot_mapping": zeros(max_bs, dtype=int32) - 1,  # -1: store nothing
             "context_lens": zeros(max_bs, dtype=int32),
-            "block_tables": zeros(max_bs, self.max_blocks_per_seq, dtype=int32),
+            "block_tables": zeros(max_bs, max_table, dtype=int32),
             "hidden": zeros(max_bs, hidden_size, dtype=self.dtype),
             "query_rows": zeros(max_bs, dtype=long) - 1,
         }

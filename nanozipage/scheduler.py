@@ -29,9 +29,6 @@ class Scheduler:
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
 
-    def add(self, seqs: list[Sequence]):
-        self.waiting.extend(seqs)
-
     def schedule(self) -> tuple[list[Sequence], bool, list[Compression]]:
         """The next step's requests, whether it prefills, and the compressions to launch first."""
         for seq in self.running:  # hybrid scheduling: query slots go to the queue's first requests

@@ -39,7 +39,7 @@ def test_samples_share_the_prompts_full_blocks_which_are_prefilled_once(
     model_dir, monkeypatch, prompt_len, config
 ):
     allocated, fed = [], []
-    allocate, prefill_plan = BlockManager.allocate, model_runner.prefill_plan
+    allocate, step_plan = BlockManager.allocate, model_runner.step_plan
 
     def allocate_spy(self, seq):
         if not allocate(self, seq):
@@ -48,13 +48,14 @@ def test_samples_share_the_prompts_full_blocks_which_are_prefilled_once(
         allocated.append((seq.sample_index, list(seq.block_table), refs))
         return True
 
-    def prefill_plan_spy(seqs, window):
-        fed.append(sum(seq.num_new_tokens for seq in seqs))
-        return prefill_plan(seqs, window)
+    def step_plan_spy(seqs, window, is_prefill):
+        if is_prefill:
+            fed.append(sum(seq.num_new_tokens for seq in seqs))
+        return step_plan(seqs, window, is_prefill)
 
     llm = LLM(model_dir, **config)  # before the spies: on a GPU, warmup runs a prefill
     monkeypatch.setattr(BlockManager, "allocate", allocate_spy)
-    monkeypatch.setattr(model_runner, "prefill_plan", prefill_plan_spy)
+    monkeypatch.setattr(model_runner, "step_plan", step_plan_spy)
     prompt, n = PROMPT[:prompt_len], 3
     outputs = llm.generate(prompt, replace(SAMPLED, n=n, seed=1), use_tqdm=False)
 
