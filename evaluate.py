@@ -350,7 +350,7 @@ def evaluate_policies(
     chunks = [cases[i : i + chunk] for i in range(0, len(cases), chunk)]
     progress = tqdm(total=len(configs) * (len(chunks) + 1), desc="policies", file=sys.stderr)
 
-    def run(config, prompts, holders=(), **params) -> list[dict]:
+    def run(config, prompts, holders, **params) -> list[dict]:
         """Greedy outputs at one (policy, budget). `holders` run at full KV beside them until past
         the first compression, which then finds the prompts' blocks shared, writes fresh ones,
         and leaves the prompts in the prefix cache for the next configuration."""
@@ -378,7 +378,7 @@ def evaluate_policies(
             row[f"passkey_{group}"] = share(mine, cases, answered, group)
         row |= dict.fromkeys(("agreement", "agreement_compressed", "logprob_gap"))
         if prompts:
-            outputs = run((policy, budget), prompts, max_tokens=max_tokens, logprobs=True)
+            outputs = run((policy, budget), prompts, [], max_tokens=max_tokens, logprobs=True)
             row |= fidelity(hf, prompts, outputs, budget, block)
         rows.append(row)
         progress.update()
