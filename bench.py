@@ -586,6 +586,7 @@ def compress_cost(model: str, args) -> dict:
     results = {
         "batch": args.batch,
         "kv_budget": budget,
+        "policy": llm.config.policy,
         "first_compression_ms": 1000 * compression_gpu_seconds(),
     }
     job.first = False
