@@ -10,7 +10,8 @@ output tok/s. Readers: GSM8K (answer after '####'), AMC23/AIME24 layouts (`quest
 `problem`; `answer`, or `solution` and its last \\boxed{}). --save FILE writes every reply.
 
 fidelity: `python evaluate.py --task fidelity [--num-problems 64] [--max-tokens 512]
-[--block-size 32] [--budgets 128,256] [--policies zipage,recency] [--model DIR] [--plot PNG]`
+[--block-size 32] [--budgets 128,256] [--policies zipage,streamingllm] [--model DIR]
+[--plot PNG]`
 decodes the first N questions greedily with full KV and each (policy, budget), then re-scores
 every generated sequence with transformers in full attention and reports, per configuration,
 the share of generated positions where the engine's token is full attention's argmax
@@ -29,8 +30,9 @@ and the prompts stay in its prefix cache while the policy changes.
 
 math and fidelity use chat prompts with the system prompt below, and build one engine per
 configuration (freed before the next). Every task defaults to SmolLM2-135M-Instruct and GSM8K's
-test set (../shared/data/gsm8k_test.jsonl), and prints a table, then one JSON line. On a shared CPU, OMP_NUM_THREADS=1
-avoids thread contention, which makes small PyTorch ops orders of magnitude slower.
+test set (../shared/data/gsm8k_test.jsonl), and prints a table, then one JSON line. On a shared
+CPU, OMP_NUM_THREADS=1 avoids thread contention, which makes small PyTorch ops orders of
+magnitude slower.
 """
 
 import argparse
