@@ -20,9 +20,9 @@ from nanozipage import LLM, SamplingParams
 from nanozipage.policy import POLICIES
 
 FEW_SEEDS, MANY_SEEDS = range(12), range(12, 212)
-# Issue 12, item 1 is still open: a prefill chunk that ends one token before a prompt's end on a
-# block boundary past N_max blocks compresses the prompt before its last token, so the first
-# token differs from transformers'. These seeds draw such a case (all pass with the fix).
+# A prefill chunk that ends one token before a prompt's end on a block boundary past N_max blocks
+# once compressed the prompt before its last token, so the first token differed from
+# transformers'. These seeds draw such a case (all pass with the fix).
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def random_case(seed: int):
     lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 4))]
     prompts = [[rng.randrange(256) for _ in range(n)] for n in lengths]
     max_tokens = [rng.randint(1, 50) for _ in prompts]
-    # A chunk that ends one token before a prompt's end (the regression of issue 12), a block,
+    # A chunk that ends one token before a prompt's end (the regression above), a block,
     # or anything up to every prompt at once.
     chunk = rng.choice([max(1, rng.choice(lengths) - 1), b, rng.randint(1, 64), 512])
     peaks = [peak_blocks(n, m, b, kv_budget) for n, m in zip(lengths, max_tokens)]
@@ -116,13 +116,19 @@ def test_many_random_configurations_match_the_references(models, seed):
 def test_prefill_chunk_ending_one_token_before_the_prompt_end_gives_transformers_first_token(
     models,
 ):
-    """Issue 12's case: a 41-token prompt in 8-token chunks leaves its last token to a decode
+    """The regression above: a 41-token prompt in 8-token chunks leaves its last token to a decode
     step that lands on a block boundary past N_max blocks; it must still see the whole prompt."""
     model_dir, hf = models("qwen3")
     rng = random.Random(0)
     prompt = [rng.randrange(256) for _ in range(41)]
-    llm = LLM(model_dir, block_size=8, kv_budget=24, window=2, num_kvcache_blocks=19,
-              max_num_batched_tokens=8)  # fmt: skip
+    llm = LLM(
+        model_dir,
+        block_size=8,
+        kv_budget=24,
+        window=2,
+        num_kvcache_blocks=19,
+        max_num_batched_tokens=8,
+    )
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=True)
     out = llm.generate([prompt], params, use_tqdm=False)[0]
     first = {**out, "token_ids": out["token_ids"][:1], "logprobs": out["logprobs"][:1]}

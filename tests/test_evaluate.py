@@ -23,11 +23,17 @@ from evaluate import (
 from nanozipage import LLM, SamplingParams
 
 PROBLEMS = [  # long enough that a 32-token budget compresses the prompt
-    {"question": "Tom has 3 boxes with 12 pencils in each box. He gives 7 pencils to his sister "
-     "and buys 5 more at the shop. How many pencils does Tom have now?", "answer": "#### 34"},
-    {"question": "A train travels 60 miles per hour for 2 hours, then 40 miles per hour for 3 "
-     "hours. How many miles does it travel in total?", "answer": "#### 240"},
-]  # fmt: skip
+    {
+        "question": "Tom has 3 boxes with 12 pencils in each box. He gives 7 pencils to his sister "
+        "and buys 5 more at the shop. How many pencils does Tom have now?",
+        "answer": "#### 34",
+    },
+    {
+        "question": "A train travels 60 miles per hour for 2 hours, then 40 miles per hour for 3 "
+        "hours. How many miles does it travel in total?",
+        "answer": "#### 240",
+    },
+]
 
 
 @pytest.fixture
@@ -51,7 +57,9 @@ def test_real_gsm8k_solutions_grade_their_own_answer_and_not_a_neighbour():
     refs = [reference(r["answer"]) for r in records]
     assert refs[0] == "18" and all(to_number(ref) is not None for ref in refs)
     assert any("," in ref for ref in refs)  # e.g. "2,125": thousands separators must parse
-    for record, ref in list(zip(records, refs))[:50] + [(r, a) for r, a in zip(records, refs) if "," in a]:  # fmt: skip
+    for record, ref in list(zip(records, refs))[:50] + [
+        (r, a) for r, a in zip(records, refs) if "," in a
+    ]:
         worked = record["answer"].split("####")[0]
         assert is_correct(worked + rf"The answer is \boxed{{{ref}}}.", ref)
         assert is_correct(rf"\boxed{{{int(to_number(ref))}}}", ref)  # 2,125 written as 2125
@@ -124,9 +132,24 @@ def test_load_problems_reads_gsm8k_amc_and_aime_layouts(tmp_path):
 
 
 def test_math_end_to_end_grades_what_the_engine_samples(smollm2_path, problems_file, tmp_path):
-    args = ["--task", "math", "--model", smollm2_path, "--data", problems_file, "--samples", "2",
-            "--max-tokens", "16", "--block-size", "16", "--budgets", "full,32",
-            "--save", str(tmp_path / "replies.jsonl")]  # fmt: skip
+    args = [
+        "--task",
+        "math",
+        "--model",
+        smollm2_path,
+        "--data",
+        problems_file,
+        "--samples",
+        "2",
+        "--max-tokens",
+        "16",
+        "--block-size",
+        "16",
+        "--budgets",
+        "full,32",
+        "--save",
+        str(tmp_path / "replies.jsonl"),
+    ]
     full, compressed = main(args)
     saved = [json.loads(line) for line in (tmp_path / "replies.jsonl").read_text().splitlines()]
     assert saved == [
@@ -155,9 +178,24 @@ def test_fidelity_end_to_end_full_kv_is_exact_and_compression_is_not(
     smollm2_path, problems_file, tmp_path
 ):
     plot = tmp_path / "fidelity.png"
-    args = ["--task", "fidelity", "--model", smollm2_path, "--data", problems_file,
-            "--max-tokens", "16", "--block-size", "16", "--budgets", "32",
-            "--policies", "zipage,recency", "--plot", str(plot)]  # fmt: skip
+    args = [
+        "--task",
+        "fidelity",
+        "--model",
+        smollm2_path,
+        "--data",
+        problems_file,
+        "--max-tokens",
+        "16",
+        "--block-size",
+        "16",
+        "--budgets",
+        "32",
+        "--policies",
+        "zipage,recency",
+        "--plot",
+        str(plot),
+    ]
     rows = main(args)
     assert [r["config"] for r in rows] == ["full KV", "zipage 32", "recency 32"]
     full = rows[0]
