@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanozipage.policy import make_policy
+
 # model_type -> architecture (qwen3 -> Qwen3ForCausalLM), for a config without `architectures`
 ARCHITECTURES = {t: f"{t.title()}ForCausalLM" for t in ("qwen3", "qwen2", "llama")}
 LOAD_FORMATS = ("safetensors", "dummy")
@@ -76,13 +78,11 @@ class Config:
             "load_format": (self.load_format in LOAD_FORMATS, f"one of {', '.join(LOAD_FORMATS)}"),
             "dtype": (self.dtype in DTYPES, "float32, float16 or bfloat16"),
         }
-        if self.kv_budget is not None:  # the compression knobs
-            from nanozipage.policy import make_policy
-
-            make_policy(self.policy, self.policy_args)  # raises on an unknown name or key
+        make_policy(self.policy, self.policy_args)  # a typo is an error, also under full KV
+        for name, low in (("compress_layers", 1), ("max_compress_blocks", 1), ("num_sinks", 0)):
+            _check_int(name, getattr(self, name), low)
+        if self.kv_budget is not None:
             check_kv_budget(self.kv_budget, self.block_size, self.window)
-            for name, low in (("compress_layers", 1), ("max_compress_blocks", 1), ("num_sinks", 0)):
-                _check_int(name, getattr(self, name), low)
         for name, (valid, allowed) in checks.items():
             if not valid:
                 raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")

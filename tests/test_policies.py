@@ -44,6 +44,7 @@ def test_every_policy_scores_every_token_of_every_head(name, first):
         ({"policy": "streamingllm", "policy_args": {"sinks": -1}}, "sinks must be"),
         ({"policy": "random", "policy_args": {"seed": 0.5}}, "seed must be an integer"),
         ({"policy_args": [("decay", 0.5)]}, "policy_args must be a dict"),
+        ({"policy": "lru", "kv_budget": None}, "policy must be one of"),  # a typo, also full KV
     ],
 )
 def test_bad_policy_or_policy_args_raise_when_the_engine_is_built(tmp_path, config, message):
