@@ -268,4 +268,6 @@ def select(score: torch.Tensor, keep: int, window: int, num_sinks: int) -> torch
     score = score.clone()
     score[..., score.shape[-1] - window :] = float("inf")
     score[..., :num_sinks] = float("inf")
-    return score.topk(keep, dim=-1, sorted=False).indices.sort(-1).values
+    # A stable sort breaks ties (pooled scores repeat) by position, the same on every device.
+    order = score.sort(dim=-1, descending=True, stable=True).indices
+    return order[..., :keep].sort(-1).values
