@@ -120,13 +120,13 @@ class Compressor:
             layers = slice(start, start + config.compress_layers)
             k_cache, v_cache = self.kv_cache[0, layers], self.kv_cache[1, layers]
             score_cache = self.score_cache[layers]
-            # The request's keys and stored scores, dense: [layers, kvh, T, ...]
-            keys = k_cache[:, old].transpose(1, 2).flatten(2, 3)
-            prev = score_cache[:, old].transpose(1, 2).flatten(2)
+            keys = k_cache[:, old].transpose(1, 2).flatten(2, 3)  # dense: [L, kvh, T, head_dim]
+            prev = score_cache[:, old].transpose(1, 2).flatten(2)  # the stored scores: [L, kvh, T]
             prev[..., 0 if compression.first else keep :] = 0  # newer tokens were never scored
             queries = self.q_cache[layers, window_rows]
             absolute = range(start, start + len(keys))  # the group's layer indices
-            score, stored = policy(CacheState(keys, queries, prev, compression.first, b, absolute))
+            state = CacheState(keys, queries, prev, compression.first, b, absolute, keep)
+            score, stored = policy(state)
             kept = select(score, keep, w, config.num_sinks)  # [L, kvh, keep]
             move_kept(k_cache, old, new, kept)
             move_kept(v_cache, old, new, kept)

@@ -28,6 +28,7 @@ class CacheState:
     first: bool  # the request's first compression
     block_size: int
     layers: range  # the absolute indices of the layers in the leading dimension
+    keep: int  # tokens `select` keeps per (layer, KV head), window and sinks included
 
 
 def _check(params, name: str, valid: bool, allowed: str):

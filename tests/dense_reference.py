@@ -33,7 +33,8 @@ def compress(keys, values, queries, scores, config, keep, first):
     kept_layers, w = [], config.window
     for i in range(len(keys)):
         queries_i, b = queries[i][None, -w:], config.block_size
-        state = CacheState(keys[i][None], queries_i, scores[i][None], first, b, range(i, i + 1))
+        layers = range(i, i + 1)
+        state = CacheState(keys[i][None], queries_i, scores[i][None], first, b, layers, keep)
         score, stored = make_policy(config.policy, config.policy_args)(state)
         kept = select(score, keep, w, config.num_sinks)[0]  # [kvh, keep]
         head_dim = keys[i].shape[-1]
