@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import make_tiny_model
 
-from nanozipage import LLM
+from nanozipage import LLM, SamplingParams
 from nanozipage.config import Config
 from nanozipage.policy import POLICIES, CacheState, make_policy
 
@@ -78,3 +78,25 @@ def test_streamingllm_keeps_the_sinks_and_the_newest():
     score = make_policy("streamingllm", {"sinks": 2})(state())[0]
     kept = score[0, 0].topk(10).indices.sort().values
     assert kept.tolist() == [0, 1, *range(56, 64)]
+
+
+def test_a_policy_sees_the_tokens_it_keeps_and_whole_blocks(tmp_path, monkeypatch):
+    seen = []
+
+    def spy(state: CacheState, p):
+        seen.append((state.keep, state.keys.shape[-2]))
+        return make_policy("spans")(state)
+
+    monkeypatch.setitem(POLICIES, "spy", POLICIES["spans"]._replace(score=spy))
+    llm = LLM(
+        make_tiny_model("llama", tmp_path), block_size=16, kv_budget=48, window=4, policy="spy"
+    )
+    params = [
+        SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, kv_budget=b)
+        for b in (32, None)
+    ]
+    llm.generate([[1, 2, 3], list(range(5, 85))], params, use_tqdm=False)
+    assert {keep for keep, _ in seen} == {32, 48}  # the request's own budget, or the engine's
+    for keep, num_tokens in seen:  # N_max = keep / 16 + 1 whole blocks, more after a long prompt
+        assert num_tokens % 16 == 0 and num_tokens >= keep + 16
+    assert (48, 80) in seen  # the 80-token prompt's first compression
