@@ -135,6 +135,7 @@ PASSKEY_INTRO = (
 )
 PASSKEY_TOKENS = (400, 1000)  # prompt lengths, chat template included
 PASSKEY_ANSWER = 32  # tokens of an answer: with the prompt, below the engine's budget + a block
+PASSKEY_BLOCK = 16  # the policies task's block size, on which the `early` cases depend
 
 
 def load_problems(
@@ -302,8 +303,8 @@ def passkey_cases(tokenizer, num_cases: int, questions=None, seed: int = 0) -> l
             sentences.append(pool[(start + len(sentences)) % len(pool)])
         if len(ids) > PASSKEY_TOKENS[1]:
             ids = passkey_prompt(tokenizer, sentences[:-1], needle, depth, question)
-        # Early: compressed (blocks of 16) before an answer can reach the key ("The pass key is")
-        early = ("early",) if -len(ids) % 16 < 6 else ()
+        # Early: compressed before an answer can reach the key ("The pass key is")
+        early = ("early",) if -len(ids) % PASSKEY_BLOCK < 6 else ()
         cases.append({"ids": ids, "key": key, "groups": (fmt, filler, *early), "depth": depth})
     return cases
 
@@ -343,7 +344,7 @@ def evaluate_policies(
     while the prompts stay in the prefix cache (`chunk` cases at a time fit the CPU's pool)."""
     from transformers import AutoModelForCausalLM
 
-    block, full_budget = 16, 1024
+    block, full_budget = PASSKEY_BLOCK, 1024
     assert PASSKEY_TOKENS[1] + PASSKEY_ANSWER <= full_budget + block  # never compressed
     llm = LLM(model, kv_budget=full_budget, block_size=block, window=8)
     cases = passkey_cases(llm.tokenizer, num_cases, questions, seed)
