@@ -3,8 +3,8 @@
 - planned: the scheduler chose the request and the block manager gave the record its new
   blocks (`Scheduler._plan_compression`); the request still reads its old blocks.
 - running: `launch` scored every cached token with the policy, kept `kv_budget` per (layer, KV
-  head) in position order and queued the moves of the kept K, V and scores into the new blocks,
-  on a side stream while the other requests decode (on the CPU: done at once).
+  head) in position order and queued the move of the kept K, V and scores into the new blocks
+  (in place: new block i is old block i or a fresh one), on a side stream while the other requests decode (on the CPU: done at once).
 - done: `poll` saw its work finish; the request switches to its new blocks and the old ones
   are freed (`Scheduler.finish_compression`).
 Synchronous compression is the same path followed by a wait. Under tensor parallelism rank 0
@@ -118,18 +118,12 @@ class Compressor:
         window_rows = slice(compression.query_slot * w, (compression.query_slot + 1) * w)
         for start in range(0, self.kv_cache.shape[1], config.compress_layers):
             layers = slice(start, start + config.compress_layers)
-            k_cache, v_cache = self.kv_cache[0, layers], self.kv_cache[1, layers]
-            score_cache = self.score_cache[layers]
-            keys = k_cache[:, old].transpose(1, 2).flatten(2, 3)  # dense: [L, kvh, T, head_dim]
+            kv_cache, score_cache = self.kv_cache[:, layers], self.score_cache[layers]
             prev = score_cache[:, old].transpose(1, 2).flatten(2)  # the stored scores: [L, kvh, T]
             prev[..., 0 if compression.first else keep :] = 0  # newer tokens were never scored
             queries = self.q_cache[layers, window_rows]
-            absolute = range(start, start + len(keys))  # the group's layer indices
-            state = CacheState(keys, queries, prev, compression.first, b, absolute, keep)
+            absolute = range(start, start + len(prev))  # the group's layer indices
+            state = CacheState(kv_cache[0], old, queries, prev, compression.first, absolute, keep)
             score, stored = policy(state)
             kept = select(score, keep, w, config.num_sinks)  # [L, kvh, keep]
-            move_kept(k_cache, old, new, kept)
-            move_kept(v_cache, old, new, kept)
-            # Scores to store are this compression's (dense), not the cache's: gathered.
-            kept_scores = stored.gather(2, kept).unflatten(2, (-1, b))
-            score_cache[:, new] = kept_scores.transpose(1, 2)
+            move_kept(kv_cache, score_cache, stored, old, new, kept)

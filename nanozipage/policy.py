@@ -1,8 +1,9 @@
 """Eviction policies, called by the compressor: which cached tokens a request keeps.
 
-A policy scores every cached token of one request per (layer, KV head) from its `CacheState`:
-dense tensors (the cache gathered out of the pages) with a leading group-of-layers dimension;
-`select` keeps the `kv_budget` best plus the window. The heavy steps are kernels whose PyTorch
+A policy scores every cached token of one request per (layer, KV head) from its `CacheState`,
+with a leading group-of-layers dimension: the keys in their pages, read in place by the scoring
+kernels (`state.keys` gathers them into a dense copy for plain PyTorch), the window queries and
+the stored scores. `select` keeps the `kv_budget` best plus the window. The heavy steps are kernels whose PyTorch
 references state the math. A policy is a function `(state, params) -> (score, score to store)`
 and a dataclass of its parameters, registered in `POLICIES`; `LLM(policy=NAME, policy_args={})`
 picks one. The engine and the tests' dense reference call the same functions, so a new policy
@@ -11,24 +12,38 @@ is one function, one dataclass and one registry entry (docs/DESIGN.md, "Writing 
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from functools import partial
+from functools import cached_property, partial
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from nanozipage.kernels import redundancy_sums, window_scores
+from nanozipage.kernels import gather_keys, redundancy_sums, window_scores
 
 
 @dataclass
 class CacheState:
-    keys: torch.Tensor  # [layers, kv_heads, T, head_dim], post-RoPE (T = cached tokens)
+    k_cache: torch.Tensor  # [layers, num_blocks, kv_heads, block_size, head_dim], post-RoPE
+    block_table: torch.Tensor  # [T / block_size]: the request's blocks (T = cached tokens)
     queries: torch.Tensor  # [layers, window, q_heads, head_dim], of the last `window` tokens
     prev_scores: torch.Tensor  # [layers, kv_heads, T] float32; 0 where not scored before
     first: bool  # the request's first compression
-    block_size: int
     layers: range  # the absolute indices of the layers in the leading dimension
     keep: int  # tokens `select` keeps per (layer, KV head), window and sinks included
+
+    @property
+    def block_size(self) -> int:
+        return self.k_cache.shape[3]
+
+    @cached_property
+    def keys(self) -> torch.Tensor:
+        """[layers, kv_heads, T, head_dim]: the request's keys, dense; gathered on first use."""
+        return gather_keys(self.k_cache, self.block_table)
+
+
+def attention(state: CacheState) -> torch.Tensor:
+    """The window queries' attention over the cached tokens (`kernels.window_scores`)."""
+    return window_scores(state.k_cache, state.block_table, state.queries)
 
 
 def _check(params, name: str, valid: bool, allowed: str):
@@ -57,13 +72,15 @@ def redundancy(state: CacheState, tau: float) -> torch.Tensor:
     """R-KV "lightning" redundancy: cosine similarity between keys of the same block only; for
     every token n, its most recent near-duplicate m (sim > 0.5) does not count sim(m, n), so the
     newest of a group survives; sum per token, softmax over the request: [layers, kv_heads, T]."""
-    return (redundancy_sums(state.keys, state.block_size) / (tau * state.block_size)).softmax(-1)
+    return (redundancy_sums(state.k_cache, state.block_table) / (tau * state.block_size)).softmax(
+        -1
+    )
 
 
 def positions(state: CacheState) -> torch.Tensor:
     """Cache indices 0..T-1 as float32 scores, broadcast to [layers, kv_heads, T]."""
-    index = torch.arange(state.keys.shape[-2], device=state.keys.device, dtype=torch.float32)
-    return index.expand_as(state.prev_scores)
+    prev = state.prev_scores
+    return torch.arange(prev.shape[-1], device=prev.device, dtype=torch.float32).expand_as(prev)
 
 
 @dataclass(frozen=True)
@@ -85,7 +102,7 @@ def zipage(state: CacheState, p: ZipageParams) -> tuple[torch.Tensor, torch.Tens
     attention; global score max(now, decay * stored) from the second compression, max-pooled
     on the first (stored unpooled); minus R-KV lightning redundancy,
     `w * attention - (1 - w) * redundancy`."""
-    stored = score = window_scores(state.keys, state.queries)
+    stored = score = attention(state)
     if state.first:
         score = pool(score, p.pool_kernel)
     else:
@@ -109,7 +126,7 @@ def spans(state: CacheState, p: SpansParams) -> tuple[torch.Tensor, torch.Tensor
     maximum of the scores stored at earlier compressions (G-KV's global score), then max-pooled
     along the tokens at every compression, wide enough that a kept token brings the phrase around
     it (a key of several tokens lost its tail with SnapKV's narrower pooling; BENCHMARKS.md)."""
-    stored = window_scores(state.keys, state.queries)
+    stored = attention(state)
     if not state.first:
         stored = torch.maximum(stored, p.decay * state.prev_scores)
     return pool(stored, p.pool_kernel), stored
@@ -154,7 +171,7 @@ def snapkv(state: CacheState, p: SnapKVParams) -> tuple[torch.Tensor, torch.Tens
     """SnapKV (Li et al., 2024), adapted to decoding: at every compression, the attention of the
     window queries (max over a GQA group, mean over the window), max-pooled along the tokens.
     Nothing is remembered between compressions."""
-    score = window_scores(state.keys, state.queries)
+    score = attention(state)
     return pool(score, p.pool_kernel), torch.zeros_like(score)
 
 
@@ -162,7 +179,7 @@ def h2o(state: CacheState, p: NoParams) -> tuple[torch.Tensor, torch.Tensor]:
     """H2O (Zhang et al., 2023), "heavy hitters": the attention a token received, accumulated.
     Here each compression adds the window's attention to the stored sum (H2O adds every decode
     step's), so old tokens that were attended often outrank new ones."""
-    score = state.prev_scores + window_scores(state.keys, state.queries)
+    score = state.prev_scores + attention(state)
     return score, score
 
 
@@ -183,7 +200,7 @@ def rkv(state: CacheState, p: RKVParams) -> tuple[torch.Tensor, torch.Tensor]:
     window's pooled attention, redundancy a softmax of the keys' cosine similarities (reported:
     lambda 0.1 with 8 observation queries). The similarities are the engine's block-local
     ("lightning") ones; nothing is remembered between compressions."""
-    importance = pool(window_scores(state.keys, state.queries), p.pool_kernel)
+    importance = pool(attention(state), p.pool_kernel)
     lam = p.importance_weight
     score = lam * importance - (1 - lam) * redundancy(state, p.redundancy_tau)
     return score, torch.zeros_like(score)
@@ -220,7 +237,7 @@ def random(state: CacheState, p: RandomParams) -> tuple[torch.Tensor, torch.Tens
     priorities stay, so each KV head keeps a uniform sample of the tokens it has seen (reservoir
     sampling). Hashing, not a global generator, makes it depend on the state alone."""
     kv_heads, num_tokens = state.prev_scores.shape[1:]
-    device = state.keys.device
+    device = state.prev_scores.device
     prev = state.prev_scores.long()  # priorities are integers below 2^24, exact in float32
     salt = prev.sum(-1, keepdim=True)  # exact, so the same in any reduction order
     x = torch.tensor(list(state.layers), device=device).view(-1, 1, 1) * 0x9E3779B9

@@ -29,12 +29,20 @@ def dense_generate(hf, prompt: list[int], max_tokens: int, config, kv_budget: in
     return tokens[len(prompt) :], kept_log
 
 
+def dense_state(keys, queries, prev_scores, first, block_size, layers, keep) -> CacheState:
+    """The state of a cache held as dense keys `[layers, kv_heads, T, head_dim]`: a view of them
+    as pages, blocks 0..T/block_size-1 in order."""
+    k_cache = keys.unflatten(2, (-1, block_size)).transpose(1, 2)  # [layers, N, kvh, b, d]
+    table = torch.arange(k_cache.shape[1], device=keys.device)
+    return CacheState(k_cache, table, queries, prev_scores, first, layers, keep)
+
+
 def compress(keys, values, queries, scores, config, keep, first):
     kept_layers, w = [], config.window
     for i in range(len(keys)):
         queries_i, b = queries[i][None, -w:], config.block_size
         layers = range(i, i + 1)
-        state = CacheState(keys[i][None], queries_i, scores[i][None], first, b, layers, keep)
+        state = dense_state(keys[i][None], queries_i, scores[i][None], first, b, layers, keep)
         score, stored = make_policy(config.policy, config.policy_args)(state)
         kept = select(score, keep, w, config.num_sinks)[0]  # [kvh, keep]
         head_dim = keys[i].shape[-1]

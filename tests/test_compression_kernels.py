@@ -21,7 +21,7 @@ from interpreter import (
 
 from nanozipage.kernels.move_kept import move_kept_ref, move_kept_triton
 from nanozipage.kernels.redundancy import redundancy_sums_ref, redundancy_sums_triton
-from nanozipage.kernels.window_score import window_scores_ref, window_scores_triton
+from nanozipage.kernels.window_score import gather_keys, window_scores_ref, window_scores_triton
 
 NUM_BLOCKS = 40 if ON_GPU else 3  # cached blocks per request
 WINDOW_TILES = {} if ON_GPU else {"block_n": 16}
@@ -32,6 +32,18 @@ MOVE_KEPT_TILES = {} if ON_GPU else {"block_t": 16}
 TOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
 
 test_compression_kernels_under_the_triton_interpreter = child_run(__file__)
+
+
+def in_pages(keys, block_size):
+    """Dense keys `[G, kv_heads, T, head_dim]` scattered over a pool of blocks, in shuffled order
+    among spare random blocks: (the pool `[G, num_blocks, kv_heads, block_size, head_dim]`, the
+    block table)."""
+    num_blocks = keys.shape[2] // block_size
+    table = torch.randperm(num_blocks + 3, device=keys.device)[:num_blocks]
+    pool = torch.randn(keys.shape[0], num_blocks + 3, *keys.shape[1:2], block_size, keys.shape[3])
+    pool = pool.to(keys.device, keys.dtype)
+    pool[:, table] = keys.unflatten(2, (-1, block_size)).transpose(1, 2)
+    return pool, table.to(torch.int32)
 
 
 def assert_close(out, ref, dtype):
@@ -50,10 +62,12 @@ def test_window_scores_match_reference(dtype, head_dim, block_size, group, windo
     # The engine reads the window queries out of its query cache: a view strided over the slots.
     q_cache = torch.randn(num_layers, 3 * window, group * num_kv_heads, head_dim, device=DEVICE)
     queries = q_cache.to(dtype)[:, window : 2 * window]
+    pool, table = in_pages(keys, block_size)
 
-    out = window_scores_triton(keys, queries, **WINDOW_TILES)
+    out = window_scores_triton(pool, table, queries, **WINDOW_TILES)
 
-    assert_close(out, window_scores_ref(keys, queries), dtype)
+    assert_close(out, window_scores_ref(pool, table, queries), dtype)
+    assert torch.equal(gather_keys(pool, table), keys)
 
 
 def test_references_match_a_loop_over_tokens():
@@ -84,8 +98,9 @@ def test_references_match_a_loop_over_tokens():
                 for m in slots:
                     if m != n and (not dups or m != max(dups)):
                         sums[h, m] += unit[m] @ unit[n]
-    torch.testing.assert_close(window_scores_ref(keys, queries)[0], attention)
-    torch.testing.assert_close(redundancy_sums_ref(keys, block_size)[0], sums)
+    pool, table = in_pages(keys, block_size)
+    torch.testing.assert_close(window_scores_ref(pool, table, queries)[0], attention)
+    torch.testing.assert_close(redundancy_sums_ref(pool, table)[0], sums)
 
 
 def near_duplicates(keys, block_size):
@@ -111,10 +126,11 @@ def test_redundancy_sums_match_reference_and_spare_the_newest_duplicate(
     num_layers, num_kv_heads, num_tokens = 2, 3, NUM_BLOCKS * block_size
     keys = torch.randn(num_layers, num_kv_heads, num_tokens, head_dim, device=DEVICE).to(dtype)
     keys = near_duplicates(keys, block_size)
+    pool, table = in_pages(keys, block_size)
 
-    out = redundancy_sums_triton(keys, block_size, **REDUNDANCY_TILES)
+    out = redundancy_sums_triton(pool, table, **REDUNDANCY_TILES)
 
-    expected = redundancy_sums_ref(keys, block_size)
+    expected = redundancy_sums_ref(pool, table)
     assert_close(out, expected, dtype)
     # The copies trigger the rule: the newest loses two similarities of about 1, the next one
     # (unless a chance similarity over 0.5 with a newer slot takes its place: count half).
@@ -124,45 +140,64 @@ def test_redundancy_sums_match_reference_and_spare_the_newest_duplicate(
 
 
 def table_pairs(num_blocks):
-    """(old table, new table) over a pool of `num_blocks` ids: the new table is a prefix of the
-    old one, a subset of its ids in another order, or fresh ids."""
+    """(old table, new table) over a pool of `num_blocks` ids, as a compression plans them: new
+    block i is old block i (the request's own), or a fresh id (where old block i is shared)."""
     ids = torch.randperm(num_blocks, device=DEVICE)
-    old = ids[:5]
+    old, fresh = ids[:5], ids[5:8]
     return {
-        "prefix": (old, old[:3]),
-        "shuffled_subset": (old, old[torch.randperm(5, device=DEVICE)[:3]]),
-        "reversed": (old, old.flip(0)[:3]),
-        "fresh": (old, ids[5:8]),
+        "in_place": (old, old[:3]),
+        "fresh": (old, fresh),
+        "mixed": (old, torch.stack([fresh[0], old[1], fresh[2]])),
     }
 
 
 @runs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "dtype, entry", [(dtype, (HEAD_DIMS[-1],)) for dtype in DTYPES] + [(torch.float32, ())]
-)  # K/V entries are head_dim long, stored scores one float
-@pytest.mark.parametrize(
-    "block_size, tables, table_dtype",
-    cases(
-        [8, 16, 32], ["prefix", "shuffled_subset", "reversed", "fresh"], [torch.int32, torch.int64]
-    ),
+    "block_size, tables, table_dtype, kept_rule",
+    cases([8, 16, 32], ["in_place", "fresh", "mixed"], [torch.int32, torch.int64], ["top", "runs"]),
 )
 def test_move_kept_writes_kept_tokens_into_new_blocks_even_over_their_sources(
-    dtype, entry, block_size, tables, table_dtype
+    dtype, block_size, tables, table_dtype, kept_rule
 ):
-    num_layers, num_kv_heads, num_blocks = 2, 3, 10
-    shape = (num_layers, num_blocks, num_kv_heads, block_size, *entry)
-    cache = torch.randn(shape, device=DEVICE).to(dtype)
-    old_blocks, new_blocks = (t.to(table_dtype) for t in table_pairs(num_blocks)[tables])
-    num_tokens, keep = old_blocks.numel() * block_size, new_blocks.numel() * block_size
+    num_layers, num_kv_heads, num_blocks, head_dim = 2, 3, 10, HEAD_DIMS[-1]
+    shape = (2, num_layers, num_blocks, num_kv_heads, block_size, head_dim)
+    kv_cache = torch.randn(shape, device=DEVICE).to(dtype)
+    score_cache = torch.randn(shape[1:-1], device=DEVICE)
+    old_table, new_table = (t.to(table_dtype) for t in table_pairs(num_blocks)[tables])
+    num_tokens, keep = old_table.numel() * block_size, new_table.numel() * block_size
     scores = torch.rand(num_layers, num_kv_heads, num_tokens, device=DEVICE)
+    if kept_rule == "runs":  # whole runs of tokens one slot ahead of their new place
+        scores = (
+            torch.arange(num_tokens, device=DEVICE).remainder(5).ne(0).float().expand_as(scores)
+        )
     kept = scores.topk(keep).indices.sort(-1).values
-    original = cache.clone()
+    expected = (kv_cache.clone(), score_cache.clone())
 
-    move_kept_triton(cache, old_blocks, new_blocks, kept, **MOVE_KEPT_TILES)
+    move_kept_triton(kv_cache, score_cache, scores, old_table, new_table, kept, **MOVE_KEPT_TILES)
 
-    expected = original.clone()
-    move_kept_ref(expected, old_blocks, new_blocks, kept)
-    assert torch.equal(cache, expected)
+    move_kept_ref(*expected, scores, old_table, new_table, kept)
+    assert torch.equal(kv_cache, expected[0]) and torch.equal(score_cache, expected[1])
     untouched = torch.ones(num_blocks, dtype=torch.bool, device=DEVICE)
-    untouched[new_blocks.long()] = False
-    assert torch.equal(cache[:, untouched], original[:, untouched])
+    untouched[new_table.long()] = False
+    assert torch.equal(kv_cache[:, :, untouched], expected[0][:, :, untouched])
+
+
+def test_move_kept_reference_keeps_the_kept_tokens_in_order():
+    """The reference against the rule written out: slot j of the new table holds old token kept[j]."""
+    block_size, head_dim = 4, 8
+    kv_cache = torch.randn(2, 1, 6, 1, block_size, head_dim)
+    score_cache = torch.zeros(1, 6, 1, block_size)
+    old_table, new_table = torch.tensor([4, 1, 2]), torch.tensor([4, 5])
+    scores = torch.rand(1, 1, 12)
+    kept = torch.tensor([[[0, 2, 3, 5, 6, 7, 9, 11]]])
+    original = kv_cache.clone()
+
+    move_kept_ref(kv_cache, score_cache, scores, old_table, new_table, kept)
+
+    for j, index in enumerate(kept[0, 0].tolist()):
+        old_block, new_block = old_table[index // block_size], new_table[j // block_size]
+        for which in range(2):
+            moved = kv_cache[which, 0, new_block, 0, j % block_size]
+            assert torch.equal(moved, original[which, 0, old_block, 0, index % block_size])
+        assert score_cache[0, new_block, 0, j % block_size] == scores[0, 0, index]

@@ -5,6 +5,7 @@ over every entry of `POLICIES`."""
 
 import pytest
 import torch
+from dense_reference import dense_state
 from helpers import make_tiny_model
 
 from nanozipage import LLM, SamplingParams
@@ -18,7 +19,7 @@ def state(first: bool = True, layers: range = range(3, 5), seed: int = 0) -> Cac
     keys = torch.randn(2, 2, 64, 8, generator=gen)
     queries = torch.randn(2, 4, 4, 8, generator=gen)
     prev = torch.zeros(2, 2, 64) if first else torch.rand(2, 2, 64, generator=gen)
-    return CacheState(keys, queries, prev, first, 16, layers, 32)
+    return dense_state(keys, queries, prev, first, 16, layers, 32)
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
@@ -69,7 +70,7 @@ def test_random_draws_once_per_token_and_differs_per_layer_and_head():
     assert not torch.equal(score, make_policy("random")(state(layers=range(2)))[0])
     kept = stored[..., :48]  # a later compression: 48 kept tokens, 16 new
     prev = torch.cat([kept, torch.zeros(2, 2, 16)], -1)
-    later = make_policy("random")(CacheState(s.keys, s.queries, prev, False, 16, s.layers, 32))[0]
+    later = make_policy("random")(dense_state(s.keys, s.queries, prev, False, 16, s.layers, 32))[0]
     assert torch.equal(later[..., :48], kept)  # a kept token keeps its priority
     assert not torch.equal(later[..., 48:], score[..., 48:])  # new tokens draw afresh
 

@@ -2,7 +2,8 @@
 
 The policy's redundancy score (docs/DESIGN.md section 2, step 4) is softmax(sums / (tau * b)).
 
-One program per (layer, KV head, block). The similarity of the block's keys with each other is
+One program per (layer, KV head, block), reading the block in place through the request's block
+table. The similarity of the block's keys with each other is
 b x b, computed once, one tile of rows (m) at a time against all b columns (n): each row is
 summed whole, each column's newest near-duplicate (the largest row m != n with
 sim(m, n) > 0.5) is tracked with its similarity, and those are subtracted at the end.
@@ -14,6 +15,7 @@ import triton
 import triton.language as tl
 
 from nanozipage.kernels.prefill_attention import dot_precision, uses_triton
+from nanozipage.kernels.window_score import gather_keys
 
 
 @triton.jit
@@ -37,13 +39,15 @@ def _similarity_rows(
 
 @triton.jit
 def _redundancy_kernel(
-    keys, out, block_size, stride_kg, stride_kh, stride_kt, stride_og, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+    k_cache, block_table, out, block_size, stride_kg, stride_kb, stride_kh, stride_kt,
+    stride_og, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     block, kv_head, layer = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    first = block * block_size
-    block_keys = keys + layer * stride_kg + kv_head * stride_kh + first * stride_kt
+    first = block * block_size  # the block's first token among the request's
+    block_id = tl.load(block_table + block).to(tl.int64)  # int64: a pool passes 2**31 elements
+    block_keys = k_cache + layer.to(tl.int64) * stride_kg + block_id * stride_kb
+    block_keys += kv_head * stride_kh
     # Padding columns (b < BLOCK_B) and rows load as zero keys: their similarity is 0, which
     # neither adds to a sum nor passes the 0.5 threshold.
     cols = tl.arange(0, BLOCK_B)
@@ -77,26 +81,29 @@ def _redundancy_kernel(
     tl.store(out_ptrs + slots, sums - spared, mask=slots < block_size)
 
 
-def redundancy_sums_triton(keys, block_size, *, block_m=32, num_warps=4, num_stages=1):
-    num_layers, num_kv_heads, num_tokens, head_dim = keys.shape
-    assert keys.stride(-1) == 1, "head_dim must be contiguous"
+def redundancy_sums_triton(k_cache, block_table, *, block_m=32, num_warps=4, num_stages=1):
+    num_layers, _, num_kv_heads, block_size, head_dim = k_cache.shape
+    num_blocks = block_table.numel()
+    assert k_cache.stride(-1) == 1, "head_dim must be contiguous"
+    assert block_table.dim() == 1 and not block_table.is_floating_point()
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
-    assert num_tokens % block_size == 0, "the cache holds whole blocks"
-    out = keys.new_empty((num_layers, num_kv_heads, num_tokens), dtype=torch.float32)
+    out = k_cache.new_empty(
+        (num_layers, num_kv_heads, num_blocks * block_size), dtype=torch.float32
+    )
     block_b = max(16, triton.next_power_of_2(block_size))  # tl.dot needs >= 16 columns
     # 32 rows, 4 warps and 1 stage measured fastest of the tiles tried (BENCHMARKS.md).
-    _redundancy_kernel[(num_tokens // block_size, num_kv_heads, num_layers)](
-        keys, out, block_size,
-        keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0), out.stride(1),
+    _redundancy_kernel[(num_blocks, num_kv_heads, num_layers)](
+        k_cache, block_table, out, block_size, *k_cache.stride()[:4], out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_B=block_b, BLOCK_M=min(block_m, block_b),
-        PRECISION=dot_precision(keys.dtype), num_warps=num_warps, num_stages=num_stages,
+        PRECISION=dot_precision(k_cache.dtype), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
 
-def redundancy_sums_ref(keys, block_size):
-    b = block_size
-    keys = F.normalize(keys.float(), dim=-1).unflatten(-2, (-1, b))  # [..., N, b, d]
+def redundancy_sums_ref(k_cache, block_table):
+    b = k_cache.shape[3]
+    keys = F.normalize(gather_keys(k_cache, block_table).float(), dim=-1)
+    keys = keys.unflatten(-2, (-1, b))  # [..., N, b, d]
     sim = keys @ keys.transpose(-1, -2) * (1 - torch.eye(b, device=keys.device))  # [.., m, n]
     slot = torch.arange(b, device=keys.device)
     newest = torch.where(sim > 0.5, slot[:, None], -1).amax(-2)  # per n: largest such m
@@ -104,8 +111,10 @@ def redundancy_sums_ref(keys, block_size):
     return sim.masked_fill(spared, 0).sum(-1).flatten(-2)
 
 
-def redundancy_sums(keys: torch.Tensor, block_size: int) -> torch.Tensor:
-    """For keys `[G, kv_heads, T, head_dim]` (T a multiple of `block_size`): per token m, the
-    sum of its cosine similarities with the other keys n of its block, without sim(m, n) where m
-    is n's newest near-duplicate (the largest slot with sim > 0.5); float32 `[G, kv_heads, T]`."""
-    return (redundancy_sums_triton if uses_triton(keys) else redundancy_sums_ref)(keys, block_size)
+def redundancy_sums(k_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """For a group of layers' keys `[G, num_blocks, kv_heads, block_size, head_dim]` and a
+    request's `block_table` (its T cached tokens, in order): per token m, the sum of its cosine
+    similarities with the other keys n of its block, without sim(m, n) where m is n's newest
+    near-duplicate (the largest slot with sim > 0.5); float32 `[G, kv_heads, T]`."""
+    fn = redundancy_sums_triton if uses_triton(k_cache) else redundancy_sums_ref
+    return fn(k_cache, block_table)
