@@ -115,7 +115,8 @@ class Compressor:
         keep = (len(compression.new_table) - 1) * b
         old = to_device(compression.old_table, device)
         new = to_device(compression.new_table[:-1], device)
-        window_rows = slice(compression.query_slot * w, (compression.query_slot + 1) * w)
+        end = (compression.query_slot + 1) * config.first_window  # the slot's rows end here
+        window_rows = slice(end - (config.first_window if compression.first else w), end)
         for start in range(0, self.kv_cache.shape[1], config.compress_layers):
             layers = slice(start, start + config.compress_layers)
             kv_cache, score_cache = self.kv_cache[:, layers], self.score_cache[layers]

@@ -33,9 +33,10 @@ class Config:
     # Compressed PagedAttention (docs/DESIGN.md section 2); kv_budget=None: the full-KV engine.
     kv_budget: int | None = 2048  # tokens kept per (layer, KV head) after a compression
     window: int = 16  # observation window: the last queries before a block boundary
+    first_window: int | None = None  # the same at a first compression (None: 2 x window, <= b)
     num_sinks: int = 0  # first tokens always kept
-    # Layers scored at once in a compression: fewer bounds temporary memory (about 3 copies of
-    # one request's keys per layer), more saves launches (BENCHMARKS.md measures both).
+    # Layers scored at once in a compression: fewer bounds temporary memory (scores, and a dense
+    # copy of the keys for a policy that asks), more saves launches (BENCHMARKS.md).
     compress_layers: int = 64
     policy: str = "spans"  # eviction policy, a key of nanozipage.policy.POLICIES
     policy_args: dict = field(default_factory=dict)  # its parameters (its dataclass's fields)
@@ -81,8 +82,11 @@ class Config:
         make_policy(self.policy, self.policy_args)  # a typo is an error, also under full KV
         for name, low in (("compress_layers", 1), ("max_compress_blocks", 1), ("num_sinks", 0)):
             _check_int(name, getattr(self, name), low)
+        if self.first_window is None:  # the scheduler reads it under full KV too
+            self.first_window = min(2 * self.window, self.block_size)
         if self.kv_budget is not None:
             check_kv_budget(self.kv_budget, self.block_size, self.window)
+            _check_int("first_window", self.first_window, self.window, self.block_size)
         for name, (valid, allowed) in checks.items():
             if not valid:
                 raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")

@@ -116,7 +116,7 @@ class ModelRunner:
         attn = self.model.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.num_heads = attn.num_heads  # query heads
-        self.window = config.window if config.kv_budget else None  # None: no window queries
+        self.window = config.first_window if config.kv_budget else None  # queries stored per block
         self.q_cache = self.score_cache = None
         self.pending_tokens = None  # ranks 1..N-1: the last step's samples, broadcast by rank 0
         self.sampler = Sampler(hf["vocab_size"], self.device, eos_token_ids)  # rank 0's
@@ -182,7 +182,7 @@ class ModelRunner:
             n_max = max_blocks(config.kv_budget, self.block_size)
             block_bytes += num_layers * self.num_kv_heads * self.block_size * 4  # stored scores
             query_bytes = self.num_heads * self.head_dim * self.dtype.itemsize
-            slot_bytes = num_layers * config.window * query_bytes
+            slot_bytes = num_layers * config.first_window * query_bytes
         num_blocks = int(spare // (block_bytes + slot_bytes / n_max))
         num_blocks = min(num_blocks, config.num_kvcache_blocks or num_blocks)
         if num_blocks < 1:
@@ -203,7 +203,7 @@ class ModelRunner:
         self.kv_cache = self._empty_kv_cache(num_blocks)
         if config.kv_budget:
             self.score_cache = torch.zeros(self.kv_cache.shape[1:-1], device=self.device)
-            rows = num_slots * config.window  # one per (query slot, window position)
+            rows = num_slots * config.first_window  # one per (query slot, window position)
             self.q_cache = self.kv_cache.new_zeros(num_layers, rows, self.num_heads, self.head_dim)
         self._set_caches(self.kv_cache)
 

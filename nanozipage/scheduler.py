@@ -51,7 +51,7 @@ class Scheduler:
     def _needs_query_slot(self, seq: Sequence) -> bool:
         """A request must hold a slot once its queries may be window queries: from the window of
         its N_max-th block on (a prompt that long needs one to be admitted)."""
-        window_start = seq.max_blocks * self.config.block_size - self.config.window
+        window_start = seq.max_blocks * self.config.block_size - self.config.first_window
         return seq.query_slot < 0 and seq.num_computed_tokens + seq.num_new_tokens > window_start
 
     def _schedule_prefill(self) -> tuple[list[Sequence], list]:

@@ -40,7 +40,8 @@ def dense_state(keys, queries, prev_scores, first, block_size, layers, keep) -> 
 def compress(keys, values, queries, scores, config, keep, first):
     kept_layers, w = [], config.window
     for i in range(len(keys)):
-        queries_i, b = queries[i][None, -w:], config.block_size
+        num_queries = config.first_window if first else w
+        queries_i, b = queries[i][None, -num_queries:], config.block_size
         layers = range(i, i + 1)
         state = dense_state(keys[i][None], queries_i, scores[i][None], first, b, layers, keep)
         score, stored = make_policy(config.policy, config.policy_args)(state)

@@ -77,6 +77,8 @@ def test_request_larger_than_the_kv_pool_raises(tmp_path):
         ({"max_model_len": 10**9}, "max_model_len"),
         ({"dtype": "int8"}, "dtype"),
         ({"load_format": "pt"}, "load_format must be one of safetensors, dummy"),
+        ({"block_size": 16, "kv_budget": 32, "first_window": 17}, r"first_window .* \[16, 16\]"),
+        ({"block_size": 16, "kv_budget": 32, "window": 4, "first_window": 2}, r"\[4, 16\], got 2"),
         *([({"device": "cuda"}, "no GPU")] if not torch.cuda.is_available() else []),
     ],
 )

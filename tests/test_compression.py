@@ -245,10 +245,11 @@ def test_samples_preempted_at_a_compression_compute_its_window_queries_again(mod
         overlap_scheduling=False,
     )
     release, q_cache = llm.scheduler._release_query_slot, llm.model_runner.q_cache
+    rows = llm.config.first_window  # a query slot's rows
 
     def clobbering_release(seq):
         if seq.query_slot >= 0:
-            q_cache[:, seq.query_slot * 3 : (seq.query_slot + 1) * 3] = 100.0
+            q_cache[:, seq.query_slot * rows : (seq.query_slot + 1) * rows] = 100.0
         release(seq)
 
     llm.scheduler._release_query_slot = clobbering_release

@@ -69,6 +69,7 @@ def random_case(seed: int):
     config = {
         "block_size": b,
         "window": window,
+        "first_window": rng.randint(window, b),
         "kv_budget": kv_budget,
         "max_num_batched_tokens": chunk,
         "num_kvcache_blocks": pool,

@@ -19,7 +19,7 @@ from nanozipage import LLM, SamplingParams
 CONFIG = {
     "block_size": 16,
     "window": 4,
-    "num_kvcache_blocks": 14,
+    "num_kvcache_blocks": 9,
     "max_num_batched_tokens": 40,
     "max_num_seqs": 16,
 }

@@ -81,16 +81,22 @@ def test_streamingllm_keeps_the_sinks_and_the_newest():
     assert kept.tolist() == [0, 1, *range(56, 64)]
 
 
-def test_a_policy_sees_the_tokens_it_keeps_and_whole_blocks(tmp_path, monkeypatch):
-    seen = []
+def test_a_policy_sees_the_tokens_it_keeps_whole_blocks_and_its_window(tmp_path, monkeypatch):
+    seen, observed = [], set()
 
     def spy(state: CacheState, p):
         seen.append((state.keep, state.keys.shape[-2]))
+        observed.add((state.first, state.queries.shape[1]))
         return make_policy("spans")(state)
 
     monkeypatch.setitem(POLICIES, "spy", POLICIES["spans"]._replace(score=spy))
     llm = LLM(
-        make_tiny_model("llama", tmp_path), block_size=16, kv_budget=48, window=4, policy="spy"
+        make_tiny_model("llama", tmp_path),
+        block_size=16,
+        kv_budget=48,
+        window=4,
+        first_window=6,
+        policy="spy",
     )
     params = [
         SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, kv_budget=b)
@@ -101,3 +107,4 @@ def test_a_policy_sees_the_tokens_it_keeps_and_whole_blocks(tmp_path, monkeypatc
     for keep, num_tokens in seen:  # N_max = keep / 16 + 1 whole blocks, more after a long prompt
         assert num_tokens % 16 == 0 and num_tokens >= keep + 16
     assert (48, 80) in seen  # the 80-token prompt's first compression
+    assert observed == {(True, 6), (False, 4)}  # first_window queries at a first, then window
