@@ -63,6 +63,7 @@ def move_kept_triton(kv_cache, score_cache, scores, old_table, new_table, kept, 
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         *score_cache.stride()[:3], scores.stride(0), scores.stride(1),
         kept.stride(0), kept.stride(1), HEAD_DIM=head_dim, BLOCK_T=block_t,
+        num_stages=1,  # no pipelining: an asynchronous copy would not be ordered by the barrier
     )  # fmt: skip
 
 
