@@ -184,7 +184,8 @@ def test_move_kept_writes_kept_tokens_into_new_blocks_even_over_their_sources(
 
 
 def test_move_kept_reference_keeps_the_kept_tokens_in_order():
-    """The reference against the rule written out: slot j of the new table holds old token kept[j]."""
+    """The reference against the rule written out: slot j of the new table holds old token
+    kept[j]."""
     block_size, head_dim = 4, 8
     kv_cache = torch.randn(2, 1, 6, 1, block_size, head_dim)
     score_cache = torch.zeros(1, 6, 1, block_size)
