@@ -4,8 +4,7 @@
   blocks (`Scheduler._plan_compression`); the request still reads its old blocks.
 - running: `launch` scored every cached token with the policy, kept `kv_budget` per (layer, KV
   head) in position order and queued the move of the kept K, V and scores into the new blocks
-  (in place: new block i is old block i or a fresh one), on a side stream while the other
-  requests decode (on the CPU: done at once).
+  (in place), on a side stream while the other requests decode (on the CPU: done at once).
 - done: `poll` saw its work finish; the request switches to its new blocks and the old ones
   are freed (`Scheduler.finish_compression`).
 Synchronous compression is the same path followed by a wait. Under tensor parallelism rank 0

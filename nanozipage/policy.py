@@ -3,11 +3,12 @@
 A policy scores every cached token of one request per (layer, KV head) from its `CacheState`,
 with a leading group-of-layers dimension: the keys in their pages, read in place by the scoring
 kernels (`state.keys` gathers them into a dense copy for plain PyTorch), the window queries and
-the stored scores. `select` keeps the `kv_budget` best plus the window. The heavy steps are kernels whose PyTorch
-references state the math. A policy is a function `(state, params) -> (score, score to store)`
-and a dataclass of its parameters, registered in `POLICIES`; `LLM(policy=NAME, policy_args={})`
-picks one. The engine and the tests' dense reference call the same functions, so a new policy
-is one function, one dataclass and one registry entry (docs/DESIGN.md, "Writing a policy").
+the stored scores. `select` keeps the `kv_budget` best plus the window. The heavy steps are
+kernels whose PyTorch references state the math. A policy is a function `(state, params) ->
+(score, score to store)` and a dataclass of its parameters, registered in `POLICIES`;
+`LLM(policy=NAME, policy_args={})` picks one. The engine and the tests' dense reference call the
+same functions, so a new policy is one function, one dataclass and one registry entry
+(docs/DESIGN.md, "Writing a policy").
 """
 
 from collections.abc import Callable
@@ -72,9 +73,8 @@ def redundancy(state: CacheState, tau: float) -> torch.Tensor:
     """R-KV "lightning" redundancy: cosine similarity between keys of the same block only; for
     every token n, its most recent near-duplicate m (sim > 0.5) does not count sim(m, n), so the
     newest of a group survives; sum per token, softmax over the request: [layers, kv_heads, T]."""
-    return (redundancy_sums(state.k_cache, state.block_table) / (tau * state.block_size)).softmax(
-        -1
-    )
+    sums = redundancy_sums(state.k_cache, state.block_table)
+    return (sums / (tau * state.block_size)).softmax(-1)
 
 
 def positions(state: CacheState) -> torch.Tensor:
