@@ -116,10 +116,10 @@ class BlockManager:
         seq.block_table += [self._take_free_block() for _ in range(self.num_missing_blocks(seq))]
 
     def plan_compression(self, seq: Sequence, compression):
-        """Fill the compression's tables (docs/DESIGN.md section 2): its new blocks are seq's
-        private ones, fresh ones where a block is shared (never written; the caller checks
-        `num_fresh_blocks`), each recorded as taken: cancelled at any point, it gives back exactly
-        what it took."""
+        """Fill the compression's tables (docs/DESIGN.md section 2): new block i is old block i
+        if private, else fresh (a shared one is never written; the caller checks
+        `num_fresh_blocks`), so `move_kept` works in place. Each is recorded as taken: cancelled
+        at any point, it gives back exactly what it took."""
         filled = (seq.cache_len - 1) // self.block_size
         while len(seq.block_table) > filled:  # a block given for a prompt's last token, unwritten
             self._release(seq.block_table.pop())
