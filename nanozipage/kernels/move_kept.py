@@ -42,7 +42,8 @@ def _move_kept_kernel(
         tl.store(cache + dst[:, None] + cols, rows, mask=mask[:, None])
         if which == 0:  # the scores to store come from a dense tensor: no overlap
             score = tl.load(scores + layer * stride_pg + head * stride_ph + index, mask=mask)
-            out = layer * stride_sg + dst_block * stride_sb + head * stride_sh + j % block_size
+            out = layer.to(tl.int64) * stride_sg + dst_block * stride_sb + head * stride_sh
+            out += j % block_size
             tl.store(score_cache + out, score, mask=mask)
 
 
