@@ -17,7 +17,7 @@ import torch
 
 from nanozipage.config import max_blocks
 from nanozipage.context import to_device
-from nanozipage.kernels import move_kept
+from nanozipage.kernels import gather_tokens, move_kept
 from nanozipage.policy import CacheState, make_policy, select
 from nanozipage.sequence import Sequence
 
@@ -120,7 +120,7 @@ class Compressor:
         for start in range(0, self.kv_cache.shape[1], config.compress_layers):
             layers = slice(start, start + config.compress_layers)
             kv_cache, score_cache = self.kv_cache[:, layers], self.score_cache[layers]
-            prev = score_cache[:, old].transpose(1, 2).flatten(2)  # the stored scores: [L, kvh, T]
+            prev = gather_tokens(score_cache, old)  # the stored scores: [L, kvh, T]
             prev[..., 0 if compression.first else keep :] = 0  # newer tokens were never scored
             queries = self.q_cache[layers, window_rows]
             absolute = range(start, start + len(prev))  # the group's layer indices

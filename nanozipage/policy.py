@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from nanozipage.kernels import gather_keys, redundancy_sums, window_scores
+from nanozipage.kernels import gather_tokens, redundancy_sums, window_scores
 
 
 @dataclass
@@ -39,7 +39,7 @@ class CacheState:
     @cached_property
     def keys(self) -> torch.Tensor:
         """[layers, kv_heads, T, head_dim]: the request's keys, dense; gathered on first use."""
-        return gather_keys(self.k_cache, self.block_table)
+        return gather_tokens(self.k_cache, self.block_table)
 
 
 def attention(state: CacheState) -> torch.Tensor:

@@ -21,7 +21,7 @@ from interpreter import (
 
 from nanozipage.kernels.move_kept import move_kept_ref, move_kept_triton
 from nanozipage.kernels.redundancy import redundancy_sums_ref, redundancy_sums_triton
-from nanozipage.kernels.window_score import gather_keys, window_scores_ref, window_scores_triton
+from nanozipage.kernels.window_score import gather_tokens, window_scores_ref, window_scores_triton
 
 NUM_BLOCKS = 40 if ON_GPU else 3  # cached blocks per request
 WINDOW_TILES = {} if ON_GPU else {"block_n": 16}
@@ -67,7 +67,7 @@ def test_window_scores_match_reference(dtype, head_dim, block_size, group, windo
     out = window_scores_triton(pool, table, queries, **WINDOW_TILES)
 
     assert_close(out, window_scores_ref(pool, table, queries), dtype)
-    assert torch.equal(gather_keys(pool, table), keys)
+    assert torch.equal(gather_tokens(pool, table), keys)
 
 
 def test_references_match_a_loop_over_tokens():

@@ -7,5 +7,5 @@ from nanozipage.kernels.move_kept import move_kept as move_kept
 from nanozipage.kernels.prefill_attention import prefill_attention as prefill_attention
 from nanozipage.kernels.redundancy import redundancy_sums as redundancy_sums
 from nanozipage.kernels.rope_store_kv import rope_store_kv as rope_store_kv
-from nanozipage.kernels.window_score import gather_keys as gather_keys
+from nanozipage.kernels.window_score import gather_tokens as gather_tokens
 from nanozipage.kernels.window_score import window_scores as window_scores

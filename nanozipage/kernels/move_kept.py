@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from nanozipage.kernels.prefill_attention import uses_triton
+from nanozipage.kernels.window_score import gather_tokens
 
 
 @triton.jit
@@ -77,7 +78,7 @@ def move_kept_ref(kv_cache, score_cache, scores, old_table, new_table, kept):
         cache[:, new_table.long()] = kept_values.transpose(1, 2)
 
     for cache in kv_cache:  # K, then V
-        move(cache, cache[:, old_table.long()].transpose(1, 2).flatten(2, 3))
+        move(cache, gather_tokens(cache, old_table))
     move(score_cache, scores)
 
 

@@ -3,10 +3,10 @@
 The policy's redundancy score (docs/DESIGN.md section 2, step 4) is softmax(sums / (tau * b)).
 
 One program per (layer, KV head, block), reading the block in place through the request's block
-table. The similarity of the block's keys with each other is
-b x b, computed once, one tile of rows (m) at a time against all b columns (n): each row is
-summed whole, each column's newest near-duplicate (the largest row m != n with
-sim(m, n) > 0.5) is tracked with its similarity, and those are subtracted at the end.
+table. The similarity of the block's keys with each other is b x b, computed once, one tile of
+rows (m) at a time against all b columns (n): each row is summed whole, each column's newest
+near-duplicate (the largest row m != n with sim(m, n) > 0.5) is tracked with its similarity,
+and those are subtracted at the end.
 """
 
 import torch
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from nanozipage.kernels.prefill_attention import dot_precision, uses_triton
-from nanozipage.kernels.window_score import gather_keys
+from nanozipage.kernels.window_score import gather_tokens
 
 
 @triton.jit
@@ -102,7 +102,7 @@ def redundancy_sums_triton(k_cache, block_table, *, block_m=32, num_warps=4, num
 
 def redundancy_sums_ref(k_cache, block_table):
     b = k_cache.shape[3]
-    keys = F.normalize(gather_keys(k_cache, block_table).float(), dim=-1)
+    keys = F.normalize(gather_tokens(k_cache, block_table).float(), dim=-1)
     keys = keys.unflatten(-2, (-1, b))  # [..., N, b, d]
     sim = keys @ keys.transpose(-1, -2) * (1 - torch.eye(b, device=keys.device))  # [.., m, n]
     slot = torch.arange(b, device=keys.device)

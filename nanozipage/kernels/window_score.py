@@ -2,10 +2,10 @@
 
 Called by the policy on a group of layers (docs/DESIGN.md section 2, step 1), reading the keys
 in place through the request's block table. Two passes over the keys, one program per (layer,
-KV head). All window queries of all query heads of the
-GQA group are the rows of one tile (padded to >= 16 for tl.dot); row r is window query
-r // GROUP_P2 of query head r % GROUP_P2. Pass 1 finds each row's softmax maximum and sum;
-pass 2 takes probabilities, the max over the group and the mean over the window, per key.
+KV head). All window queries of all query heads of the GQA group are the rows of one tile
+(padded to >= 16 for tl.dot); row r is window query r // GROUP_P2 of query head r % GROUP_P2.
+Pass 1 finds each row's softmax maximum and sum; pass 2 takes probabilities, the max over the
+group and the mean over the window, per key.
 """
 
 import torch
@@ -104,13 +104,14 @@ def window_scores_triton(k_cache, block_table, queries, *, block_n=64, num_warps
     return out
 
 
-def gather_keys(k_cache, block_table):
-    """The request's keys out of the pages: `[G, kv_heads, T, head_dim]`, dense (a copy)."""
-    return k_cache[:, block_table.long()].transpose(1, 2).flatten(2, 3)
+def gather_tokens(cache, block_table):
+    """A request's entries out of a group of layers' pages `[G, num_blocks, kv_heads,
+    block_size, *rest]` (keys, values or stored scores): dense `[G, kv_heads, T, *rest]`, a copy."""
+    return cache[:, block_table.long()].transpose(1, 2).flatten(2, 3)
 
 
 def window_scores_ref(k_cache, block_table, queries):
-    keys = gather_keys(k_cache, block_table)
+    keys = gather_tokens(k_cache, block_table)
     num_kv_heads, num_tokens, head_dim = keys.shape[-3:]
     window = queries.shape[-3]
     q = queries.float().transpose(-3, -2).unflatten(-3, (num_kv_heads, -1))  # [..., kvh, g, w, d]
