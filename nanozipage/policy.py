@@ -58,6 +58,11 @@ def _check_weight(params, name: str):
     _check(params, name, isinstance(value, (int, float)) and 0 <= value <= 1, "in [0, 1]")
 
 
+def _check_count(params, name: str):
+    value = getattr(params, name)
+    _check(params, name, isinstance(value, int) and value >= 0, "an integer >= 0")
+
+
 def _check_kernel(params, name: str = "pool_kernel"):
     value = getattr(params, name)
     _check(params, name, isinstance(value, int) and value > 0 and value % 2, "an odd integer")
@@ -75,6 +80,14 @@ def redundancy(state: CacheState, tau: float) -> torch.Tensor:
     newest of a group survives; sum per token, softmax over the request: [layers, kv_heads, T]."""
     sums = redundancy_sums(state.k_cache, state.block_table)
     return (sums / (tau * state.block_size)).softmax(-1)
+
+
+def protect(score: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """`score` with its first `first` and last `last` tokens set to infinity: always kept."""
+    score = score.clone()
+    score[..., :first] = float("inf")
+    score[..., score.shape[-1] - last :] = float("inf")
+    return score
 
 
 def positions(state: CacheState) -> torch.Tensor:
@@ -115,21 +128,30 @@ def zipage(state: CacheState, p: ZipageParams) -> tuple[torch.Tensor, torch.Tens
 class SpansParams:
     decay: float = 0.9  # memory: max(score now, decay * score at the last compression)
     pool_kernel: int = 11  # max-pooling along tokens: a phrase, not only its most attended token
+    sinks: int = 4  # first tokens always kept
+    newest: float = 0.25  # share of the kept tokens that are always the newest ones
 
     def __post_init__(self):
         _check(self, "decay", 0 <= self.decay <= 1, "in [0, 1]")
         _check_kernel(self)
+        _check_count(self, "sinks")
+        _check_weight(self, "newest")
 
 
 def spans(state: CacheState, p: SpansParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """The default: attended spans with a memory. Window attention (SnapKV's), kept with a decayed
-    maximum of the scores stored at earlier compressions (G-KV's global score), then max-pooled
-    along the tokens at every compression, wide enough that a kept token brings the phrase around
-    it (a key of several tokens lost its tail with SnapKV's narrower pooling; BENCHMARKS.md)."""
+    """The default: attended spans with a memory, beside sinks and the newest tokens. Window
+    attention (SnapKV's), kept with a decayed maximum of the scores stored at earlier
+    compressions (G-KV's global score), then max-pooled along the tokens at every compression,
+    wide enough that a kept token brings the phrase around it (a key of several tokens lost its
+    tail with SnapKV's narrower pooling). StreamingLLM's part of the budget is always kept: the
+    first `sinks` tokens and the newest `newest` share of the kept tokens: the answer's next
+    tokens lean on them, and greedy answers stay closer to full KV's (BENCHMARKS.md, "Eviction
+    policies side by side")."""
     stored = attention(state)
     if not state.first:
         stored = torch.maximum(stored, p.decay * state.prev_scores)
-    return pool(stored, p.pool_kernel), stored
+    score = pool(stored, p.pool_kernel)
+    return protect(score, p.sinks, int(p.newest * state.keep)), stored
 
 
 @dataclass(frozen=True)
@@ -148,15 +170,13 @@ class StreamingParams:
     sinks: int = 4  # first tokens always kept: the "attention sinks"
 
     def __post_init__(self):
-        _check(self, "sinks", isinstance(self.sinks, int) and self.sinks >= 0, "an integer >= 0")
+        _check_count(self, "sinks")
 
 
 def streamingllm(state: CacheState, p: StreamingParams) -> tuple[torch.Tensor, torch.Tensor]:
     """StreamingLLM (Xiao et al., 2023): the first `sinks` tokens, which soak up attention that
     has nowhere else to go, and the newest tokens."""
-    score = positions(state).clone()
-    score[..., : p.sinks] = float("inf")
-    return score, torch.zeros_like(state.prev_scores)
+    return protect(positions(state), p.sinks, 0), torch.zeros_like(state.prev_scores)
 
 
 @dataclass(frozen=True)
@@ -283,9 +303,7 @@ def make_policy(name: str, args: dict | None = None) -> Callable[[CacheState], t
 
 def select(score: torch.Tensor, keep: int, window: int, num_sinks: int) -> torch.Tensor:
     """Indices of the `keep` best tokens per row, window and sinks included, in position order."""
-    score = score.clone()
-    score[..., score.shape[-1] - window :] = float("inf")
-    score[..., :num_sinks] = float("inf")
+    score = protect(score, num_sinks, window)
     # A stable sort breaks ties (pooled scores repeat) by position, the same on every device.
     order = score.sort(dim=-1, descending=True, stable=True).indices
     return order[..., :keep].sort(-1).values
