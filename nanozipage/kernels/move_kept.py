@@ -71,10 +71,8 @@ def move_kept_triton(kv_cache, score_cache, scores, old_table, new_table, kept, 
 
 def move_kept_ref(kv_cache, score_cache, scores, old_table, new_table, kept):
     def move(cache, dense):  # dense [G, kvh, T, *rest] -> the kept ones into new_table's blocks
-        index = kept.view(*kept.shape, *[1] * (dense.dim() - 3)).expand(
-            *kept.shape, *dense.shape[3:]
-        )
-        kept_values = dense.gather(2, index.long()).unflatten(2, (-1, cache.shape[3]))
+        index = kept.long().view(*kept.shape, *[1] * (dense.dim() - 3))
+        kept_values = dense.take_along_dim(index, 2).unflatten(2, (-1, cache.shape[3]))
         cache[:, new_table.long()] = kept_values.transpose(1, 2)
 
     for cache in kv_cache:  # K, then V

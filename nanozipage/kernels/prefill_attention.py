@@ -136,8 +136,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def paged_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` tokens of one sequence, gathered: `[num_kv_heads, length, head_dim]`."""
-    num_blocks = -(-length // cache.shape[2])
-    blocks = cache[block_table[:num_blocks].long()]  # [num_blocks, heads, block_size, dim]
+    blocks = cache[block_table[: -(-length // cache.shape[2])].long()]  # [blocks, heads, b, dim]
     return blocks.transpose(0, 1).flatten(1, 2)[:, :length]
 
 

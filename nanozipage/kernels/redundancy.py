@@ -59,7 +59,6 @@ def _redundancy_kernel(
     # One pass over tiles of rows. Each row's sum is kept whole; for each column n we track its
     # newest near-duplicate m (rows grow tile by tile, so a later hit is newer) and sim(m, n),
     # which is taken back out of row m's sum at the end.
-    slots = cols
     sums = tl.zeros([BLOCK_B], tl.float32)
     newest = tl.full([BLOCK_B], -1, tl.int32)
     newest_sim = tl.zeros([BLOCK_B], tl.float32)
@@ -68,7 +67,7 @@ def _redundancy_kernel(
             block_keys, k_cols, cols, col_inv_norm, start, block_size, stride_kt,
             HEAD_DIM, BLOCK_M, PRECISION,
         )  # fmt: skip
-        at_slot = rows[:, None] == slots[None, :]  # this tile's rows placed among all slots
+        at_slot = rows[:, None] == cols[None, :]  # this tile's rows placed among all slots
         sums += tl.sum(tl.where(at_slot, tl.sum(sim, 1)[:, None], 0.0), 0)
         tile_newest = tl.max(tl.where(sim > 0.5, rows[:, None], -1), 0)
         tile_sim = tl.sum(tl.where(rows[:, None] == tile_newest[None, :], sim, 0.0), 0)
@@ -76,9 +75,9 @@ def _redundancy_kernel(
         newest = tl.where(newer, tile_newest, newest)
         newest_sim = tl.where(newer, tile_sim, newest_sim)
     # newest = -1 (no duplicate) matches no slot and spares nothing.
-    spared = tl.sum(tl.where(slots[:, None] == newest[None, :], newest_sim[None, :], 0.0), 1)
+    spared = tl.sum(tl.where(cols[:, None] == newest[None, :], newest_sim[None, :], 0.0), 1)
     out_ptrs = out + layer * stride_og + kv_head * stride_oh + first
-    tl.store(out_ptrs + slots, sums - spared, mask=slots < block_size)
+    tl.store(out_ptrs + cols, sums - spared, mask=cols < block_size)
 
 
 def redundancy_sums_triton(k_cache, block_table, *, block_m=32, num_warps=4, num_stages=1):
