@@ -15,27 +15,13 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from nanozipage.context import get_context
-from nanozipage.kernels import decode_attention, prefill_attention, rope_store_kv
-
-
-def fused_on_gpu(fn):
-    """On the GPU, one compiled kernel for a chain of elementwise ops, not one launch per op."""
-    compiled = torch.compile(fn, dynamic=True)
-    return lambda x, *args: (compiled if x.is_cuda else fn)(x, *args)
-
-
-@fused_on_gpu
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """x + residual -> (normalised, the next residual)."""
-    x = x + residual
-    y = x.float()
-    return weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype), x
-
-
-@fused_on_gpu
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+from nanozipage.kernels import (
+    add_rms_norm,
+    decode_attention,
+    prefill_attention,
+    rope_store_kv,
+    silu_and_mul,
+)
 
 
 class RMSNorm(nn.Module):

@@ -24,6 +24,12 @@ from nanozipage.kernels.decode_attention import (
     decode_attention_ref,
     decode_attention_triton,
 )
+from nanozipage.kernels.layer_ops import (
+    add_rms_norm,
+    add_rms_norm_ref,
+    silu_and_mul,
+    silu_and_mul_ref,
+)
 from nanozipage.kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
 from nanozipage.kernels.rope_store_kv import rope_store_kv_ref, rope_store_kv_triton
 
@@ -125,6 +131,33 @@ def test_rope_store_kv_matches_reference_and_skips_padding(
         by_slot, old_by_slot = (c.transpose(1, 2).flatten(0, 1) for c in (cache, old))
         assert torch.equal(by_slot[untouched], old_by_slot[untouched])
         assert not torch.equal(by_slot[~untouched], old_by_slot[~untouched])
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype, hidden", cases(DTYPES, [96, 1024, 1000]))
+def test_add_rms_norm_matches_reference(dtype, hidden):
+    # Rows of very different scales: the norm must be each row's own.
+    scale = torch.logspace(-2, 2, 5, device=DEVICE)[:, None]
+    x = (torch.randn(5, hidden, device=DEVICE) * scale).to(dtype)
+    residual = (torch.randn(5, hidden, device=DEVICE) * scale).to(dtype)
+    weight = (torch.rand(hidden, device=DEVICE) + 0.5).to(dtype)
+
+    out, new_residual = add_rms_norm(x, residual, weight, 1e-6)
+
+    expected, expected_residual = add_rms_norm_ref(x, residual, weight, 1e-6)
+    assert torch.equal(new_residual, expected_residual)  # one rounding of the same sum
+    assert_close(out, expected, dtype)
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype, n", cases(DTYPES, [96, 1024, 1500]))
+def test_silu_and_mul_matches_reference(dtype, n):
+    x = (torch.randn(3, 2 * n, device=DEVICE) * 4).to(dtype)  # gates well into both tails
+
+    out = silu_and_mul(x)
+
+    assert out.shape == (3, n)
+    assert_close(out, silu_and_mul_ref(x), dtype)
 
 
 PREFILL_SEQS = (  # (new query tokens, context length): fresh prompts, cached prefixes, 1 token
