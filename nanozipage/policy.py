@@ -228,11 +228,13 @@ def rkv(state: CacheState, p: RKVParams) -> tuple[torch.Tensor, torch.Tensor]:
 
 def keydiff(state: CacheState, p: NoParams) -> tuple[torch.Tensor, torch.Tensor]:
     """KeyDiff (Park et al., 2025): keep the keys least like the others, by the cosine similarity
-    of each key with the mean of the request's normalized keys (per layer and KV head). It needs
-    no queries, so no attention scores."""
-    keys = F.normalize(state.keys.float(), dim=-1)
-    anchor = keys.mean(-2, keepdim=True)
-    score = -F.cosine_similarity(keys, anchor, dim=-1)
+    of each key with the mean of the request's unit keys (per layer and KV head; the mean's own
+    length, the same for the whole row, is left out). It needs no queries, so no attention
+    scores. Two products in the keys' dtype and float32 norms: no float32 copy of the keys."""
+    keys = state.keys  # [layers, kv_heads, T, head_dim]
+    inv_norm = torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32).clamp(min=1e-12) ** -1
+    anchor = inv_norm.unsqueeze(-2).to(keys.dtype) @ keys  # [layers, kv_heads, 1, head_dim]
+    score = -(keys @ anchor.mT).squeeze(-1).float() * inv_norm
     return score, torch.zeros_like(score)
 
 
