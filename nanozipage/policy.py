@@ -86,7 +86,7 @@ def protect(score: torch.Tensor, first: int, last: int) -> torch.Tensor:
     """`score` with its first `first` and last `last` tokens set to infinity: always kept."""
     score = score.clone()
     score[..., :first] = float("inf")
-    score[..., score.shape[-1] - last :] = float("inf")
+    score[..., max(score.shape[-1] - last, 0) :] = float("inf")
     return score
 
 
@@ -150,8 +150,8 @@ def spans(state: CacheState, p: SpansParams) -> tuple[torch.Tensor, torch.Tensor
     stored = attention(state)
     if not state.first:
         stored = torch.maximum(stored, p.decay * state.prev_scores)
-    score = pool(stored, p.pool_kernel)
-    return protect(score, p.sinks, int(p.newest * state.keep)), stored
+    newest = min(int(p.newest * state.keep), state.keep - p.sinks)  # within the budget
+    return protect(pool(stored, p.pool_kernel), p.sinks, newest), stored
 
 
 @dataclass(frozen=True)
@@ -228,14 +228,15 @@ def rkv(state: CacheState, p: RKVParams) -> tuple[torch.Tensor, torch.Tensor]:
 
 def keydiff(state: CacheState, p: NoParams) -> tuple[torch.Tensor, torch.Tensor]:
     """KeyDiff (Park et al., 2025): keep the keys least like the others, by the cosine similarity
-    of each key with the mean of the request's unit keys (per layer and KV head; the mean's own
-    length, the same for the whole row, is left out). It needs no queries, so no attention
-    scores. Two products in the keys' dtype and float32 norms: no float32 copy of the keys."""
+    of each key with the mean of the request's unit keys (per layer and KV head; times the mean's
+    length, which is the same for the whole row). It needs no queries, so no attention scores.
+    Computed in the keys' own dtype with float32 norms: no float32 copy of the keys."""
     keys = state.keys  # [layers, kv_heads, T, head_dim]
-    inv_norm = torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32).clamp(min=1e-12) ** -1
-    anchor = inv_norm.unsqueeze(-2).to(keys.dtype) @ keys  # [layers, kv_heads, 1, head_dim]
-    score = -(keys @ anchor.mT).squeeze(-1).float() * inv_norm
-    return score, torch.zeros_like(score)
+    norm = torch.linalg.vector_norm(keys, dim=-1, keepdim=True, dtype=torch.float32)
+    inv_norm = norm.clamp(min=1e-12) ** -1
+    anchor = (keys * inv_norm.to(keys.dtype)).mean(-2, keepdim=True)  # length <= 1: no overflow
+    score = -(keys @ anchor.mT).float() * inv_norm
+    return score.squeeze(-1), torch.zeros_like(state.prev_scores)
 
 
 @dataclass(frozen=True)

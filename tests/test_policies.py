@@ -10,7 +10,7 @@ from helpers import make_tiny_model
 
 from nanozipage import LLM, SamplingParams
 from nanozipage.config import Config
-from nanozipage.policy import POLICIES, CacheState, make_policy
+from nanozipage.policy import POLICIES, CacheState, make_policy, protect, select
 
 
 def state(first: bool = True, layers: range = range(3, 5), seed: int = 0) -> CacheState:
@@ -79,6 +79,45 @@ def test_streamingllm_keeps_the_sinks_and_the_newest():
     score = make_policy("streamingllm", {"sinks": 2})(state())[0]
     kept = score[0, 0].topk(10).indices.sort().values
     assert kept.tolist() == [0, 1, *range(56, 64)]
+
+
+@pytest.mark.parametrize(
+    "first, last, expected",
+    [(2, 3, [0, 1, 7, 8, 9]), (0, 0, []), (0, 15, list(range(10))), (12, 0, list(range(10)))],
+)
+def test_protect_marks_the_first_and_last_tokens_and_no_others(first, last, expected):
+    score = protect(torch.arange(10.0), first, last)
+    assert score.isinf().nonzero().flatten().tolist() == expected
+
+
+@pytest.mark.parametrize("newest, sinks", [(0.25, 4), (0.5, 2), (1.0, 4)])
+def test_spans_keeps_its_sinks_and_newest_share_whatever_the_attention(newest, sinks):
+    s = state()  # keep 32 of 64 tokens
+    score = make_policy("spans", {"newest": newest, "sinks": sinks})(s)[0]
+    kept = select(score, s.keep, 4, 0)
+    num_newest = min(int(newest * s.keep), s.keep - sinks)
+    protected = [*range(sinks), *range(64 - num_newest, 64)]
+    for row in kept.flatten(0, 1):
+        assert set(protected) <= set(row.tolist())
+        assert len(set(row.tolist())) == s.keep
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_keydiff_ranks_by_cosine_with_the_mean_unit_key(dtype):
+    # Keys with a common direction and large norms: a sum rather than a mean of the unit keys
+    # would overflow float16 over 512 tokens.
+    gen = torch.Generator().manual_seed(1)
+    keys = (torch.randn(1, 2, 512, 16, generator=gen) + 2) * 300
+    s = dense_state(
+        keys.to(dtype), torch.zeros(1, 4, 4, 16), torch.zeros(1, 2, 512), True, 16, range(1), 256
+    )
+    score = make_policy("keydiff")(s)[0]
+    unit = torch.nn.functional.normalize(keys, dim=-1)
+    cosine = torch.nn.functional.cosine_similarity(unit, unit.mean(-2, keepdim=True), dim=-1)
+    assert score.isfinite().all()
+    ours, exact = select(score, 256, 0, 0), select(-cosine, 256, 0, 0)
+    agree = (ours.unsqueeze(-1) == exact.unsqueeze(-2)).any(-1).float().mean()
+    assert agree == 1 if dtype == torch.float32 else agree > 0.97
 
 
 def test_a_policy_sees_the_tokens_it_keeps_whole_blocks_and_its_window(tmp_path, monkeypatch):
