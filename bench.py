@@ -28,9 +28,9 @@ wall_ms (median `llm.step()`, CUDA graphs), gpu_ms (cpu_ms on a CPU: the device 
 work), the host time not hidden behind it, bound_ms and of_bound = bound / wall, and
 eager_wall_ms for reference.
 compress-cost: GPU time of one compression of one request (--policy NAME: with that policy),
-on the GPU also its kernels' own time and their number (profiled), against one decode step of
---batch requests, and that step's time after a synchronous or beside an asynchronous
-compression.
+on the GPU also the own time and number of its kernels and copies (profiled), against one
+decode step of --batch requests, and that step's time after a synchronous or beside an
+asynchronous compression.
 Roofline: each step's bound is its bytes (weights, and the K/V of its batch) at the copy
 bandwidth or its FLOPs at the matmul rate, whichever takes longer (`step_cost`), both measured
 here at start (`device_rates`; times --tensor-parallel-size); off the GPU there is no
@@ -592,15 +592,15 @@ def compress_cost(model: str, args) -> dict:
     }
     job.first = False
     results["compression_ms"] = 1000 * compression_gpu_seconds()
-    if ON_GPU:  # its kernels' own time and count: the rest of compression_ms is launch gaps
+    if ON_GPU:  # its GPU work (kernels and copies), time and count: the rest is launch gaps
         activities = [torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as profiler:
             for _ in range(10):
                 compress_now(job)
             torch.cuda.synchronize()
-        kernels = [e for e in profiler.key_averages() if e.device_time_total > 0]
-        results["compression_kernel_ms"] = sum(e.device_time_total for e in kernels) / 10_000
-        results["compression_kernels"] = sum(e.count for e in kernels) / 10
+        ops = [e for e in profiler.key_averages() if e.device_time_total > 0]
+        results["compression_gpu_ops_ms"] = sum(e.device_time_total for e in ops) / 10_000
+        results["compression_gpu_ops"] = sum(e.count for e in ops) / 10
     step_seconds()  # warm-up
     results["decode_step_ms"] = 1000 * step_seconds()
     results["decode_step_sync_compression_ms"] = 1000 * step_seconds(compress_now)
