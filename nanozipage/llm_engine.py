@@ -174,8 +174,7 @@ class LLMEngine:
         """After a failed step: read back the step in flight (other ranks hold the failed step's
         samples, zeros), finish the compressions launched, cancel those planned, abort the
         touched requests, and count block references again (it may have failed mid-way)."""
-        in_flight, self.overlap.in_flight = self.overlap.in_flight, None  # read back now
-        self.unclaimed += self._collect(in_flight)
+        self.unclaimed += self._collect(self.overlap.take())
         self._finish_compressions(wait=True)
         for seq in self.scheduler.running:
             if seq.compression:  # planned, never launched

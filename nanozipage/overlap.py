@@ -83,6 +83,11 @@ class Overlap:
         previous, self.in_flight = self.in_flight, launched
         return previous
 
+    def take(self) -> InFlight | None:
+        """The step in flight, to be read back now (after a failed step)."""
+        launched, self.in_flight = self.in_flight, None
+        return launched
+
 
 def pending_rows(seqs: list[Sequence]) -> list[int] | None:
     """`StepPlan.pending_rows`: per request, the row of its PENDING input id in the previous
