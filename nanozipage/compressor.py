@@ -2,9 +2,9 @@
 
 - planned: the scheduler chose the request and the block manager gave the record its new
   blocks (`Scheduler._plan_compression`); the request still reads its old blocks.
-- running: `launch` scored every cached token with the policy, kept `kv_budget` per (layer, KV
-  head) in position order and queued the move of the kept K, V and scores into the new blocks
-  (in place), on a side stream while the other requests decode (on the CPU: done at once).
+- running: `launch` queued its work on a side stream while the other requests decode (on the
+  CPU: done at once): `run` scores every cached token with the policy, keeps `kv_budget` per
+  (layer, KV head) in position order and moves the kept K, V and scores into the new blocks.
 - done: `poll` saw its work finish; the request switches to its new blocks and the old ones
   are freed (`Scheduler.finish_compression`).
 Synchronous compression is the same path followed by a wait. Under tensor parallelism rank 0
@@ -30,7 +30,7 @@ class Compression:
 
     seq: Sequence | None
     old_table: list[int]  # the blocks holding the request's cached tokens before
-    first: bool  # the request's first compression (pooling, no stored scores)
+    first: bool  # the request's first: `first_window` queries, no stored scores yet
     query_slot: int  # its window queries' slot in the query cache
     # Its block table once done: the kept tokens fill all but the last block, left for the next
     new_table: list[int] = field(default_factory=list)

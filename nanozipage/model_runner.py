@@ -121,7 +121,8 @@ class ModelRunner:
         attn = self.model.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.num_heads = attn.num_heads  # query heads
-        self.window = config.first_window if config.kv_budget else None  # queries stored per block
+        # Queries stored per block: first_window (a later compression reads the last `window`)
+        self.window = config.first_window if config.kv_budget else None
         self.q_cache = self.score_cache = None
         self.pending_tokens = None  # ranks 1..N-1: the last step's samples, broadcast by rank 0
         self.sampler = Sampler(hf["vocab_size"], self.device, eos_token_ids)  # rank 0's

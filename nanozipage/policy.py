@@ -3,12 +3,12 @@
 A policy scores every cached token of one request per (layer, KV head) from its `CacheState`,
 with a leading group-of-layers dimension: the keys in their pages, read in place by the scoring
 kernels (`state.keys` gathers them into a dense copy for plain PyTorch), the window queries and
-the stored scores. `select` keeps the `kv_budget` best plus the window. The heavy steps are
-kernels whose PyTorch references state the math. A policy is a function `(state, params) ->
-(score, score to store)` and a dataclass of its parameters, registered in `POLICIES`;
-`LLM(policy=NAME, policy_args={})` picks one. The engine and the tests' dense reference call the
-same functions, so a new policy is one function, one dataclass and one registry entry
-(docs/DESIGN.md, "Writing a policy").
+the stored scores. `select` keeps the best `kv_budget`, the window and the sinks among them. The
+heavy steps are kernels whose PyTorch references state the math. A policy is a function
+`(state, params) -> (score, score to store)` and a dataclass of its parameters, registered in
+`POLICIES`; `LLM(policy=NAME, policy_args={})` picks one. The engine and the tests' dense
+reference call the same functions, so a new policy is one function, one dataclass and one
+registry entry (docs/DESIGN.md, "Writing a policy").
 """
 
 from collections.abc import Callable
@@ -26,7 +26,7 @@ from nanozipage.kernels import gather_tokens, redundancy_sums, window_scores
 class CacheState:
     k_cache: torch.Tensor  # [layers, num_blocks, kv_heads, block_size, head_dim], post-RoPE
     block_table: torch.Tensor  # [T / block_size]: the request's blocks (T = cached tokens)
-    queries: torch.Tensor  # [layers, window, q_heads, head_dim], of the last `window` tokens
+    queries: torch.Tensor  # [layers, window, q_heads, head_dim]: the window queries
     prev_scores: torch.Tensor  # [layers, kv_heads, T] float32; 0 where not scored before
     first: bool  # the request's first compression
     layers: range  # the absolute indices of the layers in the leading dimension
