@@ -263,8 +263,8 @@ def random(state: CacheState, p: RandomParams) -> tuple[torch.Tensor, torch.Tens
     device = state.prev_scores.device
     prev = state.prev_scores.long()  # priorities are integers below 2^24, exact in float32
     salt = prev.sum(-1, keepdim=True)  # exact, so the same in any reduction order
-    x = torch.tensor(list(state.layers), device=device).view(-1, 1, 1) * 0x9E3779B9
-    x = x + torch.arange(kv_heads, device=device).view(1, -1, 1) * 0x85EBCA6B
+    layer = torch.arange(state.layers.start, state.layers.stop, device=device).view(-1, 1, 1)
+    x = layer * 0x9E3779B9 + torch.arange(kv_heads, device=device).view(1, -1, 1) * 0x85EBCA6B
     x = _mix(x + torch.arange(num_tokens, device=device) * 0xC2B2AE35 + p.seed)
     draw = (_mix(x ^ salt) & 0xFFFFFF).clamp(min=1)
     score = torch.where(prev > 0, prev, draw).float()
