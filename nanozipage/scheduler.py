@@ -31,7 +31,7 @@ class Scheduler:
 
     def schedule(self) -> tuple[list[Sequence], bool, list[Compression]]:
         """The next step's requests, whether it prefills, and the compressions to launch first."""
-        for seq in self.running:  # query slots go to the queue's first (docs/DESIGN.md section 3)
+        for seq in self.running:  # hybrid scheduling (docs/DESIGN.md section 3)
             if seq.query_slot < 0 and self.free_query_slots:
                 seq.query_slot = self.free_query_slots.pop()
         prefer_decode = self.last_step_was_prefill and any(not s.in_prefill for s in self.running)
