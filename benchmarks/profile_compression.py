@@ -1,0 +1,80 @@
+"""Where one compression's GPU time goes: `PYTHONPATH=. python benchmarks/profile_compression.py
+[--policy NAME ...]`.
+
+The setting of `bench.py --task compress-cost` without the decoding batch: random weights of the
+Qwen3-0.6B shape, one request of 2,304 cached tokens (9 blocks of 256) compressed to 2,048 by
+`Compressor.run`, the same record again and again. Records 20 later and 20 first compressions
+with the torch profiler and prints each kernel's count and GPU time per compression, largest
+first, and their sum. Needs a GPU: the figures are CUDA kernel times.
+"""
+
+import argparse
+import random
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench import config_only_model
+from nanozipage import LLM, SamplingParams
+from nanozipage.compressor import Compression
+from nanozipage.policy import POLICIES
+from nanozipage.sequence import Sequence
+
+
+def one_compression(policy: str, budget: int = 2048, b: int = 256) -> tuple[LLM, Compression]:
+    """An engine and a planned compression of one request holding N_max full blocks."""
+    n_max = budget // b + 1
+    llm = LLM(
+        config_only_model("qwen3-0.6b"),
+        load_format="dummy",
+        kv_budget=budget,
+        block_size=b,
+        num_kvcache_blocks=2 * n_max,
+        policy=policy,
+    )
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=b)
+    seq = Sequence([rng.randrange(10000) for _ in range(n_max * b)], params, b)
+    seq.query_slot, seq.kv_budget, seq.num_new_tokens = 0, budget, len(seq)
+    assert llm.scheduler.block_manager.allocate(seq)
+    llm.model_runner.run([seq], is_prefill=True)
+    seq.num_computed_tokens, seq.num_new_tokens = len(seq) - 1, 1
+    seq.token_ids.append(0)  # the token whose decode step triggers the compression
+    job = Compression(seq, [], first=True, query_slot=0)
+    llm.scheduler.block_manager.plan_compression(seq, job)
+    return llm, job
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", nargs="+", choices=list(POLICIES), default=["spans"])
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_compression.py needs a GPU: it reports CUDA kernel times")
+    for policy in args.policy:
+        llm, job = one_compression(policy)
+        compressor, repeat = llm.model_runner.compressor, 20
+        for first in (False, True):
+            job.first = first
+            for _ in range(5):  # warm-up
+                compressor.run(job)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(repeat):
+                    compressor.run(job)
+                torch.cuda.synchronize()
+            kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+            kernels.sort(key=lambda e: -e.device_time_total)
+            total = sum(e.device_time_total for e in kernels) / repeat
+            print(
+                f"{policy}, {'first' if first else 'later'} compression: {total:.1f} us of kernels"
+            )
+            for e in kernels:
+                print(
+                    f"{e.count / repeat:7.1f} {e.device_time_total / repeat:9.1f} us  {e.key[:100]}"
+                )
+        llm.close()
+
+
+if __name__ == "__main__":
+    main()
