@@ -104,9 +104,8 @@ class BlockManager:
         counts = Counter(block_id for table in block_tables for block_id in table)
         for block in self.blocks:
             block.ref_count = counts[block.block_id]
-        free = dict.fromkeys(self.free_block_ids)  # in order, each once
-        free.update(dict.fromkeys(block.block_id for block in self.blocks))
-        self.free_block_ids = deque(block_id for block_id in free if not counts[block_id])
+        order = dict.fromkeys([*self.free_block_ids, *range(len(self.blocks))])  # each once
+        self.free_block_ids = deque(block_id for block_id in order if not counts[block_id])
 
     def num_missing_blocks(self, seq: Sequence) -> int:
         """Blocks seq still needs to hold all its tokens (the next decode step writes the last)."""
@@ -147,9 +146,8 @@ class BlockManager:
         """seq's own private blocks where it can keep them, -1 where a fresh block is needed."""
         private = [b for b in seq.block_table if self.blocks[b].ref_count == 1]
         kept = seq.block_table[: seq.max_blocks - 1]
-        new_table = [b if b in private else -1 for b in kept]
-        spare = [b for b in private if b not in kept]
-        return new_table + (spare[:1] or [-1])
+        spare = next((b for b in private if b not in kept), -1)  # the last, left for new tokens
+        return [b if b in private else -1 for b in kept] + [spare]
 
     def num_fresh_blocks(self, seq: Sequence) -> int:  # free blocks its compression takes
         return self._new_table(seq).count(-1)

@@ -232,9 +232,6 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return self.lm_head(hidden)
-
     @torch.no_grad()
     def load_weights(self, path: str):
         """Write every parameter exactly once (a packed one once per shard), or raise naming the

@@ -277,7 +277,7 @@ class ModelRunner:
         else:
             hidden = self.run_decode(input_ids, positions)
         set_context()  # empty again
-        return self.model.compute_logits(hidden) if len(hidden) else None
+        return self.model.lm_head(hidden) if len(hidden) else None
 
     def run_decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         bs = input_ids.shape[0]

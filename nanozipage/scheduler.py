@@ -84,13 +84,10 @@ class Scheduler:
     def _waits_for_prefix(self, seq: Sequence) -> bool:
         """The samples of one prompt (`SamplingParams.n`) share its blocks through the prefix
         cache: a later sample waits until the first one's prompt blocks are registered."""
-        first, b = seq.first_sample, self.config.block_size
-        return (
-            first is not None
-            and first.status == SequenceStatus.RUNNING
-            and not first.num_compressions
-            and first.num_hashed_blocks < (first.num_prompt_tokens - 1) // b
-        )
+        first = seq.first_sample
+        if first is None or first.status != SequenceStatus.RUNNING or first.num_compressions:
+            return False
+        return first.num_hashed_blocks < (first.num_prompt_tokens - 1) // self.config.block_size
 
     def _schedule_decode(self) -> tuple[list[Sequence], list[Compression]]:
         seqs, compressions = [], []

@@ -1,6 +1,5 @@
 """A request as the scheduler and block manager see it: token ids, progress and its blocks."""
 
-from copy import copy
 from enum import Enum, auto
 from itertools import count
 
@@ -24,7 +23,7 @@ class Sequence:
         self.seq_id = next(Sequence.counter)
         self.block_size = block_size
         self.status = SequenceStatus.WAITING
-        self.token_ids = copy(token_ids)
+        self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)
         self.num_computed_tokens = 0  # tokens with K/V cached: prefix-cache hits plus prefill
         self.num_cached_tokens = -1  # prompt tokens the prefix cache served; -1: not yet scheduled
