@@ -56,6 +56,7 @@ from tqdm import tqdm
 
 from nanozipage import LLM, SamplingParams
 from nanozipage.compressor import Compression, on_worker
+from nanozipage.config import max_blocks
 from nanozipage.model_runner import ModelRunner, step_plan
 from nanozipage.parallel import Workers
 from nanozipage.policy import POLICIES
@@ -507,6 +508,30 @@ def decode_step(model: str, args) -> dict:
     return results
 
 
+def prefilled(llm: LLM, seq: Sequence, budget: int) -> Sequence:
+    """seq with its prompt cached by a prefill step, decoding its last token next."""
+    seq.kv_budget, seq.num_new_tokens = budget, len(seq)
+    if not llm.scheduler.block_manager.allocate(seq):
+        raise SystemExit("compress-cost: the KV pool has too few blocks for --batch")
+    llm.model_runner.run([seq], is_prefill=True)
+    seq.num_computed_tokens, seq.num_new_tokens = len(seq) - 1, 1
+    return seq
+
+
+def planned_compression(llm: LLM, budget: int, rng: random.Random) -> Compression:
+    """One more request holding N_max full blocks of random tokens, prefilled, with its first
+    compression planned (query slot 0): what `Compressor.run` takes, again and again."""
+    b, vocab = llm.config.block_size, llm.config.hf_config["vocab_size"]
+    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=b)
+    seq = Sequence([rng.randrange(vocab) for _ in range(max_blocks(budget, b) * b)], params, b)
+    seq.query_slot = 0
+    prefilled(llm, seq, budget)
+    seq.token_ids.append(0)  # the token whose decode step triggers the compression
+    job = Compression(seq, [], first=True, query_slot=seq.query_slot)
+    llm.scheduler.block_manager.plan_compression(seq, job)
+    return job
+
+
 def compress_cost(model: str, args) -> dict:
     """What one compression costs, next to the decode step it competes with (R1's steady state).
 
@@ -531,25 +556,14 @@ def compress_cost(model: str, args) -> dict:
         max_num_seqs=args.batch + 1,
         num_kvcache_blocks=(args.batch + 2) * n_max,
     )
-    runner, blocks = llm.model_runner, llm.scheduler.block_manager
-    compressor = runner.compressor
+    runner, compressor = llm.model_runner, llm.model_runner.compressor
     rng, vocab = random.Random(args.seed), llm.config.hf_config["vocab_size"]
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=b)
     batch = [
-        Sequence([rng.randrange(vocab) for _ in range(length)], params, b)
+        prefilled(llm, Sequence([rng.randrange(vocab) for _ in range(length)], params, b), budget)
         for _ in range(args.batch)
     ]
-    target = Sequence([rng.randrange(vocab) for _ in range(n_max * b)], params, b)
-    target.query_slot = 0
-    for seq in [*batch, target]:
-        seq.kv_budget, seq.num_new_tokens = budget, len(seq)
-        if not blocks.allocate(seq):
-            raise SystemExit("compress-cost: the KV pool has too few blocks for --batch")
-        runner.run([seq], is_prefill=True)
-        seq.num_computed_tokens, seq.num_new_tokens = len(seq) - 1, 1  # decoding its last token
-    target.token_ids.append(0)  # the token whose decode step triggers the compression
-    job = Compression(target, [], first=True, query_slot=target.query_slot)
-    blocks.plan_compression(target, job)
+    job = planned_compression(llm, budget, rng)
 
     def compress_now(job):
         """One compression on every rank, before the step (`run` alone would be rank 0's)."""

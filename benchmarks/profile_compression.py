@@ -14,35 +14,24 @@ import random
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench import config_only_model
-from nanozipage import LLM, SamplingParams
+from bench import config_only_model, planned_compression
+from nanozipage import LLM
 from nanozipage.compressor import Compression
+from nanozipage.config import max_blocks
 from nanozipage.policy import POLICIES
-from nanozipage.sequence import Sequence
 
 
 def one_compression(policy: str, budget: int = 2048, b: int = 256) -> tuple[LLM, Compression]:
-    """An engine and a planned compression of one request holding N_max full blocks."""
-    n_max = budget // b + 1
+    """An engine with room for one request of N_max blocks, and that request's compression."""
     llm = LLM(
         config_only_model("qwen3-0.6b"),
         load_format="dummy",
         kv_budget=budget,
         block_size=b,
-        num_kvcache_blocks=2 * n_max,
+        num_kvcache_blocks=2 * max_blocks(budget, b),
         policy=policy,
     )
-    rng = random.Random(0)
-    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=b)
-    seq = Sequence([rng.randrange(10000) for _ in range(n_max * b)], params, b)
-    seq.query_slot, seq.kv_budget, seq.num_new_tokens = 0, budget, len(seq)
-    assert llm.scheduler.block_manager.allocate(seq)
-    llm.model_runner.run([seq], is_prefill=True)
-    seq.num_computed_tokens, seq.num_new_tokens = len(seq) - 1, 1
-    seq.token_ids.append(0)  # the token whose decode step triggers the compression
-    job = Compression(seq, [], first=True, query_slot=0)
-    llm.scheduler.block_manager.plan_compression(seq, job)
-    return llm, job
+    return llm, planned_compression(llm, budget, random.Random(0))
 
 
 def main():
