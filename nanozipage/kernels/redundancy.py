@@ -19,25 +19,6 @@ from nanozipage.kernels.window_score import gather_tokens
 
 
 @triton.jit
-def _similarity_rows(
-    block_keys, k_cols, cols, col_inv_norm, start, block_size, stride_kt,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Cosine similarity of rows [start, start + BLOCK_M) of the block with every column, 0 on
-    the diagonal, and the row indices."""
-    rows = start + tl.arange(0, BLOCK_M)
-    offsets = rows[:, None] * stride_kt + tl.arange(0, HEAD_DIM)[None, :]
-    k_rows = tl.load(block_keys + offsets, mask=rows[:, None] < block_size, other=0.0)
-    # Dot the keys as stored and divide by the norms after: normalising first would round the
-    # unit vectors to bf16 before the product.
-    norm = tl.sqrt(tl.sum(k_rows.to(tl.float32) * k_rows.to(tl.float32), 1))
-    row_inv_norm = 1.0 / tl.maximum(norm, 1e-12)
-    dots = tl.dot(k_rows, tl.trans(k_cols), input_precision=PRECISION)
-    sim = dots * row_inv_norm[:, None] * col_inv_norm[None, :]
-    return tl.where(rows[:, None] == cols[None, :], 0.0, sim), rows
-
-
-@triton.jit
 def _redundancy_kernel(
     k_cache, block_table, out, block_size, stride_kg, stride_kb, stride_kh, stride_kt,
     stride_og, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -63,11 +44,17 @@ def _redundancy_kernel(
     newest = tl.full([BLOCK_B], -1, tl.int32)
     newest_sim = tl.zeros([BLOCK_B], tl.float32)
     for start in range(0, block_size, BLOCK_M):
-        sim, rows = _similarity_rows(
-            block_keys, k_cols, cols, col_inv_norm, start, block_size, stride_kt,
-            HEAD_DIM, BLOCK_M, PRECISION,
-        )  # fmt: skip
+        # The cosine similarity of this tile's rows with every column, 0 on the diagonal. Dot
+        # the keys as stored and divide by the norms after: normalising first would round the
+        # unit vectors to bf16 before the product.
+        rows = start + tl.arange(0, BLOCK_M)
+        row_offsets = rows[:, None] * stride_kt + tl.arange(0, HEAD_DIM)[None, :]
+        k_rows = tl.load(block_keys + row_offsets, mask=rows[:, None] < block_size, other=0.0)
+        norm = tl.sqrt(tl.sum(k_rows.to(tl.float32) * k_rows.to(tl.float32), 1))
+        row_inv_norm = 1.0 / tl.maximum(norm, 1e-12)
+        dots = tl.dot(k_rows, tl.trans(k_cols), input_precision=PRECISION)
         at_slot = rows[:, None] == cols[None, :]  # this tile's rows placed among all slots
+        sim = tl.where(at_slot, 0.0, dots * row_inv_norm[:, None] * col_inv_norm[None, :])
         sums += tl.sum(tl.where(at_slot, tl.sum(sim, 1)[:, None], 0.0), 0)
         tile_newest = tl.max(tl.where(sim > 0.5, rows[:, None], -1), 0)
         tile_sim = tl.sum(tl.where(rows[:, None] == tile_newest[None, :], sim, 0.0), 0)

@@ -1,11 +1,12 @@
 """Attention of the observation window over a request's cache: the attention score of a policy.
 
 Called by the policy on a group of layers (docs/DESIGN.md section 2, step 1), reading the keys
-in place through the request's block table. Two passes over the keys, one program per (layer,
-KV head). All window queries of all query heads of the GQA group are the rows of one tile
-(padded to >= 16 for tl.dot); row r is window query r // GROUP_P2 of query head r % GROUP_P2.
-Pass 1 finds each row's softmax maximum and sum; pass 2 takes probabilities, the max over the
-group and the mean over the window, per key.
+in place through the request's block table. One program per (layer, KV head), two passes over
+its keys: pass 1 finds each row's softmax maximum and sum, pass 2 takes probabilities, the max
+over the group and the mean over the window, per key. The rows of one tile are all window
+queries of all query heads of the GQA group (padded to >= 16 for tl.dot): row r is window
+query r // GROUP_P2 of query head r % GROUP_P2. A tile of keys inside one block (ONE_BLOCK:
+BLOCK_N divides block_size) reads one block id, not one per key.
 """
 
 import torch
@@ -19,12 +20,16 @@ from nanozipage.kernels.prefill_attention import dot_precision, uses_triton
 def _window_logits(
     q, k_ptrs, block_table, start, num_tokens, query_pos, qk_scale, block_size, stride_kb,
     stride_kt, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Scores of every row against keys [start, start + BLOCK_N), in log2 units (qk_scale
     folds in log2(e)); keys past the cache or after a row's window query are -inf."""
     k_pos = start + tl.arange(0, BLOCK_N)
     in_cache = k_pos < num_tokens
-    block = tl.load(block_table + k_pos // block_size, mask=in_cache, other=0).to(tl.int64)
+    if ONE_BLOCK:
+        block = tl.load(block_table + start // block_size).to(tl.int64)
+    else:
+        block = tl.load(block_table + k_pos // block_size, mask=in_cache, other=0).to(tl.int64)
     rows = block * stride_kb + (k_pos % block_size) * stride_kt  # int64: a pool passes 2**31
     offsets = rows[:, None] + tl.arange(0, HEAD_DIM)[None, :]
     k = tl.load(k_ptrs + offsets, mask=in_cache[:, None], other=0.0)
@@ -39,7 +44,7 @@ def _window_score_kernel(
     stride_qg, stride_qw, stride_qh, stride_kg, stride_kb, stride_kh, stride_kt,
     stride_og, stride_oh,
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, WINDOW_P2: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):  # fmt: skip
     kv_head, layer = tl.program_id(0), tl.program_id(1)
     row = tl.arange(0, WINDOW_P2 * GROUP_P2)
@@ -58,7 +63,7 @@ def _window_score_kernel(
     for start in range(0, num_tokens, BLOCK_N):
         s, _, _ = _window_logits(
             q, k_ptrs, block_table, start, num_tokens, query_pos, qk_scale, block_size,
-            stride_kb, stride_kt, HEAD_DIM, BLOCK_N, PRECISION,
+            stride_kb, stride_kt, HEAD_DIM, BLOCK_N, PRECISION, ONE_BLOCK,
         )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is in the first tile of every row
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
@@ -69,7 +74,7 @@ def _window_score_kernel(
     for start in range(0, num_tokens, BLOCK_N):
         s, k_pos, in_cache = _window_logits(
             q, k_ptrs, block_table, start, num_tokens, query_pos, qk_scale, block_size,
-            stride_kb, stride_kt, HEAD_DIM, BLOCK_N, PRECISION,
+            stride_kb, stride_kt, HEAD_DIM, BLOCK_N, PRECISION, ONE_BLOCK,
         )  # fmt: skip
         p = tl.where(real[:, None], tl.exp2(s - lse[:, None]), 0.0)
         p = tl.reshape(p, [WINDOW_P2, GROUP_P2, BLOCK_N])
@@ -77,7 +82,7 @@ def _window_score_kernel(
         tl.store(out_ptrs + k_pos, score, mask=in_cache)
 
 
-def window_scores_triton(k_cache, block_table, queries, *, block_n=64, num_warps=4, num_stages=2):
+def window_scores_triton(k_cache, block_table, queries, *, block_n=128, num_warps=4, num_stages=2):
     num_layers, _, num_kv_heads, block_size, head_dim = k_cache.shape
     _, window, num_q_heads, _ = queries.shape
     num_tokens = block_table.numel() * block_size
@@ -99,6 +104,7 @@ def window_scores_triton(k_cache, block_table, queries, *, block_n=64, num_warps
         *k_cache.stride()[:4], out.stride(0), out.stride(1),
         GROUP=group, GROUP_P2=group_p2, WINDOW_P2=window_p2, HEAD_DIM=head_dim,
         BLOCK_N=block_n, PRECISION=dot_precision(k_cache.dtype),
+        ONE_BLOCK=block_size % block_n == 0,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
