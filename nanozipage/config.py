@@ -35,8 +35,7 @@ class Config:
     window: int = 16  # observation window: the last queries before a block boundary
     first_window: int | None = None  # the same at a first compression (None: 2 x window, <= b)
     num_sinks: int = 0  # first tokens always kept
-    # Layers scored at once in a compression: fewer bound temporary memory, more save launches
-    compress_layers: int = 64
+    compress_layers: int = 64  # scored at once: fewer bound temporary memory, more save launches
     policy: str = "spans"  # eviction policy, a key of nanozipage.policy.POLICIES
     policy_args: dict = field(default_factory=dict)  # its parameters (its dataclass's fields)
     async_compression: bool = True  # on a side stream while the other requests decode

@@ -137,8 +137,7 @@ class LLMEngine:
 
     @one_caller_at_a_time
     def step(self) -> tuple[list[dict], int]:
-        """Finish compressions, schedule, launch compressions, run, read back; the finished results
-        and the tokens fed (negative for decode). A failure aborts what it touched (`_recover`)."""
+        """One step: the finished requests' results, and the tokens fed (negative for decode)."""
         touched = list(self.scheduler.running)  # until the schedule says which
         try:
             self._finish_compressions()
@@ -172,8 +171,7 @@ class LLMEngine:
 
     def _recover(self, touched: list[Sequence]):
         """After a failed step: read back the step in flight (other ranks hold the failed step's
-        samples, zeros), finish the compressions launched, cancel those planned, abort the
-        touched requests, and count block references again (it may have failed mid-way)."""
+        samples, zeros), end or cancel its compressions, abort what it touched, recount blocks."""
         self.unclaimed += self._collect(self.overlap.take())
         self._finish_compressions(wait=True)
         for seq in self.scheduler.running:
@@ -183,8 +181,7 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.abort(seq)
                 self.unclaimed.append(self._result(seq))
-        running = self.scheduler.running  # the blocks in use: the running requests' tables
-        self.scheduler.block_manager.recount([seq.block_table for seq in running])
+        self.scheduler.block_manager.recount([seq.block_table for seq in self.scheduler.running])
 
     def _collect(self, launched: InFlight | None) -> list[dict]:
         """Read a launched step's samples back; the results of the requests it finished."""

@@ -267,8 +267,7 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def init_dummy_weights(self, seed: int = 0):
-        """Weights for `load_format="dummy"`: matrices normal(0, 0.02), each from a generator of
-        its own (so all ranks' shards are alike: fine for timing only), norms one, biases zero."""
+        """For `load_format="dummy"`: a generator per matrix, so all ranks' shards are alike."""
         for i, (name, param) in enumerate(self.named_parameters()):  # a tied matrix once
             if param.dim() == 2:
                 generator = torch.Generator(param.device).manual_seed(seed + i)

@@ -14,16 +14,12 @@ from nanozipage.sequence import PENDING, Sequence
 
 class Samples:
     """One step's sampled tokens: on the device, where the next step reads its input ids, and
-    on their way to the host, where `tolist` waits for that copy only."""
+    on their way to pinned host memory, where `tolist` waits for that copy only."""
 
     def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, workers=None):
         self.tokens, self.workers = tokens, workers
-        self._host = [self._to_host(t) for t in (tokens, logprobs) if t is not None]
+        self._host = [t.to("cpu", non_blocking=True) for t in (tokens, logprobs) if t is not None]
         self._copied = torch.cuda.current_stream().record_event() if tokens.is_cuda else None
-
-    @staticmethod
-    def _to_host(t: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(t, device="cpu", pin_memory=t.is_cuda).copy_(t, non_blocking=True)
 
     def tolist(self) -> tuple[list[int], list[float | None]]:
         if self.workers:  # a dead worker would leave NCCL waiting: check them while waiting
@@ -71,12 +67,11 @@ class Overlap:
         token being sampled. Returns the step to read back now: if overlapped, the one before."""
         sampling = []
         for seq in seqs:
-            samples_now = seq.samples_this_step
-            seq.num_computed_tokens += seq.num_new_tokens
-            if samples_now:
+            if seq.samples_this_step:
                 seq.sample_row = len(sampling)
                 sampling.append((seq, len(seq)))
                 seq.token_ids.append(PENDING)
+            seq.num_computed_tokens += seq.num_new_tokens
         launched = InFlight(seqs, sampling, samples) if seqs else None
         if not self.enabled:
             return launched

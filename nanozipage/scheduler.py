@@ -148,11 +148,8 @@ class Scheduler:
         is bounded and accounted for), nor one already scheduled in this step. `needed` is asked
         again after each preemption: a victim that shared seq's blocks leaves them to seq alone."""
         while self.block_manager.num_free_blocks < needed(seq):
-            candidates = [
-                s
-                for s in reversed(self.running)
-                if not s.num_compressions and not s.compression and s not in scheduled
-            ]
+            unscheduled = [s for s in reversed(self.running) if s not in scheduled]
+            candidates = [s for s in unscheduled if not s.num_compressions and not s.compression]
             if not candidates:
                 return False
             victim = next((s for s in candidates if s.query_slot < 0), candidates[0])
