@@ -137,7 +137,8 @@ class LLMEngine:
 
     @one_caller_at_a_time
     def step(self) -> tuple[list[dict], int]:
-        """One step: the finished requests' results, and the tokens fed (negative for decode)."""
+        """One step: the finished requests' results, and the tokens fed (negative for decode).
+        A failure aborts what it touched (`_recover`)."""
         touched = list(self.scheduler.running)  # until the schedule says which
         try:
             self._finish_compressions()
