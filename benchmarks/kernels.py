@@ -2,13 +2,18 @@
 
 Decode is memory-bound: its figure is the K/V bytes read per second, against the device's copy
 bandwidth (bytes read + written by a large device-to-device copy). Prefill is compute-bound: its
-figure is its time against PyTorch's flash attention on the same data, and TFLOP/s.
+figure is its time against PyTorch's flash attention on the same data, and TFLOP/s. With
+`--compression`, the compression kernels instead, on the request of `bench.py --task
+compress-cost` (28 layers, 8 KV heads, 2,304 tokens kept to 2,048), each against the bytes or
+FLOPs it must move.
 
     PYTHONPATH=. python benchmarks/kernels.py           # the wrappers' default tiles
     PYTHONPATH=. python benchmarks/kernels.py --sweep   # also try other tiles, print the best
+    PYTHONPATH=. python benchmarks/kernels.py --compression [--sweep]
 """
 
 import argparse
+from functools import partial
 
 import torch
 import triton
@@ -16,7 +21,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention
 
 from nanozipage.kernels.decode_attention import decode_attention_triton
+from nanozipage.kernels.move_kept import move_kept_triton
 from nanozipage.kernels.prefill_attention import prefill_attention_triton
+from nanozipage.kernels.redundancy import redundancy_sums_triton
+from nanozipage.kernels.window_score import window_scores_triton
 
 DTYPE, HEAD_DIM, NUM_Q_HEADS, NUM_KV_HEADS, BLOCK_SIZE = torch.bfloat16, 128, 16, 8, 256
 DECODE_TILES = [  # block_n, num_warps, num_stages
@@ -47,6 +55,10 @@ PREFILL_TILES = [  # block_m, block_n, num_warps, num_stages
     (128, 32, 4, 3),
     (64, 128, 4, 3),
 ]
+
+COMPRESSION = (28, 8, 9, 8)  # layers, KV heads, blocks cached, blocks kept (of BLOCK_SIZE)
+WINDOW_TILES = [(64, 4, 2), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 2)]
+REDUNDANCY_TILES = [(16, 4, 1), (32, 4, 1), (32, 8, 1), (32, 4, 2), (64, 8, 1)]  # block_m, ...
 
 
 def bench(fn) -> float:
@@ -141,11 +153,58 @@ def sweep() -> tuple[dict, dict]:
     return best_decode[1], best_prefill[1]
 
 
+def time_compression(sweep: bool, copy: float):
+    """One compression's kernels, as the table's rows: the defaults, and with `sweep` each tile.
+    The move runs in place again and again: its data turns to garbage, its time does not."""
+    layers, kv_heads, blocks, kept_blocks = COMPRESSION
+    shape = (2, layers, blocks + 4, kv_heads, BLOCK_SIZE, HEAD_DIM)
+    kv_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+    score_cache = torch.rand(shape[1:-1], device="cuda")
+    old = torch.randperm(blocks + 4, device="cuda", dtype=torch.int32)[:blocks]
+    num_tokens, keep = blocks * BLOCK_SIZE, kept_blocks * BLOCK_SIZE
+    key_bytes = layers * kv_heads * num_tokens * HEAD_DIM * DTYPE.itemsize
+
+    def row(what: str, tiles: dict, ms: float, amount: float, unit: str):
+        rate = f"{amount / ms * 1e3 / 1e12:.2f} {unit}"
+        if unit == "TB/s":
+            rate += f" = {amount / ms * 1e3 / copy:.0%} of copy"
+        print(f"| {what}, tiles {tiles or 'default'} | {ms * 1e3:.1f} us | {rate} |")
+
+    for window in (16, 32):  # a later compression's queries, a first one's
+        q = torch.randn(layers, window, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        for tiles in [{}] + [
+            {"block_n": n, "num_warps": w, "num_stages": s}
+            for n, w, s in (WINDOW_TILES if sweep else [])
+        ]:
+            ms = bench(partial(window_scores_triton, kv_cache[0], old, q, **tiles))
+            row(f"window scores, {window} queries", tiles, ms, 2 * key_bytes, "TB/s")
+    flops = 2 * layers * kv_heads * blocks * BLOCK_SIZE**2 * HEAD_DIM
+    for tiles in [{}] + [
+        {"block_m": m, "num_warps": w, "num_stages": s}
+        for m, w, s in (REDUNDANCY_TILES if sweep else [])
+    ]:
+        ms = bench(partial(redundancy_sums_triton, kv_cache[0], old, **tiles))
+        row("redundancy sums", tiles, ms, flops, "TFLOP/s")
+    scores = torch.rand(layers, kv_heads, num_tokens, device="cuda")
+    kept = torch.rand(layers, kv_heads, num_tokens, device="cuda").topk(keep).indices.sort().values
+    new = old[:kept_blocks]  # in place, as for a request's private blocks
+    ms = bench(partial(move_kept_triton, kv_cache, score_cache, scores, old, new, kept))
+    moved = 4 * key_bytes * keep // num_tokens  # K and V of the kept tokens, read and written
+    row("move kept K, V and scores", {}, ms, moved, "TB/s")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="try other tiles first")
+    parser.add_argument("--compression", action="store_true", help="the compression kernels")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.compression:
+        print(
+            f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
+        )
+        print("| what | time | figure |\n| --- | --- | --- |")
+        return time_compression(args.sweep, copy_bandwidth())
     decode_tiles, prefill_tiles = sweep() if args.sweep else ({}, {})
     print(
         f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
