@@ -153,8 +153,8 @@ def sweep() -> tuple[dict, dict]:
     return best_decode[1], best_prefill[1]
 
 
-def time_compression(sweep: bool, copy: float):
-    """One compression's kernels, as the table's rows: the defaults, and with `sweep` each tile.
+def time_compression(try_tiles: bool, copy: float):
+    """One compression's kernels, as the table's rows: the defaults, and with `try_tiles` each tile.
     The move runs in place again and again: its data turns to garbage, its time does not."""
     layers, kv_heads, blocks, kept_blocks = COMPRESSION
     shape = (2, layers, blocks + 4, kv_heads, BLOCK_SIZE, HEAD_DIM)
@@ -179,14 +179,14 @@ def time_compression(sweep: bool, copy: float):
         q = torch.randn(layers, window, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
         for tiles in [{}] + [
             {"block_n": n, "num_warps": w, "num_stages": s}
-            for n, w, s in (WINDOW_TILES if sweep else [])
+            for n, w, s in (WINDOW_TILES if try_tiles else [])
         ]:
             fn = partial(window_scores_triton, kv_cache[0], old, q, **tiles)
             row(f"window scores, {window} queries", tiles, fn, 2 * key_bytes, "TB/s")
     flops = 2 * layers * kv_heads * blocks * BLOCK_SIZE**2 * HEAD_DIM
     for tiles in [{}] + [
         {"block_m": m, "num_warps": w, "num_stages": s}
-        for m, w, s in (REDUNDANCY_TILES if sweep else [])
+        for m, w, s in (REDUNDANCY_TILES if try_tiles else [])
     ]:
         fn = partial(redundancy_sums_triton, kv_cache[0], old, **tiles)
         row("redundancy sums", tiles, fn, flops, "TFLOP/s")
