@@ -205,23 +205,21 @@ def main():
     parser.add_argument("--compression", action="store_true", help="the compression kernels")
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.compression:
-        print(
-            f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
-        )
-        print("| what | time | figure |\n| --- | --- | --- |")
-        return time_compression(args.sweep, copy_bandwidth())
-    decode_tiles, prefill_tiles = sweep() if args.sweep else ({}, {})
+    attention_sweep = args.sweep and not args.compression  # --compression sweeps its own tiles
+    decode_tiles, prefill_tiles = sweep() if attention_sweep else ({}, {})
     print(
         f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
     )
     print(
         f"bf16, {NUM_Q_HEADS} q / {NUM_KV_HEADS} kv heads, head_dim {HEAD_DIM}, block {BLOCK_SIZE}"
     )
-    print(f"tiles: decode {decode_tiles or 'defaults'}, prefill {prefill_tiles or 'defaults'}")
     copy = copy_bandwidth()
+    if not args.compression:
+        print(f"tiles: decode {decode_tiles or 'defaults'}, prefill {prefill_tiles or 'defaults'}")
     print("| what | time | figure |\n| --- | --- | --- |")
     print(f"| device-to-device copy, 1 GiB | | {copy / 1e12:.2f} TB/s (read + write) |")
+    if args.compression:
+        return time_compression(args.sweep, copy)
     for batch, ctx_len in ((64, 4096), (1, 4096), (256, 1024)):
         ms, rate = time_decode(batch, ctx_len, **decode_tiles)
         figure = f"{rate / 1e12:.2f} TB/s of K/V = {rate / copy:.0%} of copy"
