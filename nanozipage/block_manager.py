@@ -3,6 +3,7 @@
 Called by the scheduler. Prefix caching: each computed full block gets a hash chained on the
 previous block's; a later prompt with the same leading tokens reuses those blocks after
 comparing token ids. A freed block keeps its hash and contents until handed out again.
+Blocks are handed out never-used first, then freed ones, oldest first.
 """
 
 from collections import Counter, deque
@@ -32,14 +33,16 @@ class Block:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int):
-        self.block_size = block_size
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.block_size, self.num_blocks = block_size, num_blocks
+        # A block is made when first handed out: a tiny model on a large GPU has tens of
+        # millions of blocks, seconds of Python objects to make at start.
+        self.blocks: dict[int, Block] = {}  # ids 0, 1, ... in the order first handed out
         self.hash_to_block_id: dict[int, int] = {}
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        self.free_block_ids: deque[int] = deque()  # freed blocks, oldest first
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_block_ids)
+        return len(self.free_block_ids) + self.num_blocks - len(self.blocks)
 
     def _uncache(self, block: Block):
         """Take block out of the prefix cache: its contents are about to be overwritten."""
@@ -48,7 +51,10 @@ class BlockManager:
         block.hash, block.token_ids = -1, []
 
     def _take_free_block(self) -> int:
-        block = self.blocks[self.free_block_ids.popleft()]
+        if len(self.blocks) < self.num_blocks:
+            block = self.blocks[len(self.blocks)] = Block(len(self.blocks))
+        else:
+            block = self.blocks[self.free_block_ids.popleft()]
         self._uncache(block)
         block.ref_count = 1
         return block.block_id
@@ -102,9 +108,9 @@ class BlockManager:
         """After a failed step: references counted again from the tables in use, so that a Ctrl-C
         halfway through any bookkeeping here leaks no block and frees none twice."""
         counts = Counter(block_id for table in block_tables for block_id in table)
-        for block in self.blocks:
+        for block in self.blocks.values():
             block.ref_count = counts[block.block_id]
-        order = dict.fromkeys([*self.free_block_ids, *range(len(self.blocks))])  # each once
+        order = dict.fromkeys([*self.free_block_ids, *self.blocks])  # each once
         self.free_block_ids = deque(block_id for block_id in order if not counts[block_id])
 
     def num_missing_blocks(self, seq: Sequence) -> int:

@@ -1,5 +1,7 @@
 """Block manager and scheduler bookkeeping: ref counts, prefix hashes, preemption, no leaks."""
 
+import time
+
 from nanozipage.block_manager import BlockManager
 from nanozipage.sampling_params import SamplingParams
 from nanozipage.sequence import Sequence
@@ -84,3 +86,29 @@ def test_allocate_counts_free_blocks_that_a_hit_revives_and_gives_none_when_shor
     assert not bm.allocate(too_long)
     assert too_long.block_table == [] and bm.num_free_blocks == 2
     assert bm.allocate(seq_of(list(range(5))))
+
+
+def test_a_huge_pool_starts_at_once_and_hands_out_unused_blocks_then_the_oldest_freed():
+    start = time.perf_counter()
+    bm = BlockManager(num_blocks=10**7, block_size=BS)  # a tiny model on a large GPU
+    assert time.perf_counter() - start < 0.1 and bm.num_free_blocks == 10**7
+    a, b = seq_of(list(range(8))), seq_of(list(range(100, 104)))
+    bm.allocate(a)
+    bm.allocate(b)
+    assert a.block_table == [0, 1] and b.block_table == [2]
+    bm.deallocate(b)
+    bm.deallocate(a)  # freed last to first: 2, then 1, 0
+    bm.recount([])
+    assert list(bm.free_block_ids) == [2, 1, 0] and bm.num_free_blocks == 10**7
+    c = seq_of(list(range(200, 208)))
+    bm.allocate(c)
+    assert c.block_table == [3, 4]  # never used first, which keeps the freed blocks' prefixes
+
+    small = BlockManager(num_blocks=3, block_size=BS)
+    a, b, c = seq_of(list(range(8))), seq_of([7, 7, 7]), seq_of(list(range(300, 308)))
+    small.allocate(a)
+    small.allocate(b)
+    small.deallocate(b)
+    small.deallocate(a)
+    small.allocate(c)
+    assert c.block_table == [2, 1]  # every block used once: the oldest freed first

@@ -250,8 +250,9 @@ def test_a_ctrl_c_at_any_line_of_the_engine_leaves_it_usable(model_dir, fresh, o
         finally:
             sys.settrace(None)
         assert_clean(llm)
-        free = llm.scheduler.block_manager.free_block_ids
-        assert len(set(free)) == len(free) == llm.model_runner.num_blocks
+        manager = llm.scheduler.block_manager
+        assert len(set(manager.free_block_ids)) == len(manager.free_block_ids)
+        assert manager.num_free_blocks == llm.model_runner.num_blocks
         assert [o["token_ids"] for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)] == fresh
 
 
