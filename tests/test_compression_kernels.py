@@ -20,8 +20,9 @@ from interpreter import (
 )
 
 from nanozipage.kernels.move_kept import move_kept_ref, move_kept_triton
+from nanozipage.kernels.prefill_attention import gather_tokens
 from nanozipage.kernels.redundancy import redundancy_sums_ref, redundancy_sums_triton
-from nanozipage.kernels.window_score import gather_tokens, window_scores_ref, window_scores_triton
+from nanozipage.kernels.window_score import window_scores_ref, window_scores_triton
 
 NUM_BLOCKS = 40 if ON_GPU else 3  # cached blocks per request
 WINDOW_TILES = {} if ON_GPU else {"block_n": 16}

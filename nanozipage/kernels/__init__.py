@@ -1,13 +1,12 @@
-"""Triton kernels with the PyTorch references the CPU runs: attention, the layers' norm and
-activation, RoPE and KV store, compression scoring and moves. The engine imports the dispatchers
-from here (re-exported `as` themselves); tests import `_ref` and `_triton` from a kernel's module."""
+"""Triton kernels, each with the PyTorch reference the CPU runs. The engine imports the
+dispatchers here (re-exported `as` themselves); tests, a kernel's `_ref` and `_triton`."""
 
 from nanozipage.kernels.decode_attention import decode_attention as decode_attention
 from nanozipage.kernels.layer_ops import add_rms_norm as add_rms_norm
 from nanozipage.kernels.layer_ops import silu_and_mul as silu_and_mul
 from nanozipage.kernels.move_kept import move_kept as move_kept
+from nanozipage.kernels.prefill_attention import gather_tokens as gather_tokens
 from nanozipage.kernels.prefill_attention import prefill_attention as prefill_attention
 from nanozipage.kernels.redundancy import redundancy_sums as redundancy_sums
 from nanozipage.kernels.rope_store_kv import rope_store_kv as rope_store_kv
-from nanozipage.kernels.window_score import gather_tokens as gather_tokens
 from nanozipage.kernels.window_score import window_scores as window_scores

@@ -125,8 +125,7 @@ def decode_attention_triton(
 
 
 def decode_attention_ref(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None):
-    """Prefill attention of one query per sequence, its context's last token (a context of
-    length 0, a padding row of a captured batch, attends to nothing: zeros)."""
+    """Prefill attention of one query per sequence, its context's last token (length 0: zeros)."""
     cu_seqlens_q = torch.arange(len(q) + 1)
     args = (cu_seqlens_q, context_lens, block_tables, 1, scale)
     return prefill_attention_ref(q, k_cache, v_cache, *args)

@@ -13,8 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanozipage.kernels.prefill_attention import uses_triton
-from nanozipage.kernels.window_score import gather_tokens
+from nanozipage.kernels.prefill_attention import gather_tokens, uses_triton
 
 
 @triton.jit
@@ -92,7 +91,6 @@ def move_kept(
     write old token `kept[g, h, j]` (an index into the tokens of `old_table`, increasing in j) to
     slot j of `new_table`, whose block i is old block i or a block outside the old table; and
     write `scores[g, h, kept[g, h, j]]` (dense `[G, kv_heads, T]`) to the same slot of
-    `score_cache [G, num_blocks, kv_heads, block_size]`. Blocks outside `new_table` keep their
-    contents."""
+    `score_cache [G, num_blocks, kv_heads, block_size]`. Other blocks keep their contents."""
     fn = move_kept_triton if uses_triton(kv_cache) else move_kept_ref
     fn(kv_cache, score_cache, scores, old_table, new_table, kept)

@@ -134,10 +134,10 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def paged_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` tokens of one sequence, gathered: `[num_kv_heads, length, head_dim]`."""
-    blocks = cache[block_table[: -(-length // cache.shape[2])].long()]  # [blocks, heads, b, dim]
-    return blocks.transpose(0, 1).flatten(1, 2)[:, :length]
+def gather_tokens(cache, block_table):
+    """A request's entries out of a group of layers' pages `[G, num_blocks, kv_heads,
+    block_size, *rest]` (keys, values or stored scores): dense `[G, kv_heads, T, *rest]`, a copy."""
+    return cache[:, block_table.long()].transpose(1, 2).flatten(2, 3)
 
 
 def prefill_attention_ref(
@@ -148,8 +148,8 @@ def prefill_attention_ref(
     bounds = cu_seqlens_q.tolist()
     for i, ctx_len in enumerate(context_lens.tolist()):
         start, end = bounds[i], bounds[i + 1]
-        k = paged_kv(k_cache, block_tables[i], ctx_len).repeat_interleave(group, 0).float()
-        v = paged_kv(v_cache, block_tables[i], ctx_len).repeat_interleave(group, 0).float()
+        k, v = (gather_tokens(c[None], block_tables[i])[0, :, :ctx_len] for c in (k_cache, v_cache))
+        k, v = (t.repeat_interleave(group, 0).float() for t in (k, v))
         scores = q[start:end].transpose(0, 1).float() @ k.transpose(1, 2) * scale
         q_pos = torch.arange(ctx_len - (end - start), ctx_len, device=q.device)
         causal = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]

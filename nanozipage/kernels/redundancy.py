@@ -14,8 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from nanozipage.kernels.prefill_attention import dot_precision, uses_triton
-from nanozipage.kernels.window_score import gather_tokens
+from nanozipage.kernels.prefill_attention import dot_precision, gather_tokens, uses_triton
 
 
 @triton.jit
@@ -25,7 +24,6 @@ def _redundancy_kernel(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     block, kv_head, layer = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    first = block * block_size  # the block's first token among the request's
     block_id = tl.load(block_table + block).to(tl.int64)  # int64: a pool passes 2**31 elements
     block_keys = k_cache + layer.to(tl.int64) * stride_kg + block_id * stride_kb
     block_keys += kv_head * stride_kh
@@ -37,9 +35,7 @@ def _redundancy_kernel(
     col_norm = tl.sqrt(tl.sum(k_cols.to(tl.float32) * k_cols.to(tl.float32), 1))
     col_inv_norm = 1.0 / tl.maximum(col_norm, 1e-12)
 
-    # One pass over tiles of rows. Each row's sum is kept whole; for each column n we track its
-    # newest near-duplicate m (rows grow tile by tile, so a later hit is newer) and sim(m, n),
-    # which is taken back out of row m's sum at the end.
+    # Rows grow tile by tile, so a later near-duplicate of a column is a newer one.
     sums = tl.zeros([BLOCK_B], tl.float32)
     newest = tl.full([BLOCK_B], -1, tl.int32)
     newest_sim = tl.zeros([BLOCK_B], tl.float32)
@@ -63,22 +59,20 @@ def _redundancy_kernel(
         newest_sim = tl.where(newer, tile_sim, newest_sim)
     # newest = -1 (no duplicate) matches no slot and spares nothing.
     spared = tl.sum(tl.where(cols[:, None] == newest[None, :], newest_sim[None, :], 0.0), 1)
-    out_ptrs = out + layer * stride_og + kv_head * stride_oh + first
+    out_ptrs = out + layer * stride_og + kv_head * stride_oh + block * block_size  # its tokens
     tl.store(out_ptrs + cols, sums - spared, mask=cols < block_size)
 
 
 def redundancy_sums_triton(k_cache, block_table, *, block_m=32, num_warps=4, num_stages=1):
     num_layers, _, num_kv_heads, block_size, head_dim = k_cache.shape
-    num_blocks = block_table.numel()
+    num_tokens = block_table.numel() * block_size
     assert k_cache.stride(-1) == 1, "head_dim must be contiguous"
     assert block_table.dim() == 1 and not block_table.is_floating_point()
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
-    out = k_cache.new_empty(
-        (num_layers, num_kv_heads, num_blocks * block_size), dtype=torch.float32
-    )
+    out = k_cache.new_empty((num_layers, num_kv_heads, num_tokens), dtype=torch.float32)
     block_b = max(16, triton.next_power_of_2(block_size))  # tl.dot needs >= 16 columns
     # 32 rows, 4 warps and 1 stage measured fastest of the tiles tried (BENCHMARKS.md).
-    _redundancy_kernel[(num_blocks, num_kv_heads, num_layers)](
+    _redundancy_kernel[(block_table.numel(), num_kv_heads, num_layers)](
         k_cache, block_table, out, block_size, *k_cache.stride()[:4], out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_B=block_b, BLOCK_M=min(block_m, block_b),
         PRECISION=dot_precision(k_cache.dtype), num_warps=num_warps, num_stages=num_stages,

@@ -74,10 +74,9 @@ def _rope_store_kv_kernel(
     dst = entry + kv_heads * stride_ch + half
     tl.store(k_cache + dst, k_lo.to(k_cache.dtype.element_ty), mask=kv_mask)
     tl.store(k_cache + dst + HEAD_DIM // 2, k_hi.to(k_cache.dtype.element_ty), mask=kv_mask)
-    v_ptrs = row + (num_q_heads + num_kv_heads + kv_heads) * HEAD_DIM + half
-    tl.store(v_cache + dst, tl.load(v_ptrs, mask=kv_mask), mask=kv_mask)
-    tl.store(v_cache + dst + HEAD_DIM // 2, tl.load(v_ptrs + HEAD_DIM // 2, mask=kv_mask),
-             mask=kv_mask)  # fmt: skip
+    dims = tl.arange(0, HEAD_DIM)[None, :]  # v is stored as it is: whole heads
+    v = tl.load(row + (num_q_heads + num_kv_heads + kv_heads) * HEAD_DIM + dims, mask=kv_mask)
+    tl.store(v_cache + entry + kv_heads * stride_ch + dims, v, mask=kv_mask)
 
 
 def rope_store_kv_triton(

@@ -3,17 +3,16 @@
 Called by the policy on a group of layers (docs/DESIGN.md section 2, step 1), reading the keys
 in place through the request's block table. One program per (layer, KV head), two passes over
 its keys: pass 1 finds each row's softmax maximum and sum, pass 2 takes probabilities, the max
-over the group and the mean over the window, per key. The rows of one tile are all window
-queries of all query heads of the GQA group (padded to >= 16 for tl.dot): row r is window
-query r // GROUP_P2 of query head r % GROUP_P2. A tile of keys inside one block (ONE_BLOCK:
-BLOCK_N divides block_size) reads one block id, not one per key.
+over the group and the mean over the window, per key. A tile's rows are all window queries of
+the GQA group's query heads (padded to >= 16 for tl.dot): row r is window query r // GROUP_P2
+of head r % GROUP_P2. A key tile inside one block (ONE_BLOCK) loads that block's id once.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from nanozipage.kernels.prefill_attention import dot_precision, uses_triton
+from nanozipage.kernels.prefill_attention import dot_precision, gather_tokens, uses_triton
 
 
 @triton.jit
@@ -108,12 +107,6 @@ def window_scores_triton(k_cache, block_table, queries, *, block_n=128, num_warp
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
-
-
-def gather_tokens(cache, block_table):
-    """A request's entries out of a group of layers' pages `[G, num_blocks, kv_heads,
-    block_size, *rest]` (keys, values or stored scores): dense `[G, kv_heads, T, *rest]`, a copy."""
-    return cache[:, block_table.long()].transpose(1, 2).flatten(2, 3)
 
 
 def window_scores_ref(k_cache, block_table, queries):
