@@ -5,11 +5,14 @@ bandwidth (bytes read + written by a large device-to-device copy). Prefill is co
 figure is its time against PyTorch's flash attention on the same data, and TFLOP/s. With
 `--compression`, the compression kernels instead, on the request of `bench.py --task
 compress-cost` (28 layers, 8 KV heads, 2,304 tokens kept to 2,048), each against the bytes or
-FLOPs it must move.
+FLOPs it must move. With `--gemv`, the projections of one token of the Qwen3-0.6B shape, cuBLAS
+against `gemv`, each as 28 launches on distinct weights replayed from a CUDA graph, as in a
+decode step.
 
     PYTHONPATH=. python benchmarks/kernels.py           # the wrappers' default tiles
     PYTHONPATH=. python benchmarks/kernels.py --sweep   # also try other tiles, print the best
     PYTHONPATH=. python benchmarks/kernels.py --compression [--sweep]
+    PYTHONPATH=. python benchmarks/kernels.py --gemv
 """
 
 import argparse
@@ -21,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention
 
 from nanozipage.kernels.decode_attention import decode_attention_triton
+from nanozipage.kernels.layer_ops import gemv
 from nanozipage.kernels.move_kept import move_kept_triton
 from nanozipage.kernels.prefill_attention import prefill_attention_triton
 from nanozipage.kernels.redundancy import redundancy_sums_triton
@@ -58,6 +62,12 @@ PREFILL_TILES = [  # block_m, block_n, num_warps, num_stages
 
 COMPRESSION = (28, 8, 9, 8)  # layers, KV heads, blocks cached, blocks kept (of BLOCK_SIZE)
 WINDOW_TILES = [(64, 4, 2), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 2)]
+GEMV_SHAPES = {  # Qwen3-0.6B's projections: (out, in) features
+    "qkv_proj": (4096, 1024),
+    "o_proj": (1024, 2048),
+    "gate_up_proj": (6144, 1024),
+    "down_proj": (1024, 3072),
+}
 REDUNDANCY_TILES = [(16, 4, 1), (32, 4, 1), (32, 8, 1), (32, 4, 2), (64, 8, 1)]  # block_m, ...
 
 
@@ -199,10 +209,29 @@ def time_compression(try_tiles: bool, copy: float):
     row("move kept K, V and scores", {}, fn, moved, "TB/s")
 
 
+def time_gemv(copy: float):
+    """Each projection of one token, through cuBLAS and through `gemv`: 28 launches, one per
+    layer on its own weights (so that none stay in L2), captured in a CUDA graph and replayed."""
+    for name, (n, k) in GEMV_SHAPES.items():
+        randn = partial(torch.randn, device="cuda", dtype=DTYPE)
+        inputs = [(randn(1, k), randn(n, k)) for _ in range(28)]
+        for what, fn in (("cuBLAS", torch.nn.functional.linear), ("gemv", gemv)):
+            for x, weight in inputs:  # compile and warm up outside the graph
+                fn(x, weight)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for x, weight in inputs:
+                    fn(x, weight)
+            us = bench(graph.replay) * 1e3 / len(inputs)
+            rate = f"{2 * n * k / us / 1e6:.2f} TB/s = {2 * n * k / us * 1e6 / copy:.0%} of copy"
+            print(f"| {name} ({n} x {k}), one token, {what} | {us:.2f} us | {rate} |")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="try other tiles first")
     parser.add_argument("--compression", action="store_true", help="the compression kernels")
+    parser.add_argument("--gemv", action="store_true", help="one token's projections")
     args = parser.parse_args()
     torch.manual_seed(0)
     attention_sweep = args.sweep and not args.compression  # --compression sweeps its own tiles
@@ -220,6 +249,8 @@ def main():
     print(f"| device-to-device copy, 1 GiB | | {copy / 1e12:.2f} TB/s (read + write) |")
     if args.compression:
         return time_compression(args.sweep, copy)
+    if args.gemv:
+        return time_gemv(copy)
     for batch, ctx_len in ((64, 4096), (1, 4096), (256, 1024)):
         ms, rate = time_decode(batch, ctx_len, **decode_tiles)
         figure = f"{rate / 1e12:.2f} TB/s of K/V = {rate / copy:.0%} of copy"

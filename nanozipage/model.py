@@ -19,6 +19,7 @@ from nanozipage.context import get_context
 from nanozipage.kernels import (
     add_rms_norm,
     decode_attention,
+    gemv,
     prefill_attention,
     rope_store_kv,
     silu_and_mul,
@@ -56,6 +57,15 @@ class Rotary(nn.Module):
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b. One token on the GPU (a decode step at batch 1) goes through `gemv`, where
+    cuBLAS reads the weights well under the copy rate or splits K (BENCHMARKS.md)."""
+    if len(x) != 1 or not x.is_cuda:
+        return F.linear(x, weight, bias)
+    y = gemv(x, weight)
+    return y if bias is None else y + bias
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b, W (q|k|v or gate|up, each split evenly) split by rows over the ranks."""
 
@@ -71,7 +81,7 @@ class ColumnParallelLinear(nn.Module):
         param[start : start + size].copy_(tensor[self.rank * size : (self.rank + 1) * size])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -91,7 +101,7 @@ class RowParallelLinear(nn.Module):
             param.copy_(tensor[:, self.rank * size : (self.rank + 1) * size])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if self.rank == 0 else None)  # the bias once
+        y = linear(x, self.weight, self.bias if self.rank == 0 else None)  # the bias once
         if self.ranks > 1:
             dist.all_reduce(y)
         return y

@@ -27,6 +27,7 @@ from nanozipage.kernels.decode_attention import (
 from nanozipage.kernels.layer_ops import (
     add_rms_norm,
     add_rms_norm_ref,
+    gemv,
     silu_and_mul,
     silu_and_mul_ref,
 )
@@ -158,6 +159,18 @@ def test_silu_and_mul_matches_reference(dtype, n):
 
     assert out.shape == (3, n)
     assert_close(out, silu_and_mul_ref(x), dtype)
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype, n, k", cases(DTYPES, [4, 1001, 2052], [64, 896, 3000]))
+def test_gemv_matches_reference(dtype, n, k):
+    x = torch.randn(1, k, device=DEVICE).to(dtype)
+    weight = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)  # outputs of about 1
+
+    out = gemv(x, weight)
+
+    assert out.shape == (1, n)
+    assert_close(out, (x.float() @ weight.float().T).to(dtype), dtype)
 
 
 PREFILL_SEQS = (  # (new query tokens, context length): fresh prompts, cached prefixes, 1 token

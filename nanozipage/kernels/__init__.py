@@ -3,6 +3,7 @@ dispatchers here (re-exported `as` themselves); tests, a kernel's `_ref` and `_t
 
 from nanozipage.kernels.decode_attention import decode_attention as decode_attention
 from nanozipage.kernels.layer_ops import add_rms_norm as add_rms_norm
+from nanozipage.kernels.layer_ops import gemv as gemv
 from nanozipage.kernels.layer_ops import silu_and_mul as silu_and_mul
 from nanozipage.kernels.move_kept import move_kept as move_kept
 from nanozipage.kernels.prefill_attention import gather_tokens as gather_tokens

@@ -1,5 +1,5 @@
-"""The decoder layer's row-wise chains, one launch each: residual add + RMSNorm, and SiLU(gate) *
-up. They read their inputs once and write their outputs once; a hidden row fits in one block."""
+"""The decoder layer's own kernels: residual add + RMSNorm and SiLU(gate) * up, one launch each
+(a hidden row fits in one block), and a GEMV for the projections of a single token."""
 
 import torch
 import triton
@@ -26,6 +26,18 @@ def _silu_and_mul_kernel(x, out, n, BLOCK: tl.constexpr):
     gate = tl.load(x + row * 2 * n + cols, mask=cols < n).to(tl.float32)
     up = tl.load(x + row * 2 * n + n + cols, mask=cols < n)
     tl.store(out + row * n + cols, (gate * tl.sigmoid(gate)).to(up.dtype) * up, mask=cols < n)
+
+
+@triton.jit
+def _gemv_kernel(x, w, y, n, k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for start in range(0, k, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        mask = (rows[:, None] < n) & (cols[None, :] < k)
+        w_part = tl.load(w + rows.to(tl.int64)[:, None] * k + cols[None, :], mask=mask, other=0.0)
+        acc += w_part.to(tl.float32) * tl.load(x + cols, mask=cols < k, other=0.0).to(tl.float32)
+    tl.store(y + rows, tl.sum(acc, 1).to(y.dtype.element_ty), mask=rows < n)
 
 
 def add_rms_norm_ref(x, residual, weight, eps):
@@ -60,3 +72,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = x.new_empty(*x.shape[:-1], n)
     _silu_and_mul_kernel[(x.numel() // (2 * n), triton.cdiv(n, 1024))](x, out, n, BLOCK=1024)
     return out
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`[1, k]` x `[n, k]` W -> `[1, n]` x W^T, reading W near the copy rate (BENCHMARKS.md)."""
+    if not uses_triton(x):
+        return x @ weight.T
+    n, k = weight.shape
+    assert x.shape == (1, k) and x.is_contiguous() and weight.is_contiguous()
+    y = x.new_empty(1, n)
+    block_k, num_warps = min(1024, triton.next_power_of_2(k)), 8 if n <= 2048 else 4
+    _gemv_kernel[(triton.cdiv(n, 4),)](x, weight, y, n, k, 4, block_k, num_warps=num_warps)
+    return y
