@@ -13,6 +13,7 @@ decode step.
     PYTHONPATH=. python benchmarks/kernels.py --sweep   # also try other tiles, print the best
     PYTHONPATH=. python benchmarks/kernels.py --compression [--sweep]
     PYTHONPATH=. python benchmarks/kernels.py --gemv
+    PYTHONPATH=. python benchmarks/kernels.py --splits  # decode attention's splits, graph-timed
 """
 
 import argparse
@@ -129,6 +130,40 @@ def time_prefill(num_seqs=8, seq_len=2048, **tiles) -> tuple[float, float, float
     return bench(ours), bench(flash), diff
 
 
+def graph_us(calls: list) -> float:
+    """Microseconds per call of `calls` (closures), captured back to back in a CUDA graph and
+    replayed: no host time between them, as in a decode step."""
+    for call in calls:  # compile and warm up outside the graph
+        call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return bench(graph.replay) * 1e3 / len(calls)
+
+
+def time_splits(copy: float, layers: int = 8):
+    """Decode attention per layer for a range of splits: `layers` launches, each on K/V of its
+    own so that none is read from L2, graph-timed (`bench` of one call times the host's launch
+    at small batches, BENCHMARKS.md)."""
+    for batch, ctx_len in ((1, 512), (28, 2350), (8, 8192), (100, 1000), (64, 4096)):
+        q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        lens = torch.full((batch,), ctx_len, device="cuda", dtype=torch.int32)
+        caches = [paged_kv(batch, ctx_len) for _ in range(layers)]
+        kv_bytes = 2 * batch * ctx_len * NUM_KV_HEADS * HEAD_DIM * q.element_size()
+        for num_splits in (None, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
+            calls = [
+                partial(decode_attention_triton, q, k, v, lens, tables, 0.1, num_splits)
+                for k, v, tables in caches
+            ]
+            us = graph_us(calls)
+            rate = f"{kv_bytes / us / 1e6:.2f} TB/s = {kv_bytes / us * 1e6 / copy:.0%} of copy"
+            print(
+                f"| decode {batch} x {ctx_len}, splits {num_splits or 'default'} | {us:.1f} us | {rate} |"
+            )
+        del caches
+
+
 def prefill_tflops(ms, num_seqs=8, seq_len=2048) -> float:
     return 2 * num_seqs * NUM_Q_HEADS * seq_len**2 * HEAD_DIM / ms / 1e9  # causal: half of 4*S^2*D
 
@@ -216,13 +251,7 @@ def time_gemv(copy: float):
         randn = partial(torch.randn, device="cuda", dtype=DTYPE)
         inputs = [(randn(1, k), randn(n, k)) for _ in range(28)]
         for what, fn in (("cuBLAS", torch.nn.functional.linear), ("gemv", gemv)):
-            for x, weight in inputs:  # compile and warm up outside the graph
-                fn(x, weight)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for x, weight in inputs:
-                    fn(x, weight)
-            us = bench(graph.replay) * 1e3 / len(inputs)
+            us = graph_us([partial(fn, x, weight) for x, weight in inputs])
             rate = f"{2 * n * k / us / 1e6:.2f} TB/s = {2 * n * k / us * 1e6 / copy:.0%} of copy"
             print(f"| {name} ({n} x {k}), one token, {what} | {us:.2f} us | {rate} |")
 
@@ -232,6 +261,7 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="try other tiles first")
     parser.add_argument("--compression", action="store_true", help="the compression kernels")
     parser.add_argument("--gemv", action="store_true", help="one token's projections")
+    parser.add_argument("--splits", action="store_true", help="decode splits, graph-timed")
     args = parser.parse_args()
     torch.manual_seed(0)
     attention_sweep = args.sweep and not args.compression  # --compression sweeps its own tiles
@@ -251,6 +281,8 @@ def main():
         return time_compression(args.sweep, copy)
     if args.gemv:
         return time_gemv(copy)
+    if args.splits:
+        return time_splits(copy)
     for batch, ctx_len in ((64, 4096), (1, 4096), (256, 1024)):
         ms, rate = time_decode(batch, ctx_len, **decode_tiles)
         figure = f"{rate / 1e12:.2f} TB/s of K/V = {rate / copy:.0%} of copy"
