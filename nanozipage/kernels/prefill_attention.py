@@ -146,9 +146,9 @@ def prefill_attention_ref(
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     group = q.shape[1] // k_cache.shape[1]
     bounds = cu_seqlens_q.tolist()
-    for i, ctx_len in enumerate(context_lens.tolist()):
-        start, end = bounds[i], bounds[i + 1]
-        k, v = (gather_tokens(c[None], block_tables[i])[0, :, :ctx_len] for c in (k_cache, v_cache))
+    for i, (start, end, ctx_len) in enumerate(zip(bounds, bounds[1:], context_lens.tolist())):
+        table = block_tables[i, : -(-ctx_len // k_cache.shape[2])]  # its blocks, not the padding
+        k, v = (gather_tokens(c[None], table)[0, :, :ctx_len] for c in (k_cache, v_cache))
         k, v = (t.repeat_interleave(group, 0).float() for t in (k, v))
         scores = q[start:end].transpose(0, 1).float() @ k.transpose(1, 2) * scale
         q_pos = torch.arange(ctx_len - (end - start), ctx_len, device=q.device)
