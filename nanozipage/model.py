@@ -1,9 +1,9 @@
 """The decoder: one implementation of Qwen3, Qwen2 and Llama, switched by the checkpoint config.
 
-Qwen3 has q/k RMSNorm per head, Qwen2 a bias on q, k and v, Llama neither; attention, the norms
-and the activation go through `kernels/`, the rest is plain PyTorch. Each layer holds shard
-`rank` of `ranks` (the process group is `parallel.py`'s), loaded by its `weight_loader`, which
-packs q/k/v and gate/up."""
+Qwen3 has q/k RMSNorm per head, Qwen2 a bias on q, k and v, Llama neither; attention, the norms,
+the activation and one token's projections go through `kernels/`, the rest is plain PyTorch.
+Each layer holds shard `rank` of `ranks` (the process group is `parallel.py`'s), loaded by its
+`weight_loader`, which packs q/k/v and gate/up."""
 
 import glob
 import math
