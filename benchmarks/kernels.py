@@ -24,12 +24,12 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention
 
-from nanozipage.kernels.decode_attention import decode_attention_triton
+from nanozipage.kernels.decode_attention import decode_attention
 from nanozipage.kernels.layer_ops import gemv
-from nanozipage.kernels.move_kept import move_kept_triton
-from nanozipage.kernels.prefill_attention import prefill_attention_triton
-from nanozipage.kernels.redundancy import redundancy_sums_triton
-from nanozipage.kernels.window_score import window_scores_triton
+from nanozipage.kernels.move_kept import move_kept
+from nanozipage.kernels.prefill_attention import prefill_attention
+from nanozipage.kernels.redundancy import redundancy_sums
+from nanozipage.kernels.window_score import window_scores
 
 DTYPE, HEAD_DIM, NUM_Q_HEADS, NUM_KV_HEADS, BLOCK_SIZE = torch.bfloat16, 128, 16, 8, 256
 DECODE_TILES = [  # block_n, num_warps, num_stages
@@ -98,7 +98,7 @@ def time_decode(batch, ctx_len, **tiles) -> tuple[float, float]:
     k_cache, v_cache, tables = paged_kv(batch, ctx_len)
     q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
     lens = torch.full((batch,), ctx_len, device="cuda", dtype=torch.int32)
-    ms = bench(lambda: decode_attention_triton(q, k_cache, v_cache, lens, tables, 0.1, **tiles))
+    ms = bench(lambda: decode_attention(q, k_cache, v_cache, lens, tables, 0.1, **tiles))
     kv_bytes = 2 * batch * ctx_len * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()
     return ms, kv_bytes / ms * 1e3
 
@@ -112,7 +112,7 @@ def time_prefill(num_seqs=8, seq_len=2048, **tiles) -> tuple[float, float, float
     scale = HEAD_DIM**-0.5
 
     def ours():
-        return prefill_attention_triton(
+        return prefill_attention(
             q, k_cache, v_cache, cu_seqlens, lens, tables, seq_len, scale, **tiles
         )
 
@@ -153,7 +153,7 @@ def time_splits(copy: float, layers: int = 8):
         kv_bytes = 2 * batch * ctx_len * NUM_KV_HEADS * HEAD_DIM * q.element_size()
         for num_splits in (None, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
             calls = [
-                partial(decode_attention_triton, q, k, v, lens, tables, 0.1, num_splits)
+                partial(decode_attention, q, k, v, lens, tables, 0.1, num_splits)
                 for k, v, tables in caches
             ]
             us = graph_us(calls)
@@ -227,19 +227,19 @@ def time_compression(try_tiles: bool, copy: float):
             {"block_n": n, "num_warps": w, "num_stages": s}
             for n, w, s in (WINDOW_TILES if try_tiles else [])
         ]:
-            fn = partial(window_scores_triton, kv_cache[0], old, q, **tiles)
+            fn = partial(window_scores, kv_cache[0], old, q, **tiles)
             row(f"window scores, {window} queries", tiles, fn, 2 * key_bytes, "TB/s")
     flops = 2 * layers * kv_heads * blocks * BLOCK_SIZE**2 * HEAD_DIM
     for tiles in [{}] + [
         {"block_m": m, "num_warps": w, "num_stages": s}
         for m, w, s in (REDUNDANCY_TILES if try_tiles else [])
     ]:
-        fn = partial(redundancy_sums_triton, kv_cache[0], old, **tiles)
+        fn = partial(redundancy_sums, kv_cache[0], old, **tiles)
         row("redundancy sums", tiles, fn, flops, "TFLOP/s")
     scores = torch.rand(layers, kv_heads, num_tokens, device="cuda")
     kept = torch.rand(layers, kv_heads, num_tokens, device="cuda").topk(keep).indices.sort().values
     new = old[:kept_blocks]  # in place, as for a request's private blocks
-    fn = partial(move_kept_triton, kv_cache, score_cache, scores, old, new, kept)
+    fn = partial(move_kept, kv_cache, score_cache, scores, old, new, kept)
     # K and V of the kept tokens, read and written, and their float32 scores
     moved = 4 * key_bytes * keep // num_tokens + 2 * layers * kv_heads * keep * 4
     row("move kept K, V and scores", {}, fn, moved, "TB/s")

@@ -19,10 +19,10 @@ from interpreter import (
     runs_kernels,
 )
 
-from nanozipage.kernels.move_kept import move_kept_ref, move_kept_triton
+from nanozipage.kernels.move_kept import move_kept, move_kept_ref
 from nanozipage.kernels.prefill_attention import gather_tokens
-from nanozipage.kernels.redundancy import redundancy_sums_ref, redundancy_sums_triton
-from nanozipage.kernels.window_score import window_scores_ref, window_scores_triton
+from nanozipage.kernels.redundancy import redundancy_sums, redundancy_sums_ref
+from nanozipage.kernels.window_score import window_scores, window_scores_ref
 
 NUM_BLOCKS = 40 if ON_GPU else 3  # cached blocks per request
 WINDOW_TILES = {} if ON_GPU else {"block_n": 16}
@@ -65,7 +65,7 @@ def test_window_scores_match_reference(dtype, head_dim, block_size, group, windo
     queries = q_cache.to(dtype)[:, window : 2 * window]
     pool, table = in_pages(keys, block_size)
 
-    out = window_scores_triton(pool, table, queries, **WINDOW_TILES)
+    out = window_scores(pool, table, queries, **WINDOW_TILES)
 
     assert_close(out, window_scores_ref(pool, table, queries), dtype)
     assert torch.equal(gather_tokens(pool, table), keys)
@@ -129,7 +129,7 @@ def test_redundancy_sums_match_reference_and_spare_the_newest_duplicate(
     keys = near_duplicates(keys, block_size)
     pool, table = in_pages(keys, block_size)
 
-    out = redundancy_sums_triton(pool, table, **REDUNDANCY_TILES)
+    out = redundancy_sums(pool, table, **REDUNDANCY_TILES)
 
     expected = redundancy_sums_ref(pool, table)
     assert_close(out, expected, dtype)
@@ -175,7 +175,7 @@ def test_move_kept_writes_kept_tokens_into_new_blocks_even_over_their_sources(
     kept = scores.topk(keep).indices.sort(-1).values
     expected = (kv_cache.clone(), score_cache.clone())
 
-    move_kept_triton(kv_cache, score_cache, scores, old_table, new_table, kept, **MOVE_KEPT_TILES)
+    move_kept(kv_cache, score_cache, scores, old_table, new_table, kept, **MOVE_KEPT_TILES)
 
     move_kept_ref(*expected, scores, old_table, new_table, kept)
     assert torch.equal(kv_cache, expected[0]) and torch.equal(score_cache, expected[1])

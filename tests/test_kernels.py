@@ -22,7 +22,6 @@ from interpreter import (
 from nanozipage.kernels.decode_attention import (
     decode_attention,
     decode_attention_ref,
-    decode_attention_triton,
 )
 from nanozipage.kernels.layer_ops import (
     add_rms_norm,
@@ -31,8 +30,8 @@ from nanozipage.kernels.layer_ops import (
     silu_and_mul,
     silu_and_mul_ref,
 )
-from nanozipage.kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
-from nanozipage.kernels.rope_store_kv import rope_store_kv_ref, rope_store_kv_triton
+from nanozipage.kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from nanozipage.kernels.rope_store_kv import rope_store_kv, rope_store_kv_ref
 
 # Tiles of 16 tokens on CPU so the short lengths there still span several; the defaults on GPU.
 PREFILL_TILES = {} if ON_GPU else {"block_m": 16, "block_n": 16}
@@ -115,7 +114,7 @@ def test_rope_store_kv_matches_reference_and_skips_padding(
     expected = [old_k.clone(), old_v.clone(), slots, old_q.clone(), rows]
     ours = [k_cache, v_cache, slots, q_cache, rows]
 
-    q = rope_store_kv_triton(*args, *(ours if with_queries else ours[:3]))
+    q = rope_store_kv(*args, *(ours if with_queries else ours[:3]))
 
     expected_q = rope_store_kv_ref(*args, *(expected if with_queries else expected[:3]))
     assert_close(q, expected_q, dtype)
@@ -204,7 +203,7 @@ def test_prefill_matches_reference(dtype, head_dim, block_size, group):
     context_lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
     args = (cu_seqlens, context_lens, tables, max(q_lens), head_dim**-0.5)
 
-    out = prefill_attention_triton(q, k_cache, v_cache, *args, **PREFILL_TILES)
+    out = prefill_attention(q, k_cache, v_cache, *args, **PREFILL_TILES)
 
     assert_close(out, prefill_attention_ref(*upcast(q, k_cache, v_cache), *args), dtype)
 
@@ -224,9 +223,9 @@ def test_decode_matches_reference_and_zeroes_empty_rows(
     q, _, _ = fused_qkv(len(DECODE_LENS), group * num_kv_heads, num_kv_heads, head_dim, dtype)
     k_cache, v_cache, tables = paged_cache(DECODE_LENS, num_kv_heads, block_size, head_dim, dtype)
     context_lens = torch.tensor(DECODE_LENS, dtype=torch.int32, device=DEVICE)
-    args = (context_lens, tables, head_dim**-0.5, num_splits)
+    args = (context_lens, tables, head_dim**-0.5)
 
-    out = decode_attention_triton(q, k_cache, v_cache, *args, **DECODE_TILES)
+    out = decode_attention(q, k_cache, v_cache, *args, num_splits, **DECODE_TILES)
 
     assert_close(out, decode_attention_ref(*upcast(q, k_cache, v_cache), *args), dtype)
     assert torch.equal(out[0], torch.zeros_like(out[0]))  # the length-0 padding row

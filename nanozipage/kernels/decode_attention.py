@@ -93,10 +93,15 @@ def default_num_splits(batch: int, num_kv_heads: int, device: torch.device) -> i
     return max(1, min(triton.cdiv(2 * num_sms, batch * num_kv_heads), 64))
 
 
-def decode_attention_triton(
+def decode_attention(
     q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None,
     *, block_n=64, num_warps=4, num_stages=3,
 ):  # fmt: skip
+    """Attention of `q` `[B, num_q_heads, head_dim]`, the token at cache index
+    `context_lens[b] - 1`, over all `context_lens[b]` cached tokens; rows of length 0 give zeros.
+    Returns a new `[B, num_q_heads, head_dim]` tensor."""
+    if not uses_triton(q):
+        return decode_attention_ref(q, k_cache, v_cache, context_lens, block_tables, scale)
     batch, num_q_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
     check_attention_inputs(q, k_cache, v_cache)
@@ -124,24 +129,8 @@ def decode_attention_triton(
     return o
 
 
-def decode_attention_ref(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None):
+def decode_attention_ref(q, k_cache, v_cache, context_lens, block_tables, scale):
     """Prefill attention of one query per sequence, its context's last token (length 0: zeros)."""
     cu_seqlens_q = torch.arange(len(q) + 1)
     args = (cu_seqlens_q, context_lens, block_tables, 1, scale)
     return prefill_attention_ref(q, k_cache, v_cache, *args)
-
-
-def decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    context_lens: torch.Tensor,
-    block_tables: torch.Tensor,
-    scale: float,
-    num_splits: int | None = None,
-) -> torch.Tensor:
-    """Attention of `q` `[B, num_q_heads, head_dim]`, the token at cache index
-    `context_lens[b] - 1`, over all `context_lens[b]` cached tokens; rows of length 0 give zeros.
-    Returns a new `[B, num_q_heads, head_dim]` tensor."""
-    args = (q, k_cache, v_cache, context_lens, block_tables, scale, num_splits)
-    return (decode_attention_triton if uses_triton(q) else decode_attention_ref)(*args)

@@ -9,7 +9,6 @@ slot that an earlier tile wrote (its tokens are at or past its own slots), and a
 inside the tile is read before any of the tile's stores.
 """
 
-import torch
 import triton
 import triton.language as tl
 
@@ -47,7 +46,14 @@ def _move_kept_kernel(
             tl.store(score_cache + out, score, mask=mask)
 
 
-def move_kept_triton(kv_cache, score_cache, scores, old_table, new_table, kept, *, block_t=64):
+def move_kept(kv_cache, score_cache, scores, old_table, new_table, kept, *, block_t=64):
+    """In a group of layers' K and V `kv_cache [2, G, num_blocks, kv_heads, block_size, head_dim]`,
+    write old token `kept[g, h, j]` (an index into the tokens of `old_table`, increasing in j) to
+    slot j of `new_table`, whose block i is old block i or a block outside the old table; and
+    write `scores[g, h, kept[g, h, j]]` (dense `[G, kv_heads, T]`) to the same slot of
+    `score_cache [G, num_blocks, kv_heads, block_size]`. Other blocks keep their contents."""
+    if not uses_triton(kv_cache):
+        return move_kept_ref(kv_cache, score_cache, scores, old_table, new_table, kept)
     _, num_layers, _, num_kv_heads, block_size, head_dim = kv_cache.shape
     num_kept = kept.shape[-1]
     assert kv_cache.stride(-1) == 1 and kv_cache.stride(-2) == head_dim
@@ -77,20 +83,3 @@ def move_kept_ref(kv_cache, score_cache, scores, old_table, new_table, kept):
     for cache in kv_cache:  # K, then V
         move(cache, gather_tokens(cache, old_table))
     move(score_cache, scores)
-
-
-def move_kept(
-    kv_cache: torch.Tensor,
-    score_cache: torch.Tensor,
-    scores: torch.Tensor,
-    old_table: torch.Tensor,
-    new_table: torch.Tensor,
-    kept: torch.Tensor,
-) -> None:
-    """In a group of layers' K and V `kv_cache [2, G, num_blocks, kv_heads, block_size, head_dim]`,
-    write old token `kept[g, h, j]` (an index into the tokens of `old_table`, increasing in j) to
-    slot j of `new_table`, whose block i is old block i or a block outside the old table; and
-    write `scores[g, h, kept[g, h, j]]` (dense `[G, kv_heads, T]`) to the same slot of
-    `score_cache [G, num_blocks, kv_heads, block_size]`. Other blocks keep their contents."""
-    fn = move_kept_triton if uses_triton(kv_cache) else move_kept_ref
-    fn(kv_cache, score_cache, scores, old_table, new_table, kept)

@@ -83,10 +83,16 @@ def _prefill_kernel(
     tl.store(o_ptrs, out.to(o.dtype.element_ty), mask=rows[:, None] < q_len)
 
 
-def prefill_attention_triton(
+def prefill_attention(
     q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, scale,
     *, block_m=128, block_n=None, num_warps=8, num_stages=2,
 ):  # fmt: skip
+    """Causal attention of `q` `[N, num_q_heads, head_dim]` (sequence i owns rows
+    `cu_seqlens_q[i]:cu_seqlens_q[i+1]`, the last of its `context_lens[i]` cached tokens) over the
+    paged cache. Returns a new `[N, num_q_heads, head_dim]` tensor."""
+    if not uses_triton(q):
+        args = (cu_seqlens_q, context_lens, block_tables, max_seqlen_q, scale)
+        return prefill_attention_ref(q, k_cache, v_cache, *args)
     num_tokens, num_q_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
     check_attention_inputs(q, k_cache, v_cache)
@@ -156,20 +162,3 @@ def prefill_attention_ref(
         scores = scores.masked_fill(~causal, float("-inf"))
         o[start:end] = (scores.softmax(-1) @ v).transpose(0, 1).to(q.dtype)
     return o
-
-
-def prefill_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    context_lens: torch.Tensor,
-    block_tables: torch.Tensor,
-    max_seqlen_q: int,
-    scale: float,
-) -> torch.Tensor:
-    """Causal attention of `q` `[N, num_q_heads, head_dim]` (sequence i owns rows
-    `cu_seqlens_q[i]:cu_seqlens_q[i+1]`, the last of its `context_lens[i]` cached tokens) over the
-    paged cache. Returns a new `[N, num_q_heads, head_dim]` tensor."""
-    args = (q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, scale)
-    return (prefill_attention_triton if uses_triton(q) else prefill_attention_ref)(*args)

@@ -63,7 +63,13 @@ def _redundancy_kernel(
     tl.store(out_ptrs + cols, sums - spared, mask=cols < block_size)
 
 
-def redundancy_sums_triton(k_cache, block_table, *, block_m=32, num_warps=4, num_stages=1):
+def redundancy_sums(k_cache, block_table, *, block_m=32, num_warps=4, num_stages=1):
+    """For a group of layers' keys `[G, num_blocks, kv_heads, block_size, head_dim]` and a
+    request's `block_table` (its T cached tokens, in order): per token m, the sum of its cosine
+    similarities with the other keys n of its block, without sim(m, n) where m is n's newest
+    near-duplicate (the largest slot with sim > 0.5); float32 `[G, kv_heads, T]`."""
+    if not uses_triton(k_cache):
+        return redundancy_sums_ref(k_cache, block_table)
     num_layers, _, num_kv_heads, block_size, head_dim = k_cache.shape
     num_tokens = block_table.numel() * block_size
     assert k_cache.stride(-1) == 1, "head_dim must be contiguous"
@@ -89,12 +95,3 @@ def redundancy_sums_ref(k_cache, block_table):
     newest = torch.where(sim > 0.5, slot[:, None], -1).amax(-2)  # per n: largest such m
     spared = slot[:, None] == newest.unsqueeze(-2)
     return sim.masked_fill(spared, 0).sum(-1).flatten(-2)
-
-
-def redundancy_sums(k_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """For a group of layers' keys `[G, num_blocks, kv_heads, block_size, head_dim]` and a
-    request's `block_table` (its T cached tokens, in order): per token m, the sum of its cosine
-    similarities with the other keys n of its block, without sim(m, n) where m is n's newest
-    near-duplicate (the largest slot with sim > 0.5); float32 `[G, kv_heads, T]`."""
-    fn = redundancy_sums_triton if uses_triton(k_cache) else redundancy_sums_ref
-    return fn(k_cache, block_table)

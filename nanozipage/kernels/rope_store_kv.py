@@ -79,10 +79,19 @@ def _rope_store_kv_kernel(
     tl.store(v_cache + entry + kv_heads * stride_ch + dims, v, mask=kv_mask)
 
 
-def rope_store_kv_triton(
+def rope_store_kv(
     qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache, v_cache, slot_mapping,
     q_cache=None, query_rows=None,
 ) -> torch.Tensor:  # fmt: skip
+    """`qkv` `[N, q_heads + 2 * kv_heads, head_dim]` (q heads, then k, then v) at `positions`
+    `[N]`; `cos_sin` `[max_positions, head_dim]` float32 (cos | sin of each frequency).
+    With `q_weight`/`k_weight` `[head_dim]`, RMSNorm each q and k head first (eps). k and v go
+    to `slot_mapping` `[N]` (-1: padding, skipped); with `query_rows` `[N]`, q also goes to
+    those rows of `q_cache` `[rows, q_heads, head_dim]` (-1: not a window query). Computes in
+    float32 and rounds once. Returns the rotated q `[N, q_heads, head_dim]`."""
+    if not uses_triton(qkv):
+        args = (cos_sin, q_weight, k_weight, eps, k_cache, v_cache, slot_mapping, q_cache)
+        return rope_store_kv_ref(qkv, positions, *args, query_rows)
     num_tokens, num_heads, head_dim = qkv.shape
     _, num_kv_heads, block_size, cache_dim = k_cache.shape
     num_q_heads = num_heads - 2 * num_kv_heads
@@ -142,27 +151,3 @@ def rope_store_kv_ref(
         window = query_rows >= 0
         q_cache[query_rows[window]] = q[window]
     return q
-
-
-def rope_store_kv(
-    qkv: torch.Tensor,
-    positions: torch.Tensor,
-    cos_sin: torch.Tensor,
-    q_weight: torch.Tensor | None,
-    k_weight: torch.Tensor | None,
-    eps: float,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    q_cache: torch.Tensor | None = None,
-    query_rows: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`qkv` `[N, q_heads + 2 * kv_heads, head_dim]` (q heads, then k, then v) at `positions`
-    `[N]`; `cos_sin` `[max_positions, head_dim]` float32 (cos | sin of each frequency).
-    With `q_weight`/`k_weight` `[head_dim]`, RMSNorm each q and k head first (eps). k and v go
-    to `slot_mapping` `[N]` (-1: padding, skipped); with `query_rows` `[N]`, q also goes to
-    those rows of `q_cache` `[rows, q_heads, head_dim]` (-1: not a window query). Computes in
-    float32 and rounds once. Returns the rotated q `[N, q_heads, head_dim]`."""
-    args = (qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache, v_cache, slot_mapping,
-            q_cache, query_rows)  # fmt: skip
-    return (rope_store_kv_triton if uses_triton(qkv) else rope_store_kv_ref)(*args)

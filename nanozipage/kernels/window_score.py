@@ -81,7 +81,14 @@ def _window_score_kernel(
         tl.store(out_ptrs + k_pos, score, mask=in_cache)
 
 
-def window_scores_triton(k_cache, block_table, queries, *, block_n=128, num_warps=4, num_stages=2):
+def window_scores(k_cache, block_table, queries, *, block_n=128, num_warps=4, num_stages=2):
+    """For a group of layers' keys `[G, num_blocks, kv_heads, block_size, head_dim]`, a request's
+    `block_table` (its T cached tokens, in order) and its last `window` tokens' queries
+    `[G, window, q_heads, head_dim]`: each query's softmax over the request's keys (causal inside
+    the window), max over the query heads of each KV head's group, mean over the window.
+    Returns a new float32 `[G, kv_heads, T]` tensor."""
+    if not uses_triton(k_cache):
+        return window_scores_ref(k_cache, block_table, queries)
     num_layers, _, num_kv_heads, block_size, head_dim = k_cache.shape
     _, window, num_q_heads, _ = queries.shape
     num_tokens = block_table.numel() * block_size
@@ -119,15 +126,3 @@ def window_scores_ref(k_cache, block_table, queries):
     future = torch.arange(num_tokens, device=keys.device) > query_pos[:, None]
     probs = logits.masked_fill(future, float("-inf")).softmax(-1)  # [..., kvh, g, w, T]
     return probs.amax(-3).mean(-2)
-
-
-def window_scores(
-    k_cache: torch.Tensor, block_table: torch.Tensor, queries: torch.Tensor
-) -> torch.Tensor:
-    """For a group of layers' keys `[G, num_blocks, kv_heads, block_size, head_dim]`, a request's
-    `block_table` (its T cached tokens, in order) and its last `window` tokens' queries
-    `[G, window, q_heads, head_dim]`: each query's softmax over the request's keys (causal inside
-    the window), max over the query heads of each KV head's group, mean over the window.
-    Returns a new float32 `[G, kv_heads, T]` tensor."""
-    fn = window_scores_triton if uses_triton(k_cache) else window_scores_ref
-    return fn(k_cache, block_table, queries)
