@@ -5,7 +5,8 @@ batch and head counts, never on the context lengths.
 
 Split-KV ("flash decoding"): each program attends one (sequence, kv head, split) share of the
 context for all query heads of that GQA group at once (one read of K/V serves the whole group),
-and writes a partial output with its log-sum-exp; a second kernel merges the splits.
+and writes a partial output with its log-sum-exp; a second kernel merges the splits, if more
+than one.
 """
 
 import functools
@@ -109,9 +110,10 @@ def decode_attention(
     assert context_lens.dtype == block_tables.dtype == torch.int32
     group = num_q_heads // num_kv_heads
     num_splits = num_splits or default_num_splits(batch, num_kv_heads, q.device)
-    o_part = q.new_empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32)
-    lse_part = q.new_empty((batch, num_q_heads, num_splits), dtype=torch.float32)
-    o = q.new_empty((batch, num_q_heads, head_dim))
+    o, parts = q.new_empty((batch, num_q_heads, head_dim)), (batch, num_q_heads, num_splits)
+    # One split's partial output is the output (rounded as the merge would): no merge launch.
+    o_part = o if num_splits == 1 else q.new_empty((*parts, head_dim), dtype=torch.float32)
+    lse_part = q.new_empty(parts, dtype=torch.float32)
     if batch == 0:
         return o
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
@@ -122,10 +124,11 @@ def decode_attention(
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    _merge_splits_kernel[(batch * num_q_heads,)](
-        o_part, lse_part, o, num_splits,
-        HEAD_DIM=head_dim, SPLITS_POW2=triton.next_power_of_2(num_splits),
-    )  # fmt: skip
+    if num_splits > 1:
+        _merge_splits_kernel[(batch * num_q_heads,)](
+            o_part, lse_part, o, num_splits,
+            HEAD_DIM=head_dim, SPLITS_POW2=triton.next_power_of_2(num_splits),
+        )  # fmt: skip
     return o
 
 
