@@ -60,7 +60,8 @@ def _gemv_kernel(
         if NORM:  # rounded as `_add_rms_norm_kernel` rounds; program 0 keeps the sum
             if tl.program_id(0) == 0:
                 tl.store(new_residual + cols, h, mask=cols < k)
-            h = tl.load(norm + cols, mask=cols < k) * (h.to(tl.float32) * rstd).to(h.dtype)
+            weight = tl.load(norm + cols, mask=cols < k, other=0.0)  # not NaN past k: 0 * NaN
+            h = weight * (h.to(tl.float32) * rstd).to(h.dtype)
         mask = (rows[:, None] < n) & (cols[None, :] < k)
         w_part = tl.load(w + rows.to(tl.int64)[:, None] * k + cols[None, :], mask=mask, other=0.0)
         acc += w_part.to(tl.float32) * h.to(tl.float32)
