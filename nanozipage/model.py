@@ -89,7 +89,6 @@ class ColumnParallelLinear(nn.Module):
         param[start : start + size].copy_(tensor[self.rank * size : (self.rank + 1) * size])
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm):
-        """(norm(x, residual) W^T + b, the new residual)."""
         return linear(x, self.weight, self.bias, norm, residual)
 
 
@@ -177,7 +176,6 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = self.q_cache = torch.empty(0)  # views of the engine's caches
 
     def forward(self, positions, x, residual, norm: RMSNorm):
-        """(attention of norm(x, residual), the new residual)."""
         ctx = get_context()
         qkv, residual = self.qkv_proj(x, residual, norm)
         qkv = qkv.view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
@@ -201,7 +199,6 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, hidden, False, rank, ranks)
 
     def forward(self, x, residual, norm: RMSNorm):
-        """(the MLP of norm(x, residual), the new residual)."""
         gate_up, residual = self.gate_up_proj(x, residual, norm)
         return self.down_proj(gate_up, silu=True), residual
 
@@ -215,8 +212,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hf["hidden_size"], hf["rms_norm_eps"])
 
     def forward(self, positions, x, residual):
-        # Each norm is handed to the projection it feeds, so one token's norm and projection
-        # can run as one launch (`linear`).
+        # Each norm goes to the projection it feeds (one launch for one token: `linear`).
         x, residual = self.self_attn(positions, x, residual, self.input_layernorm)
         return self.mlp(x, residual, self.post_attention_layernorm)
 
