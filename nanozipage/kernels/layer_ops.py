@@ -57,7 +57,7 @@ def _gemv_kernel(
     for start in range(0, k, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         h = _gemv_input(x, residual, cols, k, NORM, SILU)
-        if NORM:  # rounded as `_add_rms_norm_kernel` rounds; program 0 keeps the sum
+        if NORM:  # `_add_rms_norm_kernel`'s roundings (its sum of squares in another order)
             if tl.program_id(0) == 0:
                 tl.store(new_residual + cols, h, mask=cols < k)
             weight = tl.load(norm + cols, mask=cols < k, other=0.0)  # not NaN past k: 0 * NaN
@@ -114,6 +114,8 @@ def gemv(x, weight, norm=None, residual=None, eps=0.0, silu=False):
         return y if norm is None else (y, residual)
     n, k = weight.shape
     assert x.shape == (1, 2 * k if silu else k) and x.is_contiguous() and weight.is_contiguous()
+    if norm is not None:
+        assert norm.shape == (k,) and residual.shape == x.shape and residual.is_contiguous()
     y = x.new_empty(1, n)
     new_residual = torch.empty_like(x) if norm is not None else None
     block_k, num_warps = min(1024, triton.next_power_of_2(k)), 8 if n <= 2048 else 4
