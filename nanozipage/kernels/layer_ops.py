@@ -31,7 +31,7 @@ def _silu_and_mul_kernel(x, out, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _gemv_input(x, residual, cols, k, NORM: tl.constexpr, SILU: tl.constexpr):
-    """Columns `cols` of the GEMV's input before its norm: x + residual, or SiLU(gate) * up."""
+    """Columns `cols` of the GEMV's input, before any norm: x, x + residual or SiLU(gate) * up."""
     h = tl.load(x + cols, mask=cols < k, other=0.0)
     if NORM:
         h += tl.load(residual + cols, mask=cols < k, other=0.0)
