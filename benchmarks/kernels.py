@@ -130,6 +130,12 @@ def time_prefill(num_seqs=8, seq_len=2048, **tiles) -> tuple[float, float, float
     return bench(ours), bench(flash), diff
 
 
+def bandwidth(num_bytes: float, us: float, copy: float) -> str:
+    """`num_bytes` moved in `us` microseconds: TB/s, and the share of the copy bandwidth."""
+    rate = num_bytes / us * 1e6
+    return f"{rate / 1e12:.2f} TB/s = {rate / copy:.0%} of copy"
+
+
 def graph_us(calls: list) -> float:
     """Microseconds per call of `calls` (closures), captured back to back in a CUDA graph and
     replayed: no host time between them, as in a decode step."""
@@ -157,10 +163,8 @@ def time_splits(copy: float, layers: int = 8):
                 for k, v, tables in caches
             ]
             us = graph_us(calls)
-            rate = f"{kv_bytes / us / 1e6:.2f} TB/s = {kv_bytes / us * 1e6 / copy:.0%} of copy"
-            print(
-                f"| decode {batch} x {ctx_len}, splits {num_splits or 'default'} | {us:.1f} us | {rate} |"
-            )
+            what = f"decode {batch} x {ctx_len}, splits {num_splits or 'default'}"
+            print(f"| {what} | {us:.1f} us | {bandwidth(kv_bytes, us, copy)} |")
         del caches
 
 
@@ -212,14 +216,12 @@ def time_compression(try_tiles: bool, copy: float):
 
     def row(what: str, tiles: dict, fn, amount: float, unit: str):
         try:
-            ms = graph_us([fn]) / 1e3
+            us = graph_us([fn])
         except Exception as error:  # noqa: BLE001 - one bad tile must not end the sweep
             print(f"| {what}, tiles {tiles} | {error!r:.100} | |")
             return
-        rate = f"{amount / ms * 1e3 / 1e12:.2f} {unit}"
-        if unit == "TB/s":
-            rate += f" = {amount / ms * 1e3 / copy:.0%} of copy"
-        print(f"| {what}, tiles {tiles or 'default'} | {ms * 1e3:.1f} us | {rate} |")
+        rate = bandwidth(amount, us, copy) if unit == "TB/s" else f"{amount / us / 1e6:.2f} {unit}"
+        print(f"| {what}, tiles {tiles or 'default'} | {us:.1f} us | {rate} |")
 
     for window in (16, 32):  # a later compression's queries, a first one's
         q = torch.randn(layers, window, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
@@ -270,7 +272,7 @@ def time_gemv(copy: float):
             ways["gemv with SiLU-and-mul"] = partial(gemv, gate_up, silu=True)
         for what, fn in ways.items():
             us = graph_us([partial(fn, weight) for weight in weights])
-            rate = f"{2 * n * k / us / 1e6:.2f} TB/s = {2 * n * k / us * 1e6 / copy:.0%} of copy"
+            rate = bandwidth(2 * n * k, us, copy)
             print(f"| {name} ({n} x {k}), one token, {what} | {us:.2f} us | {rate} |")
 
 
