@@ -4,9 +4,10 @@ The policy's redundancy score (docs/DESIGN.md section 2, step 4) is softmax(sums
 
 One program per (layer, KV head, block), reading the block in place through the request's block
 table. The similarity of the block's keys with each other is b x b, computed once, one tile of
-rows (m) at a time against all b columns (n): each row is summed whole, each column's newest
-near-duplicate (the largest row m != n with sim(m, n) > 0.5) is tracked with its similarity,
-and those are subtracted at the end.
+rows (m) at a time against all b columns (n): each column is summed over the tiles (the
+similarity is symmetric, so that is its row's sum), each column's newest near-duplicate (the
+largest row m != n with sim(m, n) > 0.5) is tracked with its similarity, and those are
+subtracted at the end.
 """
 
 import torch
@@ -49,9 +50,9 @@ def _redundancy_kernel(
         norm = tl.sqrt(tl.sum(k_rows.to(tl.float32) * k_rows.to(tl.float32), 1))
         row_inv_norm = 1.0 / tl.maximum(norm, 1e-12)
         dots = tl.dot(k_rows, tl.trans(k_cols), input_precision=PRECISION)
-        at_slot = rows[:, None] == cols[None, :]  # this tile's rows placed among all slots
-        sim = tl.where(at_slot, 0.0, dots * row_inv_norm[:, None] * col_inv_norm[None, :])
-        sums += tl.sum(tl.where(at_slot, tl.sum(sim, 1)[:, None], 0.0), 0)
+        sim = dots * row_inv_norm[:, None] * col_inv_norm[None, :]
+        sim = tl.where(rows[:, None] == cols[None, :], 0.0, sim)
+        sums += tl.sum(sim, 0)  # the similarity is symmetric: column n's sum is row n's
         tile_newest = tl.max(tl.where(sim > 0.5, rows[:, None], -1), 0)
         tile_sim = tl.sum(tl.where(rows[:, None] == tile_newest[None, :], sim, 0.0), 0)
         newer = tile_newest > newest
