@@ -6,8 +6,8 @@ figure is its time against PyTorch's flash attention on the same data, and TFLOP
 `--compression`, the compression kernels instead, on the request of `bench.py --task
 compress-cost` (28 layers, 8 KV heads, 2,304 tokens kept to 2,048), each against the bytes or
 FLOPs it must move. With `--gemv`, the projections of one token of the Qwen3-0.6B shape, cuBLAS
-against `gemv`, and the norm or activation before each as its own launch against inside the
-GEMV, each as 28 launches on distinct weights replayed from a CUDA graph, as in a decode step.
+against `gemv`, each as 28 launches on distinct weights replayed from a CUDA graph, as in a
+decode step.
 
     PYTHONPATH=. python benchmarks/kernels.py           # the wrappers' default tiles
     PYTHONPATH=. python benchmarks/kernels.py --sweep   # also try other tiles, print the best
@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention
 
 from nanozipage.kernels.decode_attention import decode_attention
-from nanozipage.kernels.layer_ops import add_rms_norm, gemv, silu_and_mul
+from nanozipage.kernels.layer_ops import gemv
 from nanozipage.kernels.move_kept import move_kept
 from nanozipage.kernels.prefill_attention import prefill_attention
 from nanozipage.kernels.redundancy import redundancy_sums
@@ -247,29 +247,14 @@ def time_compression(try_tiles: bool, copy: float):
     row("move kept K, V and scores", {}, fn, moved, "TB/s")
 
 
-def norm_then_gemv(x, residual, norm, weight):
-    return gemv(add_rms_norm(x, residual, norm, 1e-6)[0], weight)
-
-
-def silu_then_gemv(gate_up, weight):
-    return gemv(silu_and_mul(gate_up), weight)
-
-
 def time_gemv(copy: float):
-    """Each projection of one token, through cuBLAS and through `gemv`, and after the layer op
-    that feeds it, as two launches and as one: 28 launches (pairs) of each, one per layer on its
-    own weights (so that none stay in L2), captured in a CUDA graph and replayed."""
+    """Each projection of one token, through cuBLAS and through `gemv`: 28 launches of each, one
+    per layer on its own weights (so that none stay in L2), captured in a CUDA graph and
+    replayed."""
     randn = partial(torch.randn, device="cuda", dtype=DTYPE)
     for name, (n, k) in GEMV_SHAPES.items():
-        weights = [randn(n, k) for _ in range(28)]
-        x, residual, norm, gate_up = randn(1, k), randn(1, k), randn(k), randn(1, 2 * k)
+        weights, x = [randn(n, k) for _ in range(28)], randn(1, k)
         ways = {"cuBLAS": partial(torch.nn.functional.linear, x), "gemv": partial(gemv, x)}
-        if name in ("qkv_proj", "gate_up_proj"):  # fed by add + RMSNorm
-            ways["add_rms_norm, then gemv"] = partial(norm_then_gemv, x, residual, norm)
-            ways["gemv with the norm"] = partial(gemv, x, norm=norm, residual=residual, eps=1e-6)
-        if name == "down_proj":  # fed by SiLU-and-mul
-            ways["silu_and_mul, then gemv"] = partial(silu_then_gemv, gate_up)
-            ways["gemv with SiLU-and-mul"] = partial(gemv, gate_up, silu=True)
         for what, fn in ways.items():
             us = graph_us([partial(fn, weight) for weight in weights])
             rate = bandwidth(2 * n * k, us, copy)

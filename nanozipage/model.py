@@ -57,21 +57,13 @@ class Rotary(nn.Module):
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
 
 
-def linear(x, weight, bias, norm: RMSNorm | None = None, residual=None, silu: bool = False):
-    """x W^T + b, after the layer op that feeds the projection: with `norm`, x is
-    `norm(x, residual)` and the new residual comes back too; with `silu`, `silu_and_mul(x)`.
-    One token on the GPU (a decode step at batch 1) goes through `gemv`, one launch for the op
-    and the projection, where cuBLAS reads the weights well under the copy rate (BENCHMARKS.md)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b. One token on the GPU (a decode step at batch 1) goes through `gemv`, where
+    cuBLAS reads the weights well under the copy rate or splits K (BENCHMARKS.md)."""
     if len(x) != 1 or not x.is_cuda:
-        x, residual = norm(x, residual) if norm else (x, residual)
-        y = F.linear(silu_and_mul(x) if silu else x, weight, bias)
-        return (y, residual) if norm else y
-    if norm:
-        y, residual = gemv(x, weight, norm.weight, residual, norm.eps)
-    else:
-        y = gemv(x, weight, silu=silu)
-    y = y if bias is None else y + bias
-    return (y, residual) if norm else y
+        return F.linear(x, weight, bias)
+    y = gemv(x, weight)
+    return y if bias is None else y + bias
 
 
 class ColumnParallelLinear(nn.Module):
@@ -88,8 +80,8 @@ class ColumnParallelLinear(nn.Module):
         start, size = sum(self.sizes[:shard]), self.sizes[shard]
         param[start : start + size].copy_(tensor[self.rank * size : (self.rank + 1) * size])
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm):
-        return linear(x, self.weight, self.bias, norm, residual)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -108,8 +100,8 @@ class RowParallelLinear(nn.Module):
             size = param.shape[1]
             param.copy_(tensor[:, self.rank * size : (self.rank + 1) * size])
 
-    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias if self.rank == 0 else None, silu=silu)  # bias once
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = linear(x, self.weight, self.bias if self.rank == 0 else None)  # the bias once
         if self.ranks > 1:
             dist.all_reduce(y)
         return y
@@ -175,10 +167,9 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.k_cache = self.v_cache = self.q_cache = torch.empty(0)  # views of the engine's caches
 
-    def forward(self, positions, x, residual, norm: RMSNorm):
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
-        qkv, residual = self.qkv_proj(x, residual, norm)
-        qkv = qkv.view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
         # Where the new k and v go, and their q too for the tokens a compression will score.
         store = (self.k_cache, self.v_cache, ctx.slot_mapping, self.q_cache, ctx.query_rows)
@@ -188,7 +179,7 @@ class Attention(nn.Module):
             o = prefill_attention(q, *kv, ctx.cu_seqlens_q, *paged, ctx.max_seqlen_q, self.scale)
         else:
             o = decode_attention(q, *kv, *paged, self.scale)
-        return self.o_proj(o.flatten(1)), residual
+        return self.o_proj(o.flatten(1))
 
 
 class MLP(nn.Module):
@@ -198,9 +189,8 @@ class MLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(hidden, [inter, inter], False, rank, ranks)
         self.down_proj = RowParallelLinear(inter, hidden, False, rank, ranks)
 
-    def forward(self, x, residual, norm: RMSNorm):
-        gate_up, residual = self.gate_up_proj(x, residual, norm)
-        return self.down_proj(gate_up, silu=True), residual
+    def forward(self, x):
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -212,9 +202,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hf["hidden_size"], hf["rms_norm_eps"])
 
     def forward(self, positions, x, residual):
-        # Each norm goes to the projection it feeds (one launch for one token: `linear`).
-        x, residual = self.self_attn(positions, x, residual, self.input_layernorm)
-        return self.mlp(x, residual, self.post_attention_layernorm)
+        x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class Decoder(nn.Module):

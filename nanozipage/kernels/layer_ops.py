@@ -1,6 +1,5 @@
 """The decoder layer's own kernels: residual add + RMSNorm and SiLU(gate) * up, one launch each
-(a hidden row fits in one block), and a GEMV for the projections of a single token, which
-does the norm or the activation before it in the same launch."""
+(a hidden row fits in one block), and a GEMV for the projections of a single token."""
 
 import torch
 import triton
@@ -30,41 +29,20 @@ def _silu_and_mul_kernel(x, out, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gemv_input(x, residual, cols, k, NORM: tl.constexpr, SILU: tl.constexpr):
-    """Columns `cols` of the GEMV's input, before any norm: x, x + residual or SiLU(gate) * up."""
-    h = tl.load(x + cols, mask=cols < k, other=0.0)
-    if NORM:
-        h += tl.load(residual + cols, mask=cols < k, other=0.0)
-    if SILU:
-        up = tl.load(x + k + cols, mask=cols < k, other=0.0)
-        h = (h.to(tl.float32) * tl.sigmoid(h.to(tl.float32))).to(up.dtype) * up
-    return h
-
-
-@triton.jit
-def _gemv_kernel(
-    x, w, y, n, k, residual, norm, new_residual, eps,
-    NORM: tl.constexpr, SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+def _gemv_kernel(x, w, y, n, k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if NORM:  # every program sums the squares of the whole input row (k values, from L2)
-        sum_sq = tl.zeros([BLOCK_K], tl.float32)
-        for start in range(0, k, BLOCK_K):
-            h = _gemv_input(x, residual, start + tl.arange(0, BLOCK_K), k, NORM, SILU)
-            sum_sq += h.to(tl.float32) * h.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(sum_sq, 0) / k + eps)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for start in range(0, k, BLOCK_K):
+    w_rows, in_rows = w + rows.to(tl.int64)[:, None] * k, rows[:, None] < n
+    cols = tl.arange(0, BLOCK_K)
+    w_part = tl.load(w_rows + cols[None, :], mask=in_rows & (cols[None, :] < k), other=0.0)
+    if PDL:  # launched while the kernel before it runs (programmatic dependent launch), it has
+        # loaded its first weight tile, which no kernel writes, in the meantime
+        tl.extra.cuda.gdc_wait()  # the kernel before has finished: x is written
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch, and wait in turn
+    acc = w_part.to(tl.float32) * tl.load(x + cols, mask=cols < k, other=0.0).to(tl.float32)
+    for start in range(BLOCK_K, k, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
-        h = _gemv_input(x, residual, cols, k, NORM, SILU)
-        if NORM:  # `_add_rms_norm_kernel`'s roundings (its sum of squares in another order)
-            if tl.program_id(0) == 0:
-                tl.store(new_residual + cols, h, mask=cols < k)
-            weight = tl.load(norm + cols, mask=cols < k, other=0.0)  # not NaN past k: 0 * NaN
-            h = weight * (h.to(tl.float32) * rstd).to(h.dtype)
-        mask = (rows[:, None] < n) & (cols[None, :] < k)
-        w_part = tl.load(w + rows.to(tl.int64)[:, None] * k + cols[None, :], mask=mask, other=0.0)
-        acc += w_part.to(tl.float32) * h.to(tl.float32)
+        w_part = tl.load(w_rows + cols[None, :], mask=in_rows & (cols[None, :] < k), other=0.0)
+        acc += w_part.to(tl.float32) * tl.load(x + cols, mask=cols < k, other=0.0).to(tl.float32)
     tl.store(y + rows, tl.sum(acc, 1).to(y.dtype.element_ty), mask=rows < n)
 
 
@@ -102,25 +80,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gemv(x, weight, norm=None, residual=None, eps=0.0, silu=False):
-    """`[1, k]` x `[n, k]` W -> `[1, n]` x W^T, for one token faster than cuBLAS (BENCHMARKS.md),
-    with the layer op before the projection in the same launch. `norm` (weight, `[k]`): the
-    input is `add_rms_norm(x, residual, norm, eps)`; returns (y, x + residual). `silu`: x is
-    (gate | up) `[1, 2k]` and the input `silu_and_mul(x)`."""
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`[1, k]` x `[n, k]` W -> `[1, n]` x W^T, for one token faster than cuBLAS (BENCHMARKS.md)."""
     if not uses_triton(x):
-        if norm is not None:
-            x, residual = add_rms_norm_ref(x, residual, norm, eps)
-        y = (silu_and_mul_ref(x) if silu else x) @ weight.T
-        return y if norm is None else (y, residual)
+        return x @ weight.T
     n, k = weight.shape
-    assert x.shape == (1, 2 * k if silu else k) and x.is_contiguous() and weight.is_contiguous()
-    if norm is not None:
-        assert norm.shape == (k,) and residual.shape == x.shape and residual.is_contiguous()
+    assert x.shape == (1, k) and x.is_contiguous() and weight.is_contiguous()
     y = x.new_empty(1, n)
-    new_residual = torch.empty_like(x) if norm is not None else None
     block_k, num_warps = min(1024, triton.next_power_of_2(k)), 8 if n <= 2048 else 4
-    _gemv_kernel[(triton.cdiv(n, 4),)](
-        x, weight, y, n, k, residual, norm, new_residual, eps, norm is not None, silu, 4, block_k,
-        num_warps=num_warps,
-    )  # fmt: skip
-    return y if norm is None else (y, new_residual)
+    pdl = {"launch_pdl": True} if x.is_cuda else {}  # the interpreter has no such launch
+    grid = (triton.cdiv(n, 4),)
+    _gemv_kernel[grid](x, weight, y, n, k, 4, block_k, x.is_cuda, num_warps=num_warps, **pdl)
+    return y
