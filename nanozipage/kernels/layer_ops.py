@@ -1,6 +1,9 @@
 """The decoder layer's own kernels: residual add + RMSNorm and SiLU(gate) * up, one launch each
 (a hidden row fits in one block), and a GEMV for the projections of a single token."""
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -81,14 +84,24 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`[1, k]` x `[n, k]` W -> `[1, n]` x W^T, for one token faster than cuBLAS (BENCHMARKS.md)."""
+    """`[1, k]` x `[n, k]` W -> `[1, n]` x W^T, for one token faster than cuBLAS (BENCHMARKS.md).
+    On a Hopper GPU it may start before the kernel ahead of it ends and read its first weight
+    tile then: that kernel must not write `weight` (only x)."""
     if not uses_triton(x):
         return x @ weight.T
     n, k = weight.shape
     assert x.shape == (1, k) and x.is_contiguous() and weight.is_contiguous()
     y = x.new_empty(1, n)
     block_k, num_warps = min(1024, triton.next_power_of_2(k)), 8 if n <= 2048 else 4
-    pdl = {"launch_pdl": True} if x.is_cuda else {}  # the interpreter has no such launch
-    grid = (triton.cdiv(n, 4),)
-    _gemv_kernel[grid](x, weight, y, n, k, 4, block_k, x.is_cuda, num_warps=num_warps, **pdl)
+    pdl = os.environ.get("TRITON_INTERPRET") != "1" and dependent_launch(x.device)
+    grid, launch = (triton.cdiv(n, 4),), {"launch_pdl": True} if pdl else {}
+    _gemv_kernel[grid](x, weight, y, n, k, 4, block_k, pdl, num_warps=num_warps, **launch)
     return y
+
+
+@functools.cache
+def dependent_launch(device: torch.device) -> bool:
+    """Whether kernels on `device` can be programmatic dependent launches: a Hopper GPU (sm_90)
+    or newer, and a Triton that has them."""
+    sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return sm90 and hasattr(tl.extra.cuda, "gdc_wait")

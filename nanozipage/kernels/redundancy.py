@@ -78,7 +78,7 @@ def redundancy_sums(k_cache, block_table, *, block_m=32, num_warps=4, num_stages
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
     out = k_cache.new_empty((num_layers, num_kv_heads, num_tokens), dtype=torch.float32)
     block_b = max(16, triton.next_power_of_2(block_size))  # tl.dot needs >= 16 columns
-    # 32 rows, 4 warps and 1 stage measured fastest of the tiles tried (BENCHMARKS.md).
+    # 32 rows, 4 warps and 1 stage: the fastest tiles tried, or within 1% (BENCHMARKS.md).
     _redundancy_kernel[(block_table.numel(), num_kv_heads, num_layers)](
         k_cache, block_table, out, block_size, *k_cache.stride()[:4], out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_B=block_b, BLOCK_M=min(block_m, block_b),
