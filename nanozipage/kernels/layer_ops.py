@@ -85,7 +85,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`[1, k]` x `[n, k]` W -> `[1, n]` x W^T, for one token faster than cuBLAS (BENCHMARKS.md).
-    On a Hopper GPU it may start before the kernel ahead of it ends and read its first weight
+    On sm_90 and newer it may start before the kernel ahead of it ends and read its first weight
     tile then: that kernel must not write `weight` (only x)."""
     if not uses_triton(x):
         return x @ weight.T
