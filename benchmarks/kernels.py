@@ -6,8 +6,8 @@ figure is its time against PyTorch's flash attention on the same data, and TFLOP
 `--compression`, the compression kernels instead, on the request of `bench.py --task
 compress-cost` (28 layers, 8 KV heads, 2,304 tokens kept to 2,048), each against the bytes or
 FLOPs it must move. With `--gemv`, the projections of one token of the Qwen3-0.6B shape, cuBLAS
-against `gemv`, each as 28 launches on distinct weights replayed from a CUDA graph, as in a
-decode step.
+against `gemv`, alone and after the norm or activation that feeds it, each as 28 launches on
+distinct weights replayed from a CUDA graph, as in a decode step.
 
     PYTHONPATH=. python benchmarks/kernels.py           # the wrappers' default tiles
     PYTHONPATH=. python benchmarks/kernels.py --sweep   # also try other tiles, print the best
@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention
 
 from nanozipage.kernels.decode_attention import decode_attention
-from nanozipage.kernels.layer_ops import gemv
+from nanozipage.kernels.layer_ops import add_rms_norm, gemv, silu_and_mul
 from nanozipage.kernels.move_kept import move_kept
 from nanozipage.kernels.prefill_attention import prefill_attention
 from nanozipage.kernels.redundancy import redundancy_sums
@@ -247,14 +247,27 @@ def time_compression(try_tiles: bool, copy: float):
     row("move kept K, V and scores", {}, fn, moved, "TB/s")
 
 
+def norm_then_gemv(x, residual, norm, weight):
+    return gemv(add_rms_norm(x, residual, norm, 1e-6)[0], weight)
+
+
+def silu_then_gemv(gate_up, weight):
+    return gemv(silu_and_mul(gate_up), weight)
+
+
 def time_gemv(copy: float):
     """Each projection of one token, through cuBLAS and through `gemv`: 28 launches of each, one
     per layer on its own weights (so that none stay in L2), captured in a CUDA graph and
-    replayed."""
+    replayed. Then, as in a decode step, each GEMV after the kernel that feeds it (28 pairs): the
+    launch that a dependent GEMV can overlap with that kernel."""
     randn = partial(torch.randn, device="cuda", dtype=DTYPE)
     for name, (n, k) in GEMV_SHAPES.items():
         weights, x = [randn(n, k) for _ in range(28)], randn(1, k)
         ways = {"cuBLAS": partial(torch.nn.functional.linear, x), "gemv": partial(gemv, x)}
+        if name in ("qkv_proj", "gate_up_proj"):
+            ways["add_rms_norm, then gemv"] = partial(norm_then_gemv, x, randn(1, k), randn(k))
+        if name == "down_proj":
+            ways["silu_and_mul, then gemv"] = partial(silu_then_gemv, randn(1, 2 * k))
         for what, fn in ways.items():
             us = graph_us([partial(fn, weight) for weight in weights])
             rate = bandwidth(2 * n * k, us, copy)
