@@ -8,6 +8,7 @@ next larger batch); `run` returns the samples without waiting for the GPU (`over
 tensor parallelism rank 0 forwards step plans and compressions to the others (`parallel.py`).
 """
 
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -155,6 +156,9 @@ class ModelRunner:
     @torch.inference_mode()
     def warmup(self):
         """Run the largest prefill step once, so that its peak memory is known before sizing."""
+        # An engine that only a reference cycle holds goes now: its memory must not count as in
+        # use, and its CUDA graphs must not be destroyed while this one captures (that ends it).
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         self._set_caches(self._empty_kv_cache(1))  # every block id in the dummy tables is 0

@@ -7,6 +7,7 @@ call that fails raises; the next call gives what a fresh engine gives and no blo
 """
 
 import functools
+import gc
 import os
 import random
 import sys
@@ -301,3 +302,18 @@ def test_a_finished_request_gives_back_its_penalty_counts_row(model_dir):
     llm.step()
     llm.abort(added)
     assert not llm.model_runner.sampler.count_rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pool is sized by GPU memory")
+def test_an_engine_only_a_reference_cycle_holds_is_gone_before_the_next_one_starts(model_dir):
+    """Its pool and CUDA graphs are freed before the next engine sizes its pool and captures
+    its graphs: a graph destroyed during another's capture breaks that capture."""
+    first = LLM(model_dir)
+    blocks, first.itself = first.model_runner.num_blocks, first
+    del first  # now only the cycle collector can free it
+    gc.disable()  # and it does not run by itself here
+    try:
+        second = LLM(model_dir)
+    finally:
+        gc.enable()
+    assert second.model_runner.num_blocks > 0.9 * blocks
