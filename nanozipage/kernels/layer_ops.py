@@ -2,13 +2,12 @@
 (a hidden row fits in one block), and a GEMV for the projections of a single token."""
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from nanozipage.kernels.prefill_attention import uses_triton
+from nanozipage.kernels.prefill_attention import interpreting, uses_triton
 
 
 @triton.jit
@@ -93,7 +92,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     assert x.shape == (1, k) and x.is_contiguous() and weight.is_contiguous()
     y = x.new_empty(1, n)
     block_k, num_warps = min(1024, triton.next_power_of_2(k)), 8 if n <= 2048 else 4
-    pdl = os.environ.get("TRITON_INTERPRET") != "1" and dependent_launch(x.device)
+    pdl = not interpreting() and dependent_launch(x.device)
     grid, launch = (triton.cdiv(n, 4),), {"launch_pdl": True} if pdl else {}
     _gemv_kernel[grid](x, weight, y, n, k, 4, block_k, pdl, num_warps=num_warps, **launch)
     return y

@@ -130,9 +130,14 @@ def check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def uses_triton(x: torch.Tensor) -> bool:
-    """Whether the kernels run on `x` in Triton (on the GPU, or in its interpreter when
-    TRITON_INTERPRET=1, read at each call) rather than as their PyTorch references."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the kernels run on `x` in Triton (on the GPU, or in its interpreter) rather than
+    as their PyTorch references."""
+    return x.is_cuda or interpreting()
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in its interpreter (TRITON_INTERPRET=1, read at each call)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def dot_precision(dtype: torch.dtype) -> str:
