@@ -18,6 +18,7 @@ import triton.language as tl
 from nanozipage.kernels.prefill_attention import (
     attend_tile,
     check_attention_inputs,
+    dependent_launch,
     dot_precision,
     prefill_attention_ref,
     uses_triton,
@@ -29,10 +30,12 @@ def _decode_split_kernel(
     q, k_cache, v_cache, o_part, lse_part, context_lens, block_tables,
     stride_qb, stride_qh, stride_cb, stride_ch, stride_bt, qk_scale, block_size, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx_len = tl.load(context_lens + seq)
+    if PDL:  # launched while rope_store_kv runs: wait for its q and the new k, v
+        tl.extra.cuda.gdc_wait()
     # Each split takes an equal share of the context, rounded up to whole tiles; the share is
     # computed here because the grid must not depend on the lengths.
     split_len = tl.cdiv(tl.cdiv(ctx_len, num_splits), BLOCK_N) * BLOCK_N
@@ -68,8 +71,11 @@ def _decode_split_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    o_part, lse_part, o, num_splits, HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr,
+    o_part, lse_part, o, num_splits,
+    HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # the output projection's GEMV may launch now and load its weights meanwhile
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)  # one (sequence, query head)
     splits = tl.arange(0, SPLITS_POW2)
     parts = row * num_splits + splits
@@ -116,18 +122,19 @@ def decode_attention(
     lse_part = q.new_empty(parts, dtype=torch.float32)
     if batch == 0:
         return o
+    pdl = dependent_launch(q)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, o_part, lse_part, context_lens, block_tables,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
         scale * 1.4426950408889634, block_size, num_splits,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
-        BLOCK_H=max(16, triton.next_power_of_2(group)),
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(batch * num_q_heads,)](
             o_part, lse_part, o, num_splits,
-            HEAD_DIM=head_dim, SPLITS_POW2=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim, SPLITS_POW2=triton.next_power_of_2(num_splits), PDL=pdl,
         )  # fmt: skip
     return o
 

@@ -1,17 +1,19 @@
 """The decoder layer's own kernels: residual add + RMSNorm and SiLU(gate) * up, one launch each
 (a hidden row fits in one block), and a GEMV for the projections of a single token."""
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from nanozipage.kernels.prefill_attention import interpreting, uses_triton
+from nanozipage.kernels.prefill_attention import dependent_launch, uses_triton
 
 
 @triton.jit
-def _add_rms_norm_kernel(x, residual, weight, out, new_residual, n, eps, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(
+    x, residual, weight, out, new_residual, n, eps, BLOCK: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    if PDL:  # a dependent GEMV may launch now and load its weights while this kernel runs
+        tl.extra.cuda.gdc_launch_dependents()
     offsets = tl.program_id(0).to(tl.int64) * n + tl.arange(0, BLOCK)
     mask = tl.arange(0, BLOCK) < n
     h = tl.load(x + offsets, mask=mask, other=0.0)
@@ -23,7 +25,9 @@ def _add_rms_norm_kernel(x, residual, weight, out, new_residual, n, eps, BLOCK: 
 
 
 @triton.jit
-def _silu_and_mul_kernel(x, out, n, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x, out, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # as in _add_rms_norm_kernel
+        tl.extra.cuda.gdc_launch_dependents()
     row, cols = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     gate = tl.load(x + row * 2 * n + cols, mask=cols < n).to(tl.float32)
     up = tl.load(x + row * 2 * n + n + cols, mask=cols < n)
@@ -67,7 +71,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     assert x.is_contiguous() and residual.is_contiguous() and x.shape == residual.shape
     out, new_residual = torch.empty_like(x), torch.empty_like(x)
     n = x.shape[-1]
-    _add_rms_norm_kernel[(x.numel() // n,)](x, residual, weight, out, new_residual, n, eps, BLOCK=triton.next_power_of_2(n))  # fmt: skip
+    _add_rms_norm_kernel[(x.numel() // n,)](
+        x, residual, weight, out, new_residual, n, eps,
+        BLOCK=triton.next_power_of_2(n), PDL=dependent_launch(x),
+    )  # fmt: skip
     return out, new_residual
 
 
@@ -78,7 +85,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     assert x.is_contiguous()
     n = x.shape[-1] // 2
     out = x.new_empty(*x.shape[:-1], n)
-    _silu_and_mul_kernel[(x.numel() // (2 * n), triton.cdiv(n, 1024))](x, out, n, BLOCK=1024)
+    grid = (x.numel() // (2 * n), triton.cdiv(n, 1024))
+    _silu_and_mul_kernel[grid](x, out, n, BLOCK=1024, PDL=dependent_launch(x))
     return out
 
 
@@ -92,15 +100,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     assert x.shape == (1, k) and x.is_contiguous() and weight.is_contiguous()
     y = x.new_empty(1, n)
     block_k, num_warps = min(1024, triton.next_power_of_2(k)), 8 if n <= 2048 else 4
-    pdl = not interpreting() and dependent_launch(x.device)
-    grid, launch = (triton.cdiv(n, 4),), {"launch_pdl": True} if pdl else {}
-    _gemv_kernel[grid](x, weight, y, n, k, 4, block_k, pdl, num_warps=num_warps, **launch)
+    pdl = dependent_launch(x)
+    grid = (triton.cdiv(n, 4),)
+    _gemv_kernel[grid](x, weight, y, n, k, 4, block_k, pdl, num_warps=num_warps, launch_pdl=pdl)
     return y
-
-
-@functools.cache
-def dependent_launch(device: torch.device) -> bool:
-    """Whether kernels on `device` can be programmatic dependent launches: a Hopper GPU (sm_90)
-    or newer, and a Triton that has them."""
-    sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    return sm90 and hasattr(tl.extra.cuda, "gdc_wait")

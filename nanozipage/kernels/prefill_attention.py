@@ -5,6 +5,7 @@ cached prefix (prefix caching, earlier chunks) is read through the block table l
 tokens. Flash attention (online softmax) with K/V tiles gathered token by token from blocks.
 """
 
+import functools
 import os
 
 import torch
@@ -112,8 +113,7 @@ def prefill_attention(
         k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
         scale * 1.4426950408889634, block_size,
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return o
 
@@ -138,6 +138,16 @@ def uses_triton(x: torch.Tensor) -> bool:
 def interpreting() -> bool:
     """Whether Triton kernels run in its interpreter (TRITON_INTERPRET=1, read at each call)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dependent_launch(x: torch.Tensor) -> bool:
+    """Whether kernels on x may be programmatic dependent launches: compiled, for sm_90 or newer."""
+    return not interpreting() and x.is_cuda and _has_dependent_launch(x.device)
+
+
+@functools.cache
+def _has_dependent_launch(device: torch.device) -> bool:  # a Hopper GPU and a Triton that has it
+    return torch.cuda.get_device_capability(device)[0] >= 9 and hasattr(tl.extra.cuda, "gdc_wait")
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanozipage.kernels.prefill_attention import uses_triton
+from nanozipage.kernels.prefill_attention import dependent_launch, uses_triton
 
 
 @triton.jit
@@ -38,8 +38,10 @@ def _rope_store_kv_kernel(
     stride_qkv, stride_cos, stride_cb, stride_ch, stride_qr,
     num_q_heads, num_kv_heads, block_size,
     HEAD_DIM: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
-    NORM: tl.constexpr, STORE_QUERIES: tl.constexpr,
+    NORM: tl.constexpr, STORE_QUERIES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # the attention after it may launch now, and wait for this kernel's stores
+        tl.extra.cuda.gdc_launch_dependents()
     token = tl.program_id(0)
     half = tl.arange(0, HEAD_DIM // 2)[None, :]
     pos = tl.load(positions + token)
@@ -121,6 +123,7 @@ def rope_store_kv(
         num_q_heads, num_kv_heads, block_size,
         HEAD_DIM=head_dim, BLOCK_QH=triton.next_power_of_2(num_q_heads),
         BLOCK_KH=triton.next_power_of_2(num_kv_heads), NORM=norm, STORE_QUERIES=store_queries,
+        PDL=dependent_launch(qkv),
     )  # fmt: skip
     return q
 

@@ -110,8 +110,7 @@ def window_scores(k_cache, block_table, queries, *, block_n=128, num_warps=4, nu
         *k_cache.stride()[:4], out.stride(0), out.stride(1),
         GROUP=group, GROUP_P2=group_p2, WINDOW_P2=window_p2, HEAD_DIM=head_dim,
         BLOCK_N=block_n, PRECISION=dot_precision(k_cache.dtype),
-        ONE_BLOCK=block_size % block_n == 0,
-        num_warps=num_warps, num_stages=num_stages,
+        ONE_BLOCK=block_size % block_n == 0, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
