@@ -19,6 +19,7 @@ from nanozipage.kernels.prefill_attention import (
     attend_tile,
     check_attention_inputs,
     dependent_launch,
+    dependent_start,
     dot_precision,
     prefill_attention_ref,
     uses_triton,
@@ -34,8 +35,7 @@ def _decode_split_kernel(
 ):  # fmt: skip
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx_len = tl.load(context_lens + seq)
-    if PDL:  # launched while rope_store_kv runs: wait for its q and the new k, v
-        tl.extra.cuda.gdc_wait()
+    dependent_start(PDL)  # after loading the context length: q and the new k, v are written
     # Each split takes an equal share of the context, rounded up to whole tiles; the share is
     # computed here because the grid must not depend on the lengths.
     split_len = tl.cdiv(tl.cdiv(ctx_len, num_splits), BLOCK_N) * BLOCK_N
@@ -74,8 +74,7 @@ def _merge_splits_kernel(
     o_part, lse_part, o, num_splits,
     HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # the output projection's GEMV may launch now and load its weights meanwhile
-        tl.extra.cuda.gdc_launch_dependents()
+    dependent_start(PDL)
     row = tl.program_id(0)  # one (sequence, query head)
     splits = tl.arange(0, SPLITS_POW2)
     parts = row * num_splits + splits
@@ -133,7 +132,7 @@ def decode_attention(
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(batch * num_q_heads,)](
-            o_part, lse_part, o, num_splits,
+            o_part, lse_part, o, num_splits, launch_pdl=pdl,
             HEAD_DIM=head_dim, SPLITS_POW2=triton.next_power_of_2(num_splits), PDL=pdl,
         )  # fmt: skip
     return o

@@ -5,15 +5,14 @@ import torch
 import triton
 import triton.language as tl
 
-from nanozipage.kernels.prefill_attention import dependent_launch, uses_triton
+from nanozipage.kernels.prefill_attention import dependent_launch, dependent_start, uses_triton
 
 
 @triton.jit
 def _add_rms_norm_kernel(
     x, residual, weight, out, new_residual, n, eps, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # a dependent GEMV may launch now and load its weights while this kernel runs
-        tl.extra.cuda.gdc_launch_dependents()
+    dependent_start(PDL)
     offsets = tl.program_id(0).to(tl.int64) * n + tl.arange(0, BLOCK)
     mask = tl.arange(0, BLOCK) < n
     h = tl.load(x + offsets, mask=mask, other=0.0)
@@ -26,8 +25,7 @@ def _add_rms_norm_kernel(
 
 @triton.jit
 def _silu_and_mul_kernel(x, out, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # as in _add_rms_norm_kernel
-        tl.extra.cuda.gdc_launch_dependents()
+    dependent_start(PDL)
     row, cols = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     gate = tl.load(x + row * 2 * n + cols, mask=cols < n).to(tl.float32)
     up = tl.load(x + row * 2 * n + n + cols, mask=cols < n)
@@ -40,10 +38,7 @@ def _gemv_kernel(x, w, y, n, k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PD
     w_rows, in_rows = w + rows.to(tl.int64)[:, None] * k, rows[:, None] < n
     cols = tl.arange(0, BLOCK_K)
     w_part = tl.load(w_rows + cols[None, :], mask=in_rows & (cols[None, :] < k), other=0.0)
-    if PDL:  # launched while the kernel before it runs (programmatic dependent launch), it has
-        # loaded its first weight tile, which no kernel writes, in the meantime
-        tl.extra.cuda.gdc_wait()  # the kernel before has finished: x is written
-        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch, and wait in turn
+    dependent_start(PDL)  # after the first weight tile, which no kernel writes: x is written now
     acc = w_part.to(tl.float32) * tl.load(x + cols, mask=cols < k, other=0.0).to(tl.float32)
     for start in range(BLOCK_K, k, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
@@ -70,10 +65,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         return add_rms_norm_ref(x, residual, weight, eps)
     assert x.is_contiguous() and residual.is_contiguous() and x.shape == residual.shape
     out, new_residual = torch.empty_like(x), torch.empty_like(x)
-    n = x.shape[-1]
+    n, pdl = x.shape[-1], dependent_launch(x)
     _add_rms_norm_kernel[(x.numel() // n,)](
         x, residual, weight, out, new_residual, n, eps,
-        BLOCK=triton.next_power_of_2(n), PDL=dependent_launch(x),
+        BLOCK=triton.next_power_of_2(n), PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     return out, new_residual
 
@@ -85,8 +80,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     assert x.is_contiguous()
     n = x.shape[-1] // 2
     out = x.new_empty(*x.shape[:-1], n)
-    grid = (x.numel() // (2 * n), triton.cdiv(n, 1024))
-    _silu_and_mul_kernel[grid](x, out, n, BLOCK=1024, PDL=dependent_launch(x))
+    grid, pdl = (x.numel() // (2 * n), triton.cdiv(n, 1024)), dependent_launch(x)
+    _silu_and_mul_kernel[grid](x, out, n, BLOCK=1024, PDL=pdl, launch_pdl=pdl)
     return out
 
 

@@ -140,6 +140,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@triton.jit
+def dependent_start(PDL: tl.constexpr):
+    """Begin a kernel launched while the one before it runs (a programmatic dependent launch):
+    wait until that one has finished and its stores are visible, then let the next launch."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 def dependent_launch(x: torch.Tensor) -> bool:
     """Whether kernels on x may be programmatic dependent launches: compiled, for sm_90 or newer."""
     return not interpreting() and x.is_cuda and _has_dependent_launch(x.device)

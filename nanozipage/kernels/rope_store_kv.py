@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanozipage.kernels.prefill_attention import dependent_launch, uses_triton
+from nanozipage.kernels.prefill_attention import dependent_launch, dependent_start, uses_triton
 
 
 @triton.jit
@@ -40,8 +40,7 @@ def _rope_store_kv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
     NORM: tl.constexpr, STORE_QUERIES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # the attention after it may launch now, and wait for this kernel's stores
-        tl.extra.cuda.gdc_launch_dependents()
+    dependent_start(PDL)
     token = tl.program_id(0)
     half = tl.arange(0, HEAD_DIM // 2)[None, :]
     pos = tl.load(positions + token)
@@ -115,7 +114,7 @@ def rope_store_kv(
     q = qkv.new_empty(num_tokens, num_q_heads, head_dim)
     if num_tokens == 0:
         return q
-    norm = q_weight is not None
+    norm, pdl = q_weight is not None, dependent_launch(qkv)
     _rope_store_kv_kernel[(num_tokens,)](
         qkv, q, positions, cos_sin, q_weight if norm else cos_sin, k_weight if norm else cos_sin,
         k_cache, v_cache, slot_mapping, q_cache, query_rows, eps,
@@ -123,7 +122,7 @@ def rope_store_kv(
         num_q_heads, num_kv_heads, block_size,
         HEAD_DIM=head_dim, BLOCK_QH=triton.next_power_of_2(num_q_heads),
         BLOCK_KH=triton.next_power_of_2(num_kv_heads), NORM=norm, STORE_QUERIES=store_queries,
-        PDL=dependent_launch(qkv),
+        PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     return q
 
