@@ -9,6 +9,7 @@ tensor parallelism rank 0 forwards step plans and compressions to the others (`p
 """
 
 import gc
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from nanozipage.sequence import Sequence
 
 CPU_KV_CACHE_BYTES = 1 << 30  # with no GPU to size from, give the KV pool 1 GiB by default
 _GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+_RUNNERS: "weakref.WeakSet[ModelRunner]" = weakref.WeakSet()  # this process's, while alive
 
 
 @dataclass(slots=True)
@@ -158,7 +160,10 @@ class ModelRunner:
         """Run the largest prefill step once, so that its peak memory is known before sizing."""
         # An engine that only a reference cycle holds goes now: its memory must not count as in
         # use, and its CUDA graphs must not be destroyed while this one captures (that ends it).
-        gc.collect()
+        # A full collection takes long in a big process: only while another runner is alive.
+        if _RUNNERS:
+            gc.collect()
+        _RUNNERS.add(self)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         self._set_caches(self._empty_kv_cache(1))  # every block id in the dummy tables is 0
