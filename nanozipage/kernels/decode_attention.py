@@ -35,7 +35,7 @@ def _decode_split_kernel(
 ):  # fmt: skip
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx_len = tl.load(context_lens + seq)
-    dependent_start(PDL)  # after loading the context length: q and the new k, v are written
+    dependent_start(PDL)  # the length was written before the step; q and the new k, v now are
     # Each split takes an equal share of the context, rounded up to whole tiles; the share is
     # computed here because the grid must not depend on the lengths.
     split_len = tl.cdiv(tl.cdiv(ctx_len, num_splits), BLOCK_N) * BLOCK_N
@@ -105,7 +105,8 @@ def decode_attention(
 ):  # fmt: skip
     """Attention of `q` `[B, num_q_heads, head_dim]`, the token at cache index
     `context_lens[b] - 1`, over all `context_lens[b]` cached tokens; rows of length 0 give zeros.
-    Returns a new `[B, num_q_heads, head_dim]` tensor."""
+    Returns a new `[B, num_q_heads, head_dim]` tensor. On sm_90 and newer it may start before the
+    kernel ahead of it ends and read `context_lens` then: that kernel must not write them."""
     if not uses_triton(q):
         return decode_attention_ref(q, k_cache, v_cache, context_lens, block_tables, scale)
     batch, num_q_heads, head_dim = q.shape
@@ -121,19 +122,18 @@ def decode_attention(
     lse_part = q.new_empty(parts, dtype=torch.float32)
     if batch == 0:
         return o
-    pdl = dependent_launch(q)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, o_part, lse_part, context_lens, block_tables,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
         scale * 1.4426950408889634, block_size, num_splits,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
-        BLOCK_H=max(16, triton.next_power_of_2(group)), PDL=pdl,
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        num_warps=num_warps, num_stages=num_stages, **dependent_launch(q),
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(batch * num_q_heads,)](
-            o_part, lse_part, o, num_splits, launch_pdl=pdl,
-            HEAD_DIM=head_dim, SPLITS_POW2=triton.next_power_of_2(num_splits), PDL=pdl,
+            o_part, lse_part, o, num_splits, **dependent_launch(q),
+            HEAD_DIM=head_dim, SPLITS_POW2=triton.next_power_of_2(num_splits),
         )  # fmt: skip
     return o
 

@@ -65,10 +65,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         return add_rms_norm_ref(x, residual, weight, eps)
     assert x.is_contiguous() and residual.is_contiguous() and x.shape == residual.shape
     out, new_residual = torch.empty_like(x), torch.empty_like(x)
-    n, pdl = x.shape[-1], dependent_launch(x)
+    n = x.shape[-1]
     _add_rms_norm_kernel[(x.numel() // n,)](
         x, residual, weight, out, new_residual, n, eps,
-        BLOCK=triton.next_power_of_2(n), PDL=pdl, launch_pdl=pdl,
+        BLOCK=triton.next_power_of_2(n), **dependent_launch(x),
     )  # fmt: skip
     return out, new_residual
 
@@ -80,8 +80,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     assert x.is_contiguous()
     n = x.shape[-1] // 2
     out = x.new_empty(*x.shape[:-1], n)
-    grid, pdl = (x.numel() // (2 * n), triton.cdiv(n, 1024)), dependent_launch(x)
-    _silu_and_mul_kernel[grid](x, out, n, BLOCK=1024, PDL=pdl, launch_pdl=pdl)
+    grid = (x.numel() // (2 * n), triton.cdiv(n, 1024))
+    _silu_and_mul_kernel[grid](x, out, n, BLOCK=1024, **dependent_launch(x))
     return out
 
 
@@ -95,7 +95,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     assert x.shape == (1, k) and x.is_contiguous() and weight.is_contiguous()
     y = x.new_empty(1, n)
     block_k, num_warps = min(1024, triton.next_power_of_2(k)), 8 if n <= 2048 else 4
-    pdl = dependent_launch(x)
     grid = (triton.cdiv(n, 4),)
-    _gemv_kernel[grid](x, weight, y, n, k, 4, block_k, pdl, num_warps=num_warps, launch_pdl=pdl)
+    _gemv_kernel[grid](x, weight, y, n, k, 4, block_k, num_warps=num_warps, **dependent_launch(x))
     return y

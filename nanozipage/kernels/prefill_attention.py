@@ -149,9 +149,11 @@ def dependent_start(PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
-def dependent_launch(x: torch.Tensor) -> bool:
-    """Whether kernels on x may be programmatic dependent launches: compiled, for sm_90 or newer."""
-    return not interpreting() and x.is_cuda and _has_dependent_launch(x.device)
+def dependent_launch(x: torch.Tensor) -> dict:
+    """The launch arguments of a kernel on x that begins with `dependent_start(PDL)`: a dependent
+    launch where one can be (compiled, sm_90 or newer, Triton >= 3.4, which knows `launch_pdl`)."""
+    pdl = not interpreting() and x.is_cuda and _has_dependent_launch(x.device)
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
 @functools.cache

@@ -114,7 +114,7 @@ def rope_store_kv(
     q = qkv.new_empty(num_tokens, num_q_heads, head_dim)
     if num_tokens == 0:
         return q
-    norm, pdl = q_weight is not None, dependent_launch(qkv)
+    norm = q_weight is not None
     _rope_store_kv_kernel[(num_tokens,)](
         qkv, q, positions, cos_sin, q_weight if norm else cos_sin, k_weight if norm else cos_sin,
         k_cache, v_cache, slot_mapping, q_cache, query_rows, eps,
@@ -122,7 +122,7 @@ def rope_store_kv(
         num_q_heads, num_kv_heads, block_size,
         HEAD_DIM=head_dim, BLOCK_QH=triton.next_power_of_2(num_q_heads),
         BLOCK_KH=triton.next_power_of_2(num_kv_heads), NORM=norm, STORE_QUERIES=store_queries,
-        PDL=pdl, launch_pdl=pdl,
+        **dependent_launch(qkv),
     )  # fmt: skip
     return q
 
