@@ -99,6 +99,7 @@ def step_plan(seqs: list[Sequence], window: int | None, is_prefill: bool) -> Ste
 class ModelRunner:
     def __init__(self, config: Config, rank: int = 0, eos_token_ids: set[int] = frozenset()):
         self.config, self.rank = config, rank
+        _RUNNERS.add(self)
         self.block_size = config.block_size
         hf = config.hf_config
         self.device = torch.device(config.device)
@@ -158,12 +159,11 @@ class ModelRunner:
     @torch.inference_mode()
     def warmup(self):
         """Run the largest prefill step once, so that its peak memory is known before sizing."""
-        # An engine that only a reference cycle holds goes now: its memory must not count as in
-        # use, and its CUDA graphs must not be destroyed while this one captures (that ends it).
-        # A full collection takes long in a big process: only while another runner is alive.
-        if _RUNNERS:
+        # An engine that only a reference cycle holds goes now (its runner is alive until then;
+        # a full collection takes long in a big process): its memory must not count as in use,
+        # and its CUDA graphs must not be destroyed while this one captures (that ends it).
+        if len(_RUNNERS) > 1:
             gc.collect()
-        _RUNNERS.add(self)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         self._set_caches(self._empty_kv_cache(1))  # every block id in the dummy tables is 0
