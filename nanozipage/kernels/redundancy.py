@@ -4,10 +4,10 @@ The policy's redundancy score (docs/DESIGN.md section 2, step 4) is softmax(sums
 
 One program per (layer, KV head, block), reading the block in place through the request's block
 table. The similarity of the block's keys with each other is b x b, computed once, one tile of
-rows (m) at a time against all b columns (n): each column is summed over the tiles (the
-similarity is symmetric, so that is its row's sum), each column's newest near-duplicate (the
-largest row m != n with sim(m, n) > 0.5) is tracked with its similarity, and those are
-subtracted at the end.
+rows (m) at a time against all b columns (n). Each column's sum over the rows (the similarity is
+symmetric, so that is its row's sum) and its newest near-duplicate (the largest row m != n with
+sim(m, n) > 0.5), with its similarity, are kept per row slot of the tile and reduced once at the
+end, where the near-duplicates' similarities are subtracted.
 """
 
 import torch
@@ -36,10 +36,11 @@ def _redundancy_kernel(
     col_norm = tl.sqrt(tl.sum(k_cols.to(tl.float32) * k_cols.to(tl.float32), 1))
     col_inv_norm = 1.0 / tl.maximum(col_norm, 1e-12)
 
-    # Rows grow tile by tile, so a later near-duplicate of a column is a newer one.
-    sums = tl.zeros([BLOCK_B], tl.float32)
-    newest = tl.full([BLOCK_B], -1, tl.int32)
-    newest_sim = tl.zeros([BLOCK_B], tl.float32)
+    # Per (row slot, column) of a tile, accumulated over the tiles and reduced once at the end:
+    # the similarity sums and, rows growing tile by tile, the newest near-duplicate and its sim.
+    sums = tl.zeros([BLOCK_M, BLOCK_B], tl.float32)
+    newest = tl.full([BLOCK_M, BLOCK_B], -1, tl.int32)
+    newest_sim = tl.zeros([BLOCK_M, BLOCK_B], tl.float32)
     for start in range(0, block_size, BLOCK_M):
         # The cosine similarity of this tile's rows with every column, 0 on the diagonal. Dot
         # the keys as stored and divide by the norms after: normalising first would round the
@@ -52,19 +53,17 @@ def _redundancy_kernel(
         dots = tl.dot(k_rows, tl.trans(k_cols), input_precision=PRECISION)
         sim = dots * row_inv_norm[:, None] * col_inv_norm[None, :]
         sim = tl.where(rows[:, None] == cols[None, :], 0.0, sim)
-        sums += tl.sum(sim, 0)  # the similarity is symmetric: column n's sum is row n's
-        tile_newest = tl.max(tl.where(sim > 0.5, rows[:, None], -1), 0)
-        tile_sim = tl.sum(tl.where(rows[:, None] == tile_newest[None, :], sim, 0.0), 0)
-        newer = tile_newest > newest
-        newest = tl.where(newer, tile_newest, newest)
-        newest_sim = tl.where(newer, tile_sim, newest_sim)
-    # newest = -1 (no duplicate) matches no slot and spares nothing.
-    spared = tl.sum(tl.where(cols[:, None] == newest[None, :], newest_sim[None, :], 0.0), 1)
+        sums += sim  # the similarity is symmetric: column n's sum is row n's
+        newest = tl.where(sim > 0.5, rows[:, None], newest)
+        newest_sim = tl.where(sim > 0.5, sim, newest_sim)
+    col_newest = tl.max(newest, 0)  # -1 (no duplicate) matches no slot and spares nothing
+    col_sim = tl.sum(tl.where(newest == col_newest[None, :], newest_sim, 0.0), 0)
+    spared = tl.sum(tl.where(cols[:, None] == col_newest[None, :], col_sim[None, :], 0.0), 1)
     out_ptrs = out + layer * stride_og + kv_head * stride_oh + block * block_size  # its tokens
-    tl.store(out_ptrs + cols, sums - spared, mask=cols < block_size)
+    tl.store(out_ptrs + cols, tl.sum(sums, 0) - spared, mask=cols < block_size)
 
 
-def redundancy_sums(k_cache, block_table, *, block_m=32, num_warps=4, num_stages=1):
+def redundancy_sums(k_cache, block_table, *, block_m=16, num_warps=4, num_stages=1):
     """For a group of layers' keys `[G, num_blocks, kv_heads, block_size, head_dim]` and a
     request's `block_table` (its T cached tokens, in order): per token m, the sum of its cosine
     similarities with the other keys n of its block, without sim(m, n) where m is n's newest
@@ -78,7 +77,7 @@ def redundancy_sums(k_cache, block_table, *, block_m=32, num_warps=4, num_stages
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
     out = k_cache.new_empty((num_layers, num_kv_heads, num_tokens), dtype=torch.float32)
     block_b = max(16, triton.next_power_of_2(block_size))  # tl.dot needs >= 16 columns
-    # 32 rows, 4 warps and 1 stage: the fastest tiles tried, or within 1% (BENCHMARKS.md).
+    # 16 rows, 4 warps and 1 stage: the fastest tiles tried (BENCHMARKS.md).
     _redundancy_kernel[(block_table.numel(), num_kv_heads, num_layers)](
         k_cache, block_table, out, block_size, *k_cache.stride()[:4], out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_B=block_b, BLOCK_M=min(block_m, block_b),
