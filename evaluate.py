@@ -1,4 +1,4 @@
-"""Answer quality under KV compression: `python evaluate.py --task math|fidelity [options]`.
+"""Answer quality under KV compression: `python evaluate.py --task math|fidelity|policies`.
 
 math: `python evaluate.py --task math [--data FILE] [--format gsm8k|amc|auto]
 [--question-field F --answer-field F] [--num-problems N] [--samples n] [--max-tokens T]
@@ -79,7 +79,6 @@ DEFAULTS = {
         "num_problems": 4,
         "max_tokens": 256,
         "policies": ",".join(POLICIES),
-        "plot": os.path.join(ROOT, "docs", "policies.png"),
     },
 }
 # The passkey test: fillers, key formats and the sentences that hide and ask for a key.
@@ -438,7 +437,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--policies", help="fidelity: zipage,streamingllm; policies: all")
     parser.add_argument("--block-size", type=int, help="math: 256; fidelity: 32")
     parser.add_argument("--seed", type=int, default=0, help="sample i has seed + i (math)")
-    parser.add_argument("--plot", help="fidelity, policies (docs/policies.png): PNG by budget")
+    parser.add_argument("--plot", help="fidelity, policies: a PNG by budget (docs/policies.png)")
     parser.add_argument("--save", help="math: JSONL of every reply with its grade")
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.task].items():
@@ -453,6 +452,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.task != "policies" or os.path.isfile(args.data):  # passkey runs without them
         names = ("data", "format", "question_field", "answer_field")
         problems = load_problems(*[vars(args)[k] for k in names], limit)
+    else:
+        print(
+            f"no --data file at {args.data}: fidelity is skipped and the passkey test runs "
+            "without GSM8K fillers (GSM8K's test.jsonl: github.com/openai/grade-school-math)",
+            file=sys.stderr,
+        )
     if args.task == "math":
         names = ("samples", "max_tokens", "policy", "block_size", "seed")
         rows = evaluate_math(args.model, problems, budgets, **{k: vars(args)[k] for k in names})
