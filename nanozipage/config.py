@@ -83,7 +83,7 @@ class Config:
         if self.first_window is None:  # the scheduler reads it under full KV too
             self.first_window = min(2 * self.window, self.block_size)
         if self.kv_budget is not None:
-            check_kv_budget(self.kv_budget, self.block_size, self.window)
+            check_kv_budget(self.kv_budget, self)
             _check_int("first_window", self.first_window, self.window, self.block_size)
         for name, (valid, allowed) in checks.items():
             if not valid:
@@ -128,15 +128,16 @@ def max_blocks(kv_budget: int, block_size: int) -> int:
     return kv_budget // block_size + 1
 
 
-def check_kv_budget(budget, block_size: int, window: int):
-    """A budget is whole blocks, leaves room for the window, and the window fits in a block."""
-    _check_int("window", window, 1, block_size)
-    if not isinstance(budget, int) or budget % block_size or budget < window + block_size:
-        smallest = -(-(window + block_size) // block_size) * block_size
+def check_kv_budget(budget, config: Config):
+    """Whole blocks, room for the window and a block (or the sinks, if more); the window fits."""
+    b = config.block_size
+    _check_int("window", config.window, 1, b)
+    least = config.window + max(b, config.num_sinks)
+    if not isinstance(budget, int) or budget % b or budget < least:
+        smallest = -(-least // b) * b
         raise ValueError(
-            f"kv_budget must be a multiple of block_size={block_size} and at least window + "
-            f"block_size = {window + block_size} ({smallest}, {smallest + block_size}, ...), "
-            f"got {budget!r}"
+            f"kv_budget must be a multiple of block_size={b} and at least window + max(block_size, "
+            f"num_sinks) = {least} ({smallest}, {smallest + b}, ...), got {budget!r}"
         )
 
 

@@ -105,7 +105,7 @@ class LLMEngine:
                 raise ValueError(
                     f"kv_budget: may only lower the engine's {kv_budget}, got {params.kv_budget}"
                 )
-            check_kv_budget(params.kv_budget, b, self.config.window)
+            check_kv_budget(params.kv_budget, self.config)
             kv_budget = params.kv_budget
         seqs = [Sequence(prompt, params, b) for _ in range(params.n)]
         for i, seq in enumerate(seqs):

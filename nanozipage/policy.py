@@ -47,25 +47,23 @@ def attention(state: CacheState) -> torch.Tensor:
     return window_scores(state.k_cache, state.block_table, state.queries)
 
 
-def _check(params, name: str, valid: bool, allowed: str):
-    if not valid:
-        value = getattr(params, name)
+def _check(params, name: str, allowed: str, valid=lambda value: True, kind=int | float):
+    """A ValueError unless parameter `name` is a `kind` (never a bool) for which `valid` holds."""
+    value = getattr(params, name)
+    if not (isinstance(value, kind) and not isinstance(value, bool) and valid(value)):
         raise ValueError(f"policy_args: {name} must be {allowed}, got {value!r}")
 
 
 def _check_weight(params, name: str):
-    value = getattr(params, name)
-    _check(params, name, isinstance(value, (int, float)) and 0 <= value <= 1, "in [0, 1]")
+    _check(params, name, "in [0, 1]", lambda value: 0 <= value <= 1)
 
 
 def _check_count(params, name: str):
-    value = getattr(params, name)
-    _check(params, name, isinstance(value, int) and value >= 0, "an integer >= 0")
+    _check(params, name, "an integer >= 0", lambda value: value >= 0, int)
 
 
 def _check_kernel(params, name: str = "pool_kernel"):
-    value = getattr(params, name)
-    _check(params, name, isinstance(value, int) and value > 0 and value % 2, "an odd integer")
+    _check(params, name, "an odd integer > 0", lambda value: value > 0 and value % 2, int)
 
 
 def pool(score: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -104,8 +102,8 @@ class ZipageParams:
     redundancy_tau: float = 0.4  # redundancy softmax temperature, in units of block_size
 
     def __post_init__(self):
-        _check(self, "decay", 0 < self.decay <= 1, "in (0, 1]")
-        _check(self, "redundancy_tau", self.redundancy_tau > 0, "> 0")
+        _check(self, "decay", "in (0, 1]", lambda value: 0 < value <= 1)
+        _check(self, "redundancy_tau", "> 0", lambda value: value > 0)
         _check_weight(self, "score_weight")
         _check_kernel(self)
 
@@ -132,7 +130,7 @@ class SpansParams:
     newest: float = 0.25  # share of the kept tokens that are always the newest ones
 
     def __post_init__(self):
-        _check(self, "decay", 0 <= self.decay <= 1, "in [0, 1]")
+        _check(self, "decay", "in [0, 1]", lambda value: 0 <= value <= 1)
         _check_kernel(self)
         _check_count(self, "sinks")
         _check_weight(self, "newest")
@@ -212,7 +210,7 @@ class RKVParams:
     def __post_init__(self):
         _check_weight(self, "importance_weight")
         _check_kernel(self)
-        _check(self, "redundancy_tau", self.redundancy_tau > 0, "> 0")
+        _check(self, "redundancy_tau", "> 0", lambda value: value > 0)
 
 
 def rkv(state: CacheState, p: RKVParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,7 +242,7 @@ class RandomParams:
     seed: int = 0
 
     def __post_init__(self):
-        _check(self, "seed", isinstance(self.seed, int), "an integer")
+        _check(self, "seed", "an integer", kind=int)
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -305,8 +303,9 @@ def make_policy(name: str, args: dict | None = None) -> Callable[[CacheState], t
 
 
 def select(score: torch.Tensor, keep: int, window: int, num_sinks: int) -> torch.Tensor:
-    """Indices of the `keep` best tokens per row, window and sinks included, in position order."""
-    score = protect(score, num_sinks, window)
+    """Indices of the `keep` best tokens per row, window and sinks included, in position order.
+    A policy's own always-kept tokens (infinite) rank below these: never above the window."""
+    score = protect(score.clamp(max=torch.finfo(score.dtype).max), num_sinks, window)
     # A stable sort breaks ties (pooled scores repeat) by position, the same on every device.
     order = score.sort(dim=-1, descending=True, stable=True).indices
     return order[..., :keep].sort(-1).values

@@ -2,6 +2,7 @@
 kv_budget accepted."""
 
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -29,9 +30,15 @@ def test_a_missing_hub_id_is_offered_the_hf_command(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "block_size, window, smallest", [(256, 16, 512), (16, 16, 32), (16, 8, 32)]
+    "block_size, window, num_sinks, smallest",
+    [(256, 16, 0, 512), (16, 16, 0, 32), (16, 8, 0, 32), (16, 8, 16, 32), (16, 8, 25, 48)],
 )
-def test_the_kv_budget_error_names_the_smallest_budget_accepted(block_size, window, smallest):
-    with pytest.raises(ValueError, match=rf"\({smallest}, {smallest + block_size}, \.\.\.\)"):
-        check_kv_budget(window + block_size + 1, block_size, window)
-    check_kv_budget(smallest, block_size, window)
+def test_the_kv_budget_error_names_the_smallest_budget_accepted(
+    block_size, window, num_sinks, smallest
+):
+    """The budget holds the window and a block to choose from, or the sinks if they are more."""
+    config = SimpleNamespace(block_size=block_size, window=window, num_sinks=num_sinks)
+    for budget in (smallest - 1, smallest - block_size):
+        with pytest.raises(ValueError, match=rf"\({smallest}, {smallest + block_size}, \.\.\.\)"):
+            check_kv_budget(budget, config)
+    check_kv_budget(smallest, config)

@@ -44,6 +44,13 @@ def test_every_policy_scores_every_token_of_every_head(name, first):
         ({"policy": "rkv", "policy_args": {"importance_weight": -0.1}}, "importance_weight"),
         ({"policy": "streamingllm", "policy_args": {"sinks": -1}}, "sinks must be"),
         ({"policy": "random", "policy_args": {"seed": 0.5}}, "seed must be an integer"),
+        ({"policy": "zipage", "policy_args": {"decay": None}}, r"decay must be in \(0, 1\], got N"),
+        ({"policy": "zipage", "policy_args": {"redundancy_tau": "1"}}, r"tau must be > 0, got '1'"),
+        (
+            {"policy_args": {"pool_kernel": True}},
+            "pool_kernel must be an odd integer > 0, got True",
+        ),
+        ({"policy_args": {"newest": False}}, r"newest must be in \[0, 1\], got False"),
         ({"policy_args": [("decay", 0.5)]}, "policy_args must be a dict"),
         ({"policy": "lru", "kv_budget": None}, "policy must be one of"),  # a typo, also full KV
     ],
@@ -100,6 +107,14 @@ def test_spans_keeps_its_sinks_and_newest_share_whatever_the_attention(newest, s
     for row in kept.flatten(0, 1):
         assert set(protected) <= set(row.tolist())
         assert len(set(row.tolist())) == s.keep
+
+
+def test_select_keeps_the_window_before_a_policys_sinks_however_many():
+    s = state()  # keep 32 of 64 tokens
+    score = make_policy("streamingllm", {"sinks": 40})(s)[0]
+    for num_sinks in (0, 3):
+        kept = select(score, s.keep, 4, num_sinks)
+        assert (kept == torch.tensor([*range(28), *range(60, 64)])).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
