@@ -142,6 +142,6 @@ def check_kv_budget(budget, config: Config):
 
 
 def _check_int(name: str, value, low: int, high: int | None = None):
-    if not isinstance(value, int) or value < low or (high is not None and value > high):
+    if type(value) is not int or value < low or (high is not None and value > high):  # not bool
         allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
         raise ValueError(f"{name} must be {allowed}, got {value!r}")

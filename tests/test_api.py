@@ -73,6 +73,7 @@ def test_request_larger_than_the_kv_pool_raises(tmp_path):
     [
         ({"no_such_knob": 1}, "unknown config keys"),
         ({"block_size": 0}, "block_size"),
+        ({"max_num_seqs": True}, "max_num_seqs must be an integer >= 1, got True"),
         ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
         ({"max_model_len": 10**9}, "max_model_len"),
         ({"dtype": "int8"}, "dtype"),
