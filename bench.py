@@ -375,7 +375,7 @@ def decode_gpu_seconds(llm: LLM, repeat: int = 20) -> float:
 
     @torch.inference_mode()
     def timed_run(seqs: list[Sequence], is_prefill: bool, pending=None):
-        plan = step_plan(seqs, runner.window, is_prefill=False)
+        plan = step_plan(seqs, runner.slot_rows, is_prefill=False)
 
         def step():  # what `runner.run` does on the GPU (with penalties, they count each token)
             if runner.workers:  # every rank's forward pass, or rank 0's collectives wait forever

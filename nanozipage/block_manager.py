@@ -121,8 +121,8 @@ class BlockManager:
         seq.block_table += [self._take_free_block() for _ in range(self.num_missing_blocks(seq))]
 
     def plan_compression(self, seq: Sequence, compression):
-        """Fill the compression's tables (docs/DESIGN.md section 2): new block i is old block i
-        if private, else fresh (a shared one is never written; the caller checks
+        """Fill the compression's tables (docs/DESIGN.md sections 2, 4): new block i is old block
+        i if private, else fresh (a shared one is never written; the caller checks
         `num_fresh_blocks`), so `move_kept` works in place. Each is recorded as taken: cancelled
         at any point, it gives back exactly what it took."""
         filled = (seq.cache_len - 1) // self.block_size

@@ -35,7 +35,7 @@ class Compression:
     # Its block table once done: the kept tokens fill all but the last block, left for the next
     new_table: list[int] = field(default_factory=list)
     state: str = PLANNED
-    event: torch.cuda.Event | None = None  # fires when its work on the side stream is done
+    event: torch.cuda.Event | None = None  # fires when its work is done; None after, or on a CPU
 
 
 def on_worker(runner, method: str, *args):
@@ -115,13 +115,13 @@ class Compressor:
         keep = (len(compression.new_table) - 1) * b
         old = to_device(compression.old_table, device)
         new = to_device(compression.new_table[:-1], device)
-        end = (compression.query_slot + 1) * config.first_window  # the slot's rows end here
+        end = (compression.query_slot + 1) * config.first_window  # its slot's end (`_query_row`)
         window_rows = slice(end - (config.first_window if compression.first else w), end)
         for start in range(0, self.kv_cache.shape[1], config.compress_layers):
             layers = slice(start, start + config.compress_layers)
             kv_cache, score_cache = self.kv_cache[:, layers], self.score_cache[layers]
             prev = gather_tokens(score_cache, old)  # the stored scores: [L, kvh, T]
-            prev[..., 0 if compression.first else keep :] = 0  # newer tokens were never scored
+            prev[..., 0 if compression.first else keep :] = 0  # none stored yet, or newer tokens
             queries = self.q_cache[layers, window_rows]
             absolute = range(start, start + len(prev))  # the group's layer indices
             state = CacheState(kv_cache[0], old, queries, prev, compression.first, absolute, keep)

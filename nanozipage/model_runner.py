@@ -47,18 +47,18 @@ class StepPlan:
     max_seqlen_q: int = 0  # prefill only
 
 
-def _query_row(seq: Sequence, index: int, last_block: int, window: int) -> int:
-    """Row of the query cache for the token at cache index `index`, or -1: window queries are
-    the last `window` tokens of a block, and only those of seq's newest block are kept."""
+def _query_row(seq: Sequence, index: int, last_block: int, rows: int) -> int:
+    """Row of the query cache for the token at cache index `index`, or -1: a query slot's `rows`
+    (first_window) rows hold the last tokens of seq's newest block."""
     b = seq.block_size
-    if seq.query_slot < 0 or index % b < b - window or index // b != last_block:
+    if seq.query_slot < 0 or index % b < b - rows or index // b != last_block:
         return -1
-    return seq.query_slot * window + index % b - (b - window)
+    return seq.query_slot * rows + index % b - (b - rows)
 
 
-def step_plan(seqs: list[Sequence], window: int | None, is_prefill: bool) -> StepPlan:
+def step_plan(seqs: list[Sequence], rows: int | None, is_prefill: bool) -> StepPlan:
     """Each request's next tokens: a prompt chunk, or in decode its last token (if PENDING, read
-    on the device from the last step's samples); `window` None: no window queries stored."""
+    on the device from the last step's samples); `rows` None: no window queries stored."""
     input_ids, positions, slots, context_lens, sample_rows, query_rows = [], [], [], [], [], []
     cu_seqlens_q, b = [0], seqs[0].block_size
     if not is_prefill:  # the loop below for one token each, per batch: half its host time
@@ -67,16 +67,16 @@ def step_plan(seqs: list[Sequence], window: int | None, is_prefill: bool) -> Ste
         positions = [len(seq) - 1 for seq in seqs]
         slots = [seq.block_table[i // b] * b + i % b for seq, i in zip(seqs, index)]
         context_lens = [i + 1 for i in index]
-        query_rows = window and [_query_row(seq, i, i // b, window) for seq, i in zip(seqs, index)]
+        query_rows = rows and [_query_row(seq, i, i // b, rows) for seq, i in zip(seqs, index)]
     for seq in seqs if is_prefill else []:
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_new_tokens
         input_ids += seq.token_ids[start:end]
         positions += range(start, end)
         indices = range(start - seq.num_evicted, end - seq.num_evicted)  # cache indices
         slots += [seq.block_table[i // b] * b + i % b for i in indices]
-        if window:
+        if rows:
             last_block = indices[-1] // b
-            query_rows += [_query_row(seq, i, last_block, window) for i in indices]
+            query_rows += [_query_row(seq, i, last_block, rows) for i in indices]
         cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
         context_lens.append(indices.stop)
         if seq.samples_this_step:
@@ -126,7 +126,7 @@ class ModelRunner:
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.num_heads = attn.num_heads  # query heads
         # Queries stored per block: first_window (a later compression reads the last `window`)
-        self.window = config.first_window if config.kv_budget else None
+        self.slot_rows = config.first_window if config.kv_budget else None
         self.q_cache = self.score_cache = None
         self.pending_tokens = None  # ranks 1..N-1: the last step's samples, broadcast by rank 0
         self.sampler = Sampler(hf["vocab_size"], self.device, eos_token_ids)  # rank 0's
@@ -229,7 +229,7 @@ class ModelRunner:
         """Rank 0: launch one step and its sampling; the samples, not waited for (None: none)."""
         if not seqs:
             return None
-        plan = step_plan(seqs, self.window, is_prefill)
+        plan = step_plan(seqs, self.slot_rows, is_prefill)
         seqs = [seq for seq in seqs if seq.samples_this_step]  # as many as the workers expect
         if self.workers:
             self.workers.call(ModelRunner.worker_step, plan)
