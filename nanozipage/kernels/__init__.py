@@ -1,6 +1,6 @@
-"""Triton kernels, each with the PyTorch reference the CPU runs (`name_ref`), to which the
-kernel's wrapper hands its inputs off the GPU. The engine imports the wrappers here
-(re-exported `as` themselves); tests, a kernel's `_ref` too."""
+"""Triton kernels, each with the PyTorch reference the CPU runs (`name_ref`), to which its
+wrapper hands its inputs off the GPU; their shared helpers are in `prefill_attention.py`. The
+engine imports the wrappers here (re-exported `as` themselves); tests, a kernel's `_ref` too."""
 
 from nanozipage.kernels.decode_attention import decode_attention as decode_attention
 from nanozipage.kernels.layer_ops import add_rms_norm as add_rms_norm
