@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--policies", help="fidelity: zipage,streamingllm; policies: all")
     parser.add_argument("--block-size", type=int, help="math: 256; fidelity: 32")
     parser.add_argument("--seed", type=int, default=0, help="sample i has seed + i (math)")
-    parser.add_argument("--plot", help="fidelity, policies: a PNG by budget (docs/policies.png)")
+    parser.add_argument("--plot", help="fidelity, policies: PNG by budget (e.g. docs/policies.png)")
     parser.add_argument("--save", help="math: JSONL of every reply with its grade")
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.task].items():

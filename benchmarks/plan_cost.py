@@ -27,11 +27,11 @@ def decode_batch(num_requests: int, block_size: int = 256, seed: int = 0) -> lis
     return seqs
 
 
-def best_seconds(seqs: list[Sequence], window: int | None, repeat: int = 300) -> float:
+def best_seconds(seqs: list[Sequence], rows: int | None, repeat: int = 300) -> float:
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
-        step_plan(seqs, window, is_prefill=False)
+        step_plan(seqs, rows, is_prefill=False)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -39,6 +39,6 @@ def best_seconds(seqs: list[Sequence], window: int | None, repeat: int = 300) ->
 if __name__ == "__main__":
     for num_requests in (32, 256):
         seqs = decode_batch(num_requests)
-        for window in (None, 16):
-            us = 1e6 * best_seconds(seqs, window)
-            print(f"{num_requests} requests, window {window}: {us:.0f} us")
+        for rows in (None, 16):  # no query slots, or 16 query rows per slot
+            us = 1e6 * best_seconds(seqs, rows)
+            print(f"{num_requests} requests, query rows {rows}: {us:.0f} us")

@@ -74,7 +74,7 @@ class Compressor:
         self.running += [c for c in compressions if c.event is not None]
 
     def _queue(self, compressions: list[Compression]):
-        """Every rank: run them on the side stream, after the main stream's work (their last K/V)."""
+        """Every rank: run them on the side stream after the main stream's work (their last K/V)."""
         if self.stream:
             self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):

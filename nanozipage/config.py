@@ -130,14 +130,14 @@ def max_blocks(kv_budget: int, block_size: int) -> int:
 
 def check_kv_budget(budget, config: Config):
     """Whole blocks, room for the window and a block (or the sinks, if more); the window fits."""
-    b = config.block_size
-    _check_int("window", config.window, 1, b)
-    least = config.window + max(b, config.num_sinks)
+    b, window, sinks = config.block_size, config.window, config.num_sinks
+    _check_int("window", window, 1, b)
+    least = window + max(b, sinks)
     if not isinstance(budget, int) or budget % b or budget < least:
         smallest = -(-least // b) * b
         raise ValueError(
-            f"kv_budget must be a multiple of block_size={b} and at least window + max(block_size, "
-            f"num_sinks) = {least} ({smallest}, {smallest + b}, ...), got {budget!r}"
+            f"kv_budget must be a multiple of block_size={b}, >= window={window} + max(block_size, "
+            f"num_sinks={sinks}) = {least} ({smallest}, {smallest + b}, ...), got {budget!r}"
         )
 
 

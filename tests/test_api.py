@@ -80,7 +80,7 @@ def test_request_larger_than_the_kv_pool_raises(tmp_path):
         ({"load_format": "pt"}, "load_format must be one of safetensors, dummy"),
         ({"block_size": 16, "kv_budget": 32, "first_window": 17}, r"first_window .* \[16, 16\]"),
         ({"block_size": 16, "kv_budget": 32, "window": 4, "first_window": 2}, r"\[4, 16\], got 2"),
-        ({"block_size": 16, "kv_budget": 32, "num_sinks": 25}, r"num_sinks\) = 41 \(48, 64"),
+        ({"block_size": 16, "kv_budget": 32, "num_sinks": 25}, r"num_sinks=25\) = 41 \(48, 64"),
         *([({"device": "cuda"}, "no GPU")] if not torch.cuda.is_available() else []),
     ],
 )
@@ -90,8 +90,8 @@ def test_bad_config_raises(tmp_path, config, message):
 
 
 def test_a_request_budget_only_lowers_the_engines_and_leaves_room_for_the_sinks(tmp_path):
-    """A request's kv_budget is checked as the engine's (window 16 + 40 sinks: 64 at least),
-    and may not raise it; a refused request leaves the engine as it was."""
+    """A request's kv_budget is checked as the engine's (window 16 + 40 sinks = 56: 64 at
+    least, in blocks of 16), and may not raise it; a refused request leaves the engine as it was."""
     config = {"block_size": 16, "kv_budget": 64, "num_sinks": 40, "num_kvcache_blocks": 40}
     llm = LLM(make_tiny_model("qwen2", tmp_path), **config)
     params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)

@@ -225,7 +225,7 @@ def test_first_compressed_is_where_a_budget_starts_to_change_the_outputs(smollm2
     )
 
 
-def test_policies_end_to_end_counts_only_what_full_kv_answers(smollm2_path, tmp_path):
+def test_policies_end_to_end_counts_only_what_full_kv_answers(smollm2_path, tmp_path, capsys):
     plot = tmp_path / "policies.png"
     options = {
         "--model": smollm2_path,
@@ -242,6 +242,7 @@ def test_policies_end_to_end_counts_only_what_full_kv_answers(smollm2_path, tmp_
     for row in rows:
         assert 0 <= row["passkey"] <= 1 and row["agreement"] is None  # no questions: no fidelity
     assert plot.stat().st_size > 0
+    assert f"no --data file at {tmp_path / 'none'}: fidelity is skipped" in capsys.readouterr().err
 
 
 def test_passkey_cases_hide_every_key_format_in_every_filler(smollm2_path):

@@ -109,9 +109,11 @@ def test_spans_keeps_its_sinks_and_newest_share_whatever_the_attention(newest, s
         assert len(set(row.tolist())) == s.keep
 
 
-def test_select_keeps_the_window_before_a_policys_sinks_however_many():
+@pytest.mark.parametrize("policy", ["streamingllm", "spans"])
+def test_select_keeps_the_window_before_a_policys_sinks_however_many(policy):
     s = state()  # keep 32 of 64 tokens
-    score = make_policy("streamingllm", {"sinks": 40})(s)[0]
+    args = {"sinks": 40} | ({"newest": 1.0} if policy == "spans" else {})
+    score = make_policy(policy, args)(s)[0]
     for num_sinks in (0, 3):
         kept = select(score, s.keep, 4, num_sinks)
         assert (kept == torch.tensor([*range(28), *range(60, 64)])).all()

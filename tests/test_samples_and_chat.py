@@ -48,10 +48,10 @@ def test_samples_share_the_prompts_full_blocks_which_are_prefilled_once(
         allocated.append((seq.sample_index, list(seq.block_table), refs))
         return True
 
-    def step_plan_spy(seqs, window, is_prefill):
+    def step_plan_spy(seqs, rows, is_prefill):
         if is_prefill:
             fed.append(sum(seq.num_new_tokens for seq in seqs))
-        return step_plan(seqs, window, is_prefill)
+        return step_plan(seqs, rows, is_prefill)
 
     llm = LLM(model_dir, **config)  # before the spies: on a GPU, warmup runs a prefill
     monkeypatch.setattr(BlockManager, "allocate", allocate_spy)
