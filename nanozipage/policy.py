@@ -141,10 +141,10 @@ def spans(state: CacheState, p: SpansParams) -> tuple[torch.Tensor, torch.Tensor
     attention (SnapKV's), kept with a decayed maximum of the scores stored at earlier
     compressions (G-KV's global score), then max-pooled along the tokens at every compression,
     wide enough that a kept token brings the phrase around it (a key of several tokens lost its
-    tail with SnapKV's narrower pooling). StreamingLLM's part of the budget is always kept: the
-    first `sinks` tokens and the newest `newest` share of the kept tokens: the answer's next
-    tokens lean on them, and greedy answers stay closer to full KV's (BENCHMARKS.md, "Eviction
-    policies side by side")."""
+    tail with SnapKV's narrower pooling). StreamingLLM's part of the budget is always kept (as
+    far as the window and `num_sinks` leave room): the first `sinks` tokens and the newest
+    `newest` share of the kept tokens: the answer's next tokens lean on them, and greedy answers
+    stay closer to full KV's (BENCHMARKS.md, "Eviction policies side by side")."""
     stored = attention(state)
     if not state.first:
         stored = torch.maximum(stored, p.decay * state.prev_scores)
