@@ -368,9 +368,10 @@ def median_seconds(fn, repeat: int = 30) -> float:
 
 def decode_gpu_seconds(llm: LLM, repeat: int = 20) -> float:
     """GPU time of the next decode step's work: its inputs' copies to the device, its forward
-    pass (the captured graph) and its sampling, enqueued `repeat` times back to back between two CUDA events, after one more
-    that fills the queue, so that the GPU never waits for the host. Each repeat feeds the same
-    tokens at the same positions, so it rewrites the same K/V; then the step runs as usual."""
+    pass (the captured graph) and its sampling, enqueued `repeat` times back to back between two
+    CUDA events, after one more that fills the queue, so that the GPU never waits for the host.
+    Each repeat feeds the same tokens at the same positions, so it rewrites the same K/V; then
+    the step runs as usual."""
     runner, run_step, times = llm.model_runner, llm.model_runner.run, []
 
     @torch.inference_mode()
