@@ -1,9 +1,9 @@
 """The figures of docs/DESIGN.md and the README: `python docs/figures.py` (matplotlib).
 
 block_tables.png: one request's block table before and after a compression (block size 16,
-budget 128, N_max 9), drawn by hand to match how `BlockManager.plan_compression` plans it. sawtooth.png: KV tokens per (layer, KV
-head) of one request against its generated tokens, from two real runs of SmolLM2-135M on the
-CPU, full KV and compressed (about a minute).
+budget 128, N_max 9), drawn by hand to match how `BlockManager.plan_compression` plans it.
+sawtooth.png: KV tokens per (layer, KV head) of one request against its generated tokens, from
+two real runs of SmolLM2-135M on the CPU, full KV and compressed (about a minute).
 """
 
 import os

@@ -91,7 +91,7 @@ def test_bad_config_raises(tmp_path, config, message):
 
 def test_a_request_budget_only_lowers_the_engines_and_leaves_room_for_the_sinks(tmp_path):
     """A request's kv_budget is checked as the engine's (window 16 + 40 sinks = 56: 64 at
-    least, in blocks of 16), and may not raise it; a refused request leaves the engine as it was."""
+    least, in blocks of 16) and may not raise it; a refused request changes nothing."""
     config = {"block_size": 16, "kv_budget": 64, "num_sinks": 40, "num_kvcache_blocks": 40}
     llm = LLM(make_tiny_model("qwen2", tmp_path), **config)
     params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
