@@ -81,8 +81,9 @@ def redundancy(state: CacheState, tau: float) -> torch.Tensor:
 
 
 def protect(score: torch.Tensor, first: int, last: int) -> torch.Tensor:
-    """`score` with its first `first` and last `last` tokens set to infinity: always kept."""
-    score = score.clone()
+    """`score` with its first `first` and last `last` tokens set to infinity: kept before any other,
+    also before those an earlier `protect` marked (now the largest finite score)."""
+    score = score.clamp(max=torch.finfo(score.dtype).max)  # a copy
     score[..., :first] = float("inf")
     score[..., max(score.shape[-1] - last, 0) :] = float("inf")
     return score
@@ -305,7 +306,7 @@ def make_policy(name: str, args: dict | None = None) -> Callable[[CacheState], t
 def select(score: torch.Tensor, keep: int, window: int, num_sinks: int) -> torch.Tensor:
     """Indices of the `keep` best tokens per row, window and sinks included, in position order.
     A policy's own always-kept tokens (infinite) rank below these: never above the window."""
-    score = protect(score.clamp(max=torch.finfo(score.dtype).max), num_sinks, window)
+    score = protect(score, num_sinks, window)
     # A stable sort breaks ties (pooled scores repeat) by position, the same on every device.
     order = score.sort(dim=-1, descending=True, stable=True).indices
     return order[..., :keep].sort(-1).values
